@@ -1,0 +1,9 @@
+"""Errors a person can act on: each carries a one-line message that says what to fix."""
+
+
+class MoeshareError(Exception):
+    """Base of every error the CLI prints as one line instead of a traceback."""
+
+
+class CheckpointError(MoeshareError):
+    """A checkpoint directory or file that cannot be read or written as asked."""
