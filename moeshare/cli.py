@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from moeshare.errors import MoeshareError
 
@@ -20,8 +21,38 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
     return zoo.main(argv)
 
 
+def _cmd_consolidate(args: argparse.Namespace) -> int:
+    from moeshare.consolidate import Options, consolidate, format_report, summarize
+
+    opts = Options(args.budget, args.threshold, args.similarity, args.merge, args.calib, args.force)
+    manifest = consolidate(args.variants, args.out, opts)
+    print(format_report(summarize(manifest)))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from moeshare.consolidate import export_variant
+
+    out = export_variant(args.store, args.variant, args.out, force=args.force)
+    print(f"wrote {out}")
+    return 0
+
+
+def _inspect_store(args: argparse.Namespace) -> int:
+    from moeshare.consolidate import Store, format_report, summarize
+
+    summary = summarize(Store(args.path).manifest)
+    print(json.dumps(summary, indent=2) if args.json else format_report(summary))
+    return 0
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from moeshare.checkpoint import open_checkpoint
+    from moeshare.consolidate.store import is_store
+
+    if is_store(args.path):
+        return _inspect_store(args)
 
     with open_checkpoint(args.path) as ckpt:
         kinds: dict[str, int] = {}
@@ -40,7 +71,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
-    print(f"{summary['path']}: {summary['architecture']}, {summary['tensors']} tensors in {len(summary['files'])} file(s)")
+    print(
+        f"{summary['path']}: {summary['architecture']}, {summary['tensors']} tensors in {len(summary['files'])} file(s)"
+    )
     print(f"  MoE layers: {len(summary['moe_layers'])} x {summary['experts_per_layer']} experts")
     for kind, n in summary["bytes"].items():
         print(f"  {kind:>7}: {n / 2**20:10.2f} MiB")
@@ -51,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeshare", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("zoo", help="build (or reuse) the zoo of small trained MoE variants and print its report")
+    p = sub.add_parser(
+        "zoo", help="build (or reuse) the zoo of small trained MoE variants and print its report"
+    )
     p.add_argument("--size", choices=["tiny", "small"], default="tiny")
     p.add_argument("--arch", choices=["mixtral", "switch", "all"], default="all")
     p.add_argument("--out", help="zoo directory (default: ~/.cache/moeshare/zoo/<size>)")
@@ -60,7 +95,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even if a matching zoo is cached")
     p.set_defaults(run=_cmd_zoo)
 
-    p = sub.add_parser("inspect", help="describe a checkpoint directory: architecture, MoE layers, bytes by kind")
+    p = sub.add_parser("consolidate", help="cluster the experts of fine-tuned MoE variants into one store")
+    p.add_argument(
+        "variants", nargs="+", help="HF checkpoint directories of one base; each is named after its directory"
+    )
+    p.add_argument("--out", required=True, help="store directory to write")
+    p.add_argument(
+        "--budget", help="bank size: a fraction of the experts (0.5) or bytes (40GiB); default 1.0"
+    )
+    p.add_argument(
+        "--threshold", type=float, help="instead of a budget: merge experts closer than this distance"
+    )
+    p.add_argument(
+        "--similarity", choices=["weight", "output"], help="default: output with --calib, else weight"
+    )
+    p.add_argument(
+        "--merge", choices=["average", "frequency", "medoid"], help="default: frequency with --calib"
+    )
+    p.add_argument(
+        "--calib", type=Path, help="calibration text file (enables output similarity, frequency merge)"
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing store at --out")
+    p.set_defaults(run=_cmd_consolidate)
+
+    p = sub.add_parser("export", help="write one variant of a store as an ordinary HF checkpoint")
+    p.add_argument("store")
+    p.add_argument("--variant", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true", help="replace an existing directory at --out")
+    p.set_defaults(run=_cmd_export)
+
+    p = sub.add_parser("inspect", help="describe a store (bank, errors, sizes) or a checkpoint directory")
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=_cmd_inspect)

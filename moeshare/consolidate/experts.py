@@ -1,0 +1,64 @@
+"""One MoE layer's experts across all variants, in the canonical roles, and the bank's fused layout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from moeshare.checkpoint import Checkpoint
+from moeshare.consolidate.align import neuron_matrix
+
+# The bank stores each slot in the fused layout transformers v5 uses.
+BANK_ROLES = {"mixtral": ("w13", "w2"), "switch": ("wi", "wo")}
+
+
+def to_bank(arch: str, expert: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if arch == "mixtral":
+        return {"w13": torch.cat([expert["w1"], expert["w3"]], dim=0), "w2": expert["w2"]}  # [2I, H], [H, I]
+    return {"wi": expert["wi"], "wo": expert["wo"]}  # [F, D], [D, F]
+
+
+def from_bank(arch: str, slot: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if arch == "mixtral":
+        w1, w3 = slot["w13"].chunk(2, dim=0)
+        return {"w1": w1.contiguous(), "w3": w3.contiguous(), "w2": slot["w2"]}
+    return {"wi": slot["wi"], "wo": slot["wo"]}
+
+
+def bank_key(layer: str, role: str) -> str:
+    return f"layer.{layer}.{role}"
+
+
+def expert_forward(arch: str, expert: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The expert's function on hidden states x [T, H] -> [T, H], in float32."""
+    if arch == "mixtral":
+        w1, w3, w2 = (expert[r].float() for r in ("w1", "w3", "w2"))
+        return (F.silu(x @ w1.T) * (x @ w3.T)) @ w2.T
+    return F.relu(x @ expert["wi"].float().T) @ expert["wo"].float().T
+
+
+@dataclass
+class LayerExperts:
+    """Experts of one layer: index i = variant * E + local expert."""
+
+    layer: str
+    roles: tuple[str, ...]
+    experts: list[dict[str, torch.Tensor]]
+    owner: np.ndarray  # [n] variant index
+
+    @property
+    def neurons(self) -> list[torch.Tensor]:
+        return [neuron_matrix(e, self.roles) for e in self.experts]
+
+
+def load_layer(ckpts: list[Checkpoint], layer: str) -> LayerExperts:
+    adapter = ckpts[0].adapter
+    experts, owner = [], []
+    for v, ckpt in enumerate(ckpts):
+        for e in range(adapter.num_experts):
+            experts.append(ckpt.read_expert(layer, e))
+            owner.append(v)
+    return LayerExperts(layer, adapter.expert_roles, experts, np.array(owner))

@@ -1,0 +1,50 @@
+"""Merging a slot's members into one expert: `average`, `frequency` (router-weighted) or `medoid`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from moeshare.consolidate.align import relative_distance, split_neuron_matrix
+from moeshare.consolidate.similarity import AlignmentCache
+
+METHODS = ("average", "frequency", "medoid")
+
+
+@dataclass
+class MergedSlot:
+    members: list[int]
+    expert: dict[str, torch.Tensor]
+    errors: list[float]  # relative distance of each (aligned) member to the merged weights
+
+
+def medoid(members: list[int], dist: np.ndarray) -> int:
+    finite = np.where(np.isfinite(dist), dist, 0.0)
+    return min(members, key=lambda m: (finite[m, members].sum(), m))
+
+
+def merge_slot(
+    members: list[int], cache: AlignmentCache, dist: np.ndarray, method: str, freq: np.ndarray | None
+) -> MergedSlot:
+    lx = cache.lx
+    if len(members) == 1:
+        return MergedSlot(members, lx.experts[members[0]], [0.0])
+    ref = medoid(members, dist)
+    aligned = [cache.aligned(ref, m) if m != ref else cache.neurons[ref] for m in members]  # each [I, D']
+    if method == "medoid":
+        merged = cache.neurons[ref]
+        expert = lx.experts[ref]
+    else:
+        if method == "frequency" and freq is not None:
+            w = torch.tensor([float(freq[m]) for m in members]) + 1e-6
+        else:
+            w = torch.ones(len(members))
+        w = w / w.sum()
+        merged = sum(wi * x for wi, x in zip(w, aligned, strict=True))
+        expert = split_neuron_matrix(merged, lx.experts[ref], lx.roles)
+        if all(torch.equal(x, aligned[0]) for x in aligned[1:]):
+            expert = lx.experts[ref]  # identical members: keep the bits, not a float32 round trip
+    errors = [relative_distance(x, merged) for x in aligned]
+    return MergedSlot(members, expert, errors)

@@ -1,0 +1,262 @@
+"""`moeshare consolidate`: variants in, store out. Two streaming passes over the MoE layers: cluster, then merge."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from moeshare.checkpoint import Checkpoint, open_checkpoint
+from moeshare.consolidate.budget import parse_budget
+from moeshare.consolidate.calibrate import Calibration, calibrate, read_calibration_text
+from moeshare.consolidate.cluster import LayerClustering, allocate, cluster_layer
+from moeshare.consolidate.experts import BANK_ROLES, bank_key, load_layer, to_bank
+from moeshare.consolidate.merge import METHODS, merge_slot
+from moeshare.consolidate.safetensors_stream import StreamingSafetensorsWriter
+from moeshare.consolidate.similarity import AlignmentCache, output_distances, weight_distances
+from moeshare.consolidate.store import (
+    BANK,
+    FORMAT,
+    MANIFEST,
+    SHARED,
+    TOKENIZER_FILES,
+    VERSION,
+    sha256_file,
+    sha256_tensor,
+)
+from moeshare.errors import MoeshareError
+
+
+@dataclass
+class Options:
+    budget: str | None = None  # fraction or size; default 1.0 when no threshold
+    threshold: float | None = None
+    similarity: str | None = None  # weight | output; default output with calib, else weight
+    merge: str | None = None  # average | frequency | medoid; default frequency with calib, else average
+    calib: Path | None = None
+    force: bool = False
+
+
+def _check_variants(paths: list[Path]) -> list[Checkpoint]:
+    if len(paths) < 2:
+        raise MoeshareError(f"consolidate needs at least two variants, got {len(paths)}")
+    names = [Path(p).name for p in paths]
+    if dup := [n for n, c in Counter(names).items() if c > 1]:
+        raise MoeshareError(
+            f"two variants are named {dup[0]!r} (a variant is named after its directory); rename one"
+        )
+    ckpts = [open_checkpoint(p) for p in paths]
+    first = ckpts[0]
+    for ckpt in ckpts:
+        if not ckpt.adapter.moe_layers:
+            raise MoeshareError(
+                f"{ckpt.path}: {ckpt.adapter.name} is a dense model with no experts; only MoE variants consolidate"
+            )
+    for ckpt in ckpts[1:]:
+        if ckpt.adapter.name != first.adapter.name:
+            raise MoeshareError(
+                f"{ckpt.path} is {ckpt.adapter.name} but {first.path} is {first.adapter.name}: variants must share one architecture"
+            )
+        for name in sorted(set(first.names) | set(ckpt.names)):
+            if name not in ckpt.names or name not in first.names:
+                where = ckpt.path if name not in ckpt.names else first.path
+                raise MoeshareError(
+                    f"{where}: has no tensor {name}, which the other variants have: not the same model shape"
+                )
+            if ckpt.shape(name) != first.shape(name):
+                raise MoeshareError(
+                    f"{ckpt.path}: tensor {name} is {list(ckpt.shape(name))} but {list(first.shape(name))} in {first.path}"
+                )
+    return ckpts
+
+
+def _slot_bytes(ckpt: Checkpoint, layer: str) -> int:
+    return sum(t.numel() * t.element_size() for t in ckpt.read_expert(layer, 0).values())
+
+
+def consolidate(paths: list[str | Path], out: str | Path, opts: Options) -> dict:
+    out = Path(out)
+    if out.exists() and not opts.force:
+        raise MoeshareError(f"{out}: already exists; choose another --out or pass --force to replace it")
+    if opts.merge is not None and opts.merge not in METHODS:
+        raise MoeshareError(f"--merge {opts.merge}: choose one of {', '.join(METHODS)}")
+    if opts.similarity == "output" and opts.calib is None:
+        raise MoeshareError("--similarity output needs calibration text: pass --calib FILE")
+    text = read_calibration_text(opts.calib) if opts.calib is not None else None
+    ckpts = _check_variants([Path(p) for p in paths])
+    adapter, arch = ckpts[0].adapter, ckpts[0].adapter.name
+    layers, n_experts = adapter.moe_layers, adapter.num_experts
+    slot_bytes = {layer: _slot_bytes(ckpts[0], layer) for layer in layers}
+    experts_before = sum(slot_bytes.values()) * n_experts * len(ckpts)
+    if opts.threshold is not None and opts.budget is not None:
+        raise MoeshareError("give --budget or --threshold, not both")
+    budget_bytes = None
+    if opts.threshold is None:
+        budget_bytes = parse_budget(opts.budget or "1.0", experts_before)
+        smallest = sum(slot_bytes.values()) * n_experts
+        if budget_bytes < smallest:
+            raise MoeshareError(
+                f"--budget {opts.budget} allows {int(budget_bytes)} bytes, below one slot per (layer, local expert): "
+                f"the smallest bank is {smallest} bytes ({smallest / experts_before:.3f} of the experts)"
+            )
+    similarity = opts.similarity or ("output" if text else "weight")
+    merge = opts.merge or ("frequency" if text else "average")
+    calib: Calibration | None = calibrate(ckpts, text) if text else None
+
+    # pass 1: distances and merge histories, one layer in memory at a time
+    clusterings: list[LayerClustering] = []
+    for layer in tqdm(layers, desc="clustering", unit="layer"):
+        lx = load_layer(ckpts, layer)
+        if similarity == "output":
+            dist, exact = output_distances(arch, lx, calib.inputs[layer])
+        else:
+            dist, exact = weight_distances(lx, AlignmentCache(lx))
+        clusterings.append(cluster_layer(layer, dist, lx.owner, exact, n_experts))
+    taken = allocate(clusterings, slot_bytes, budget_bytes, opts.threshold)
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "variants").mkdir(parents=True)
+    try:
+        manifest = _write(tmp, ckpts, clusterings, taken, merge, calib)
+        sizes = manifest["bytes"]
+        sizes["experts_before"] = experts_before
+        sizes["total_before"] = sum(ckpt.nbytes(n) for ckpt in ckpts for n in ckpt.names)
+        sizes["total_after"] = sum(p.stat().st_size for p in tmp.rglob("*.safetensors"))
+        manifest["made"] = {
+            "similarity": similarity,
+            "merge": merge,
+            "budget": opts.budget or (None if opts.threshold else "1.0"),
+            "budget_bytes": budget_bytes,
+            "threshold": opts.threshold,
+            "calib": str(opts.calib) if opts.calib else None,
+            "calib_tokens": calib.tokens if calib else 0,
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _write(
+    tmp: Path,
+    ckpts: list[Checkpoint],
+    clusterings: list[LayerClustering],
+    taken: dict[str, int],
+    merge: str,
+    calib: Calibration | None,
+) -> dict:
+    adapter, arch = ckpts[0].adapter, ckpts[0].adapter.name
+    n_experts = adapter.num_experts
+    names = [c.path.name for c in ckpts]
+    tables = {name: {} for name in names}
+    bank_layers = []
+    # the bank's header is known before any weight is merged, so it streams layer by layer
+    first = {layer: to_bank(arch, ckpts[0].read_expert(layer, 0)) for layer in adapter.moe_layers}
+    specs = [
+        (
+            bank_key(c.layer, r),
+            first[c.layer][r].dtype,
+            (len(c.states[taken[c.layer]]), *first[c.layer][r].shape),
+        )
+        for c in clusterings
+        for r in BANK_ROLES[arch]
+    ]
+    writer = StreamingSafetensorsWriter(tmp / BANK, specs)
+    experts_after = 0
+    for c in tqdm(clusterings, desc="merging", unit="layer"):
+        lx = load_layer(ckpts, c.layer)
+        cache = AlignmentCache(lx)
+        freq = calib.counts[c.layer].reshape(-1) if calib else None
+        slots = [merge_slot(members, cache, c.dist, merge, freq) for members in c.states[taken[c.layer]]]
+        for s, slot in enumerate(slots):
+            for m in slot.members:
+                tables[names[m // n_experts]].setdefault(c.layer, [0] * n_experts)[m % n_experts] = s
+        banked = [to_bank(arch, slot.expert) for slot in slots]
+        for r in BANK_ROLES[arch]:
+            t = torch.stack([b[r] for b in banked])  # [S, ...]
+            writer.write(bank_key(c.layer, r), t)
+            experts_after += t.numel() * t.element_size()
+        bank_layers.append(
+            {
+                "layer": c.layer,
+                "slots": len(slots),
+                "members": [[[names[m // n_experts], m % n_experts] for m in s.members] for s in slots],
+                "errors": [[round(e, 6) for e in s.errors] for s in slots],
+                "mean_error": float(np.mean([e for s in slots for e in s.errors])),
+                "max_error": float(max(e for s in slots for e in s.errors)),
+                "merge_costs": [round(x, 6) for x in c.costs[: taken[c.layer]]],
+            }
+        )
+    writer.close()
+    variants = _write_variant_tensors(tmp, ckpts, names)
+    for name, ckpt, entry in zip(names, ckpts, variants, strict=True):
+        entry["tables"] = tables[name]
+        tok = tmp / "tokenizers" / name
+        tok.mkdir(parents=True)
+        for f in TOKENIZER_FILES:
+            if (ckpt.path / f).is_file():
+                shutil.copy2(ckpt.path / f, tok / f)
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "architecture": arch,
+        "config": ckpts[0].config,
+        "variants": variants,
+        "bank": {"roles": list(BANK_ROLES[arch]), "experts_per_variant": n_experts, "layers": bank_layers},
+        "bytes": {"experts_after": experts_after},
+    }
+
+
+def _write_variant_tensors(tmp: Path, ckpts: list[Checkpoint], names: list[str]) -> list[dict]:
+    """Non-expert tensors: those that occur bitwise-identical more than once go to shared.safetensors."""
+    hashes = [
+        {n: sha256_tensor(c.tensor(n)) for n in c.names if c.adapter.classify(n).kind != "expert"}
+        for c in ckpts
+    ]
+    seen = Counter(h for per in hashes for h in per.values())
+    shared: dict = {}
+    entries = []
+    for name, ckpt, per in zip(names, ckpts, hashes, strict=True):
+        own = {}
+        tensors = {}
+        for key, h in per.items():
+            if seen[h] > 1:
+                shared.setdefault(h, ckpt.tensor(key))
+                tensors[key] = [SHARED, h]
+            else:
+                own[key] = ckpt.tensor(key)
+                tensors[key] = [f"variants/{name}.safetensors", key]
+        save_file(own, str(tmp / "variants" / f"{name}.safetensors"), metadata={"format": "pt"})
+        entries.append(
+            {
+                "name": name,
+                "source": str(ckpt.path.resolve()),
+                "config": ckpt.config,
+                "files": {f.name: sha256_file(f) for f in ckpt.files},
+                "tensor_file": f"variants/{name}.safetensors",
+                "tensors": tensors,
+                "order": list(ckpt.names),
+            }
+        )
+    if shared:
+        save_file(shared, str(tmp / SHARED), metadata={"format": "pt"})
+    return entries
