@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from moeshare.consolidate.align import Alignment, align, relative_distance
+from moeshare.consolidate.align import Alignment, align
 from moeshare.consolidate.experts import LayerExperts, expert_forward
 
 Aligner = Callable[[int, int], Alignment]
@@ -54,26 +54,25 @@ def weight_distances(lx: LayerExperts, cache: AlignmentCache) -> tuple[np.ndarra
 
 
 def output_distances(
-    arch: str, lx: LayerExperts, inputs: list[torch.Tensor]
+    arch: str, lx: LayerExperts, inputs: list[torch.Tensor], max_tokens: int = 1024
 ) -> tuple[np.ndarray, np.ndarray]:
     """Relative distance between two experts' outputs on calibration hidden states of both their variants.
 
     inputs[v]: [T, H] hidden states that variant v feeds to this layer. Output distance needs no alignment:
     permuting neurons does not change an expert's outputs.
     """
-    dist, exact = _empty(len(lx.owner))
-    outs: dict[tuple[int, int], torch.Tensor] = {}
-
-    def out(i: int, v: int) -> torch.Tensor:
-        if (i, v) not in outs:
-            outs[(i, v)] = expert_forward(arch, lx.experts[i], inputs[v].float())
-        return outs[(i, v)]
-
+    n = len(lx.owner)
+    dist, exact = _empty(n)
+    outs = []  # per variant: every expert's outputs on that variant's tokens [n, T, H]
+    for x in inputs:
+        x = x[:: max(1, len(x) // max_tokens)][:max_tokens].float()  # an even sample through the text
+        outs.append(torch.stack([expert_forward(arch, e, x) for e in lx.experts]))
+    sq = torch.stack([o.square().sum(dim=(1, 2)) for o in outs])  # [V, n] squared output norms
     for i, j in _pairs(lx.owner):
         vi, vj = int(lx.owner[i]), int(lx.owner[j])
-        a = torch.cat([out(i, vi), out(i, vj)])
-        b = torch.cat([out(j, vi), out(j, vj)])
-        dist[i, j] = dist[j, i] = relative_distance(a, b)
+        diff = (outs[vi][i] - outs[vi][j]).square().sum() + (outs[vj][i] - outs[vj][j]).square().sum()
+        scale = (sq[vi, i] + sq[vj, i] + sq[vi, j] + sq[vj, j]) / 2
+        dist[i, j] = dist[j, i] = float((diff / scale).sqrt()) if scale > 0 else 0.0
         same = all(torch.equal(lx.experts[i][r], lx.experts[j][r]) for r in lx.roles)
         exact[i, j] = exact[j, i] = same
     return dist, exact
