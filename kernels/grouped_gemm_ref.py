@@ -1,0 +1,37 @@
+"""Pure-torch references for the grouped GEMM and the fused MoE over the bank (the CPU engine runs these)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def grouped_linear_ref(x: torch.Tensor, w: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """y[t] = x[t] @ w[group[t]].T  —  x [T, K], w [G, N, K], group [T] -> [T, N].
+
+    The per-variant projections: each token multiplies by its own variant's weight.
+    """
+    out = x.new_empty(x.shape[0], w.shape[1])
+    for g in group.unique().tolist():
+        rows = group == g
+        out[rows] = x[rows] @ w[g].T
+    return out
+
+
+def fused_moe_ref(
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Mixtral experts over the bank: sum_k weights[t, k] * w2[s] (silu(w1[s] x) * w3[s] x), s = slots[t, k].
+
+    x [T, H], w13 [S, 2I, H] (gate rows then up rows), w2 [S, H, I], slots [T, k], weights [T, k] -> [T, H].
+    """
+    out = torch.zeros_like(x, dtype=torch.float32)
+    flat = slots.reshape(-1)
+    token = torch.arange(x.shape[0], device=x.device).repeat_interleave(slots.shape[1])
+    for s in flat.unique().tolist():
+        pick = flat == s
+        t = token[pick]
+        gate, up = (x[t] @ w13[s].T).chunk(2, dim=-1)
+        y = (F.silu(gate) * up) @ w2[s].T
+        out.index_add_(0, t, (y * weights.reshape(-1)[pick, None]).float())
+    return out.to(x.dtype)

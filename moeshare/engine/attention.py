@@ -1,0 +1,50 @@
+"""Per-step attention metadata: where each new token's K/V goes and which blocks each sequence reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moeshare.engine import ops
+
+
+@dataclass
+class AttnBatch:
+    block_of: torch.Tensor  # [T] cache block of each new token
+    offset_of: torch.Tensor  # [T] position inside that block
+    block_tables: torch.Tensor  # [nseq, max_blocks] int32
+    context_lens: torch.Tensor  # [nseq] tokens cached after this step, new ones included
+    query_start: torch.Tensor  # [nseq + 1] where each sequence's new tokens start in the step
+
+    def store(self, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        k_cache[self.block_of, self.offset_of] = k
+        v_cache[self.block_of, self.offset_of] = v
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+        return ops.paged_attention(
+            q, k_cache, v_cache, self.block_tables, self.context_lens, self.query_start, scale
+        )
+
+    @classmethod
+    def build(cls, tables: list[list[int]], starts: list[int], counts: list[int], block_size: int,
+              device: torch.device) -> AttnBatch:
+        """tables[b]: sequence b's blocks; starts[b]: tokens already cached; counts[b]: new tokens this step."""
+        block_of, offset_of = [], []
+        for table, start, n in zip(tables, starts, counts, strict=True):
+            for pos in range(start, start + n):
+                block_of.append(table[pos // block_size])
+                offset_of.append(pos % block_size)
+        width = max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        query_start = [0]
+        for n in counts:
+            query_start.append(query_start[-1] + n)
+
+        def tensor(x: list, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+            return torch.tensor(x, dtype=dtype, device=device)
+
+        return cls(
+            tensor(block_of), tensor(offset_of), tensor(padded, torch.int32),
+            tensor([s + n for s, n in zip(starts, counts, strict=True)], torch.int32), tensor(query_start, torch.int32),
+        )

@@ -1,0 +1,154 @@
+"""Mixtral forward over R resident variants at once: per-variant weights stacked [R, ...], experts in the bank.
+
+Every op takes the whole step's tokens; which variant a token belongs to is data (`rows`), never shape, so a
+decode step is the same graph whatever variants are in it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moeshare.engine import ops
+from moeshare.engine.attention import AttnBatch
+
+
+@dataclass(frozen=True)
+class MixtralDims:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    experts: int
+    top_k: int
+    eps: float
+    rope_theta: float
+    max_positions: int
+    tied: bool
+
+    @classmethod
+    def from_config(cls, c: dict) -> MixtralDims:
+        rope = c.get("rope_parameters") or {}
+        return cls(
+            hidden=c["hidden_size"],
+            intermediate=c["intermediate_size"],
+            layers=c["num_hidden_layers"],
+            heads=c["num_attention_heads"],
+            kv_heads=c["num_key_value_heads"],
+            head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
+            vocab=c["vocab_size"],
+            experts=c["num_local_experts"],
+            top_k=c["num_experts_per_tok"],
+            eps=c.get("rms_norm_eps", 1e-5),
+            rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 1e6))),
+            max_positions=c.get("max_position_embeddings", 4096),
+            tied=bool(c.get("tie_word_embeddings", False)),
+        )
+
+
+def _layer_names(layer: int) -> dict[str, str]:
+    p = f"model.layers.{layer}."
+    return {
+        "ln_in": p + "input_layernorm.weight",
+        "q": p + "self_attn.q_proj.weight",
+        "k": p + "self_attn.k_proj.weight",
+        "v": p + "self_attn.v_proj.weight",
+        "o": p + "self_attn.o_proj.weight",
+        "ln_post": p + "post_attention_layernorm.weight",
+        "router": p + "block_sparse_moe.gate.weight",
+    }
+
+
+def variant_tensor_names(dims: MixtralDims) -> dict[str, str]:
+    """Our stacked-weight name -> the checkpoint key it is loaded from."""
+    names = {"embed": "model.embed_tokens.weight", "norm": "model.norm.weight"}
+    names["lm_head"] = names["embed"] if dims.tied else "lm_head.weight"
+    for layer in range(dims.layers):
+        names.update({f"{layer}.{k}": v for k, v in _layer_names(layer).items()})
+    return names
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [T, H], w [T, H] (each token's own variant's weight)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + eps)
+    return w * h.to(x.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, rotate-half convention. x [T, nh, D], cos/sin [T, 1, D]"""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class MultiVariantMixtral:
+    def __init__(self, dims: MixtralDims, resident: int, bank: list[dict[str, torch.Tensor]],
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.dims, self.dtype, self.device = dims, dtype, device
+        d = dims
+        shapes = {"embed": (d.vocab, d.hidden), "norm": (d.hidden,), "lm_head": (d.vocab, d.hidden)}
+        q, kv = d.heads * d.head_dim, d.kv_heads * d.head_dim
+        for layer in range(d.layers):
+            shapes |= {
+                f"{layer}.ln_in": (d.hidden,), f"{layer}.q": (q, d.hidden), f"{layer}.k": (kv, d.hidden),
+                f"{layer}.v": (kv, d.hidden), f"{layer}.o": (d.hidden, q), f"{layer}.ln_post": (d.hidden,),
+                f"{layer}.router": (d.experts, d.hidden),
+            }
+        self.shapes = shapes
+        # per-variant weights, one row per resident slot [R, ...]
+        self.w = {k: torch.zeros(resident, *s, dtype=dtype, device=device) for k, s in shapes.items()}
+        self.tables = torch.zeros(resident, d.layers, d.experts, dtype=torch.int64, device=device)  # -> bank slot
+        self.bank = [{r: t.to(device=device, dtype=dtype) for r, t in layer.items()} for layer in bank]
+        inv_freq = 1.0 / (d.rope_theta ** (torch.arange(0, d.head_dim, 2, dtype=torch.float32) / d.head_dim))
+        self.inv_freq = inv_freq.to(device)
+
+    def slot_bytes(self) -> int:
+        return sum(t[0].numel() * t.element_size() for t in self.w.values())
+
+    def load(self, row: int, tensors: dict[str, torch.Tensor], tables: torch.Tensor, non_blocking: bool = False) -> None:
+        """Copy one variant's weights into resident row `row`. tensors: our names -> [...]; tables [L, E]"""
+        for k, t in tensors.items():
+            self.w[k][row].copy_(t, non_blocking=non_blocking)
+        self.tables[row].copy_(tables, non_blocking=non_blocking)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, attn: AttnBatch,
+                kv: torch.Tensor) -> torch.Tensor:
+        """ids, positions, rows [T] -> final hidden states [T, H]. kv: the page pool [N, L, 2, B, Hkv, D]."""
+        d, w = self.dims, self.w
+        h = w["embed"][rows, ids]  # [T, H]
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]
+        cos, sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        for layer in range(d.layers):
+            p = f"{layer}."
+            x = rms_norm(h, w[p + "ln_in"][rows], d.eps)
+            q = ops.grouped_linear(x, w[p + "q"], rows).view(-1, d.heads, d.head_dim)
+            k = ops.grouped_linear(x, w[p + "k"], rows).view(-1, d.kv_heads, d.head_dim)
+            v = ops.grouped_linear(x, w[p + "v"], rows).view(-1, d.kv_heads, d.head_dim)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            k_cache, v_cache = kv[:, layer, 0], kv[:, layer, 1]  # [N, B, Hkv, D] strided views
+            attn.store(k_cache, v_cache, k, v)
+            o = attn.attend(q, k_cache, v_cache, d.head_dim**-0.5)  # [T, Hq, D]
+            h = h + ops.grouped_linear(o.reshape(-1, d.heads * d.head_dim), w[p + "o"], rows)
+            x = rms_norm(h, w[p + "ln_post"][rows], d.eps)
+            h = h + self._moe(layer, x, rows)
+        return rms_norm(h, w["norm"][rows], d.eps)
+
+    def _moe(self, layer: int, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        d = self.dims
+        logits = ops.grouped_linear(x, self.w[f"{layer}.router"], rows)  # [T, E]
+        probs = F.softmax(logits.float(), dim=-1)
+        top, local = probs.topk(d.top_k, dim=-1)  # [T, k]
+        top = top / top.sum(dim=-1, keepdim=True)
+        slots = self.tables[rows, layer].gather(1, local)  # each variant's local expert -> its bank slot
+        bank = self.bank[layer]
+        return ops.fused_moe(x, bank["w13"], bank["w2"], slots, top.to(x.dtype))
+
+    def logits(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """hidden [B, H] (the last position of each sequence) -> [B, V] in float32."""
+        return ops.grouped_linear(hidden, self.w["lm_head"], rows).float()

@@ -1,0 +1,94 @@
+"""Requests, their sampling parameters, and the sequences the scheduler moves between queues."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+from moeshare.errors import MoeshareError
+
+
+class InvalidRequest(MoeshareError):
+    """A request the engine refuses before it touches the batch (maps to INVALID_ARGUMENT)."""
+
+
+class RequestTooLarge(MoeshareError):
+    """A prompt longer than the context, or a request that could never fit in KV memory (RESOURCE_EXHAUSTED)."""
+
+
+class UnknownModel(MoeshareError):
+    """A variant name no loaded store has (NOT_FOUND)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 64
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    logprobs: bool = False
+    ignore_eos: bool = False
+
+    def validate(self, max_tokens_limit: int) -> None:
+        if not 1 <= self.max_tokens <= max_tokens_limit:
+            raise InvalidRequest(
+                f"max_tokens must be between 1 and {max_tokens_limit}, got {self.max_tokens}"
+            )
+        if not self.temperature >= 0:
+            raise InvalidRequest(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidRequest(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(enum.Enum):
+    LENGTH = "length"  # max_tokens reached
+    STOP = "stop"  # eos, a stop token or a stop string
+    CANCELLED = "cancelled"
+    CONTEXT = "context"  # the model's context is full
+
+
+_ids = itertools.count()
+
+
+@dataclass
+class Sequence:
+    """One request as the engine sees it: its tokens, where its KV lives, and what it has produced."""
+
+    variant: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    request_id: str = ""
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    status: Status = Status.WAITING
+    finish_reason: FinishReason | None = None
+    block_table: list[int] = field(default_factory=list)
+    num_cached: int = 0  # tokens whose KV is in the cache
+    arrival: float = 0.0
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    preemptions: int = 0
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED

@@ -1,0 +1,61 @@
+"""What the engine serves: a store, or a plain HF checkpoint treated as a store of one variant."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from moeshare.checkpoint import Adapter, open_checkpoint
+from moeshare.consolidate.experts import BANK_ROLES, to_bank
+from moeshare.consolidate.store import Store, is_store
+
+
+class Source:
+    """Tensors by variant and name, the bank per MoE layer, and each variant's expert -> slot table."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if is_store(self.path):
+            self._store: Store | None = Store(self.path)
+            self.config = self._store.manifest["config"]
+            self.adapter: Adapter = self._store.adapter
+            self.variants = list(self._store.variants)
+        else:
+            self._store = None
+            self._ckpt = open_checkpoint(self.path)
+            self.config = self._ckpt.config
+            self.adapter = self._ckpt.adapter
+            self.variants = [self.path.name]
+
+    @property
+    def architecture(self) -> str:
+        return self.adapter.name
+
+    def variant_config(self, variant: str) -> dict:
+        return self._store.variant(variant).config if self._store else self.config
+
+    def tensor(self, variant: str, name: str) -> torch.Tensor:
+        if self._store:
+            return self._store.tensor(variant, name)
+        return self._ckpt.tensor(name)
+
+    def has_tensor(self, variant: str, name: str) -> bool:
+        if self._store:
+            return name in self._store.variant(variant).tensors
+        return name in self._ckpt.names
+
+    def bank(self, layer: str) -> dict[str, torch.Tensor]:
+        """The stacked slots of one MoE layer in the fused layout. {role: [S, ...]}"""
+        if self._store:
+            return {r: self._store.bank_slots(layer, r) for r in BANK_ROLES[self.architecture]}
+        slots = [to_bank(self.architecture, self._ckpt.read_expert(layer, e)) for e in range(self.adapter.num_experts)]
+        return {r: torch.stack([s[r] for s in slots]) for r in BANK_ROLES[self.architecture]}
+
+    def table(self, variant: str, layer: str) -> list[int]:
+        if self._store:
+            return self._store.variant(variant).tables[layer]
+        return list(range(self.adapter.num_experts))
+
+    def tokenizer_dir(self, variant: str) -> Path:
+        return self._store.tokenizer_dir(variant) if self._store else self.path

@@ -1,0 +1,68 @@
+"""KV pages: a pool of fixed-size blocks that sequences borrow and return.
+
+The engine only ever calls `allocate`, `free` and the counters, so the plain backend here (one preallocated
+tensor) and an elastic CUDA virtual-memory backend can stand behind the same interface.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+from moeshare.errors import MoeshareError
+
+
+class OutOfPages(MoeshareError):
+    """Asked for more pages than are free; the scheduler preempts instead of crashing."""
+
+
+class PagePool:
+    """num_blocks blocks of `block_size` tokens; each block holds K and V of every layer. [N, L, 2, B, Hkv, D]"""
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        layers: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: str | torch.device,
+    ) -> None:
+        if num_blocks < 1:
+            raise MoeshareError(f"the KV pool needs at least one block, got {num_blocks}")
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.kv = torch.zeros(
+            num_blocks, layers, 2, block_size, kv_heads, head_dim, dtype=dtype, device=device
+        )
+        self._free: deque[int] = deque(range(num_blocks))
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise OutOfPages(f"asked for {n} KV blocks, {len(self._free)} free")
+        return [self._free.popleft() for _ in range(n)]
+
+    def free(self, blocks: list[int]) -> None:
+        self._free.extend(blocks)
+
+    @staticmethod
+    def blocks_that_fit(
+        bytes_available: int, block_size: int, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
+        per_block = (
+            2 * layers * block_size * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+        )
+        return bytes_available // per_block
