@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
+	bash scripts/install_corpora.sh
 	$(PY) scripts/demo.py
 
 test: $(STAMP)

@@ -162,6 +162,17 @@ def test_consolidated_exports_load_in_transformers(tiny_zoo, tmp_path, arch):
     assert torch.isfinite(logits).all()
 
 
+def test_threshold_merges_only_closer_experts(tiny_zoo, tmp_path):
+    paths = _variants(tiny_zoo, "mixtral")
+    none = consolidate(paths, tmp_path / "a", Options(threshold=0.0))
+    assert all(layer["slots"] == 16 for layer in none["bank"]["layers"])
+    some = consolidate(paths, tmp_path / "b", Options(threshold=0.2))
+    for layer in some["bank"]["layers"]:
+        assert all(cost <= 0.2 for cost in layer["merge_costs"])
+    assert some["bytes"]["experts_after"] < none["bytes"]["experts_after"]
+    assert consolidate(paths, tmp_path / "c", Options(merge="frequency"))["made"]["merge"] == "average"
+
+
 def test_output_similarity_and_frequency_merge_with_calibration(tiny_zoo, tmp_path):
     calib = tiny_zoo / "heldout" / "kjv.txt"
     manifest = consolidate(_variants(tiny_zoo, "mixtral"), tmp_path / "s", Options(budget="0.5", calib=calib))

@@ -110,6 +110,8 @@ def consolidate(paths: list[str | Path], out: str | Path, opts: Options) -> dict
             )
     similarity = opts.similarity or ("output" if text else "weight")
     merge = opts.merge or ("frequency" if text else "average")
+    if merge == "frequency" and not text:
+        merge = "average"  # frequency weights come from routing calibration text; without it, a plain mean
     calib: Calibration | None = calibrate(ckpts, text) if text else None
 
     # pass 1: distances and merge histories, one layer in memory at a time
