@@ -21,14 +21,22 @@ class AttnBatch:
         k_cache[self.block_of, self.offset_of] = k
         v_cache[self.block_of, self.offset_of] = v
 
-    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+    def attend(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
+    ) -> torch.Tensor:
         return ops.paged_attention(
             q, k_cache, v_cache, self.block_tables, self.context_lens, self.query_start, scale
         )
 
     @classmethod
-    def build(cls, tables: list[list[int]], starts: list[int], counts: list[int], block_size: int,
-              device: torch.device) -> AttnBatch:
+    def build(
+        cls,
+        tables: list[list[int]],
+        starts: list[int],
+        counts: list[int],
+        block_size: int,
+        device: torch.device,
+    ) -> AttnBatch:
         """tables[b]: sequence b's blocks; starts[b]: tokens already cached; counts[b]: new tokens this step."""
         block_of, offset_of = [], []
         for table, start, n in zip(tables, starts, counts, strict=True):
@@ -45,6 +53,9 @@ class AttnBatch:
             return torch.tensor(x, dtype=dtype, device=device)
 
         return cls(
-            tensor(block_of), tensor(offset_of), tensor(padded, torch.int32),
-            tensor([s + n for s, n in zip(starts, counts, strict=True)], torch.int32), tensor(query_start, torch.int32),
+            tensor(block_of),
+            tensor(offset_of),
+            tensor(padded, torch.int32),
+            tensor([s + n for s, n in zip(starts, counts, strict=True)], torch.int32),
+            tensor(query_start, torch.int32),
         )

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-_M1, _M2, _M3 = 0x5851F42D4C957F2D - (1 << 64), 0x14057B7EF767814F, 0x2545F4914F6CDD1D
-_LOW31 = (1 << 31) - 1
+_M1, _M2, _M3 = 0x5851F42D4C957F2D, 0x14057B7EF767814F, 0x2545F4914F6CDD1D  # odd, below 2**63
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,10 @@ class Source:
         """The stacked slots of one MoE layer in the fused layout. {role: [S, ...]}"""
         if self._store:
             return {r: self._store.bank_slots(layer, r) for r in BANK_ROLES[self.architecture]}
-        slots = [to_bank(self.architecture, self._ckpt.read_expert(layer, e)) for e in range(self.adapter.num_experts)]
+        slots = [
+            to_bank(self.architecture, self._ckpt.read_expert(layer, e))
+            for e in range(self.adapter.num_experts)
+        ]
         return {r: torch.stack([s[r] for s in slots]) for r in BANK_ROLES[self.architecture]}
 
     def table(self, variant: str, layer: str) -> list[int]:

@@ -87,22 +87,34 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class MultiVariantMixtral:
-    def __init__(self, dims: MixtralDims, resident: int, bank: list[dict[str, torch.Tensor]],
-                 dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        dims: MixtralDims,
+        resident: int,
+        bank: list[dict[str, torch.Tensor]],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         self.dims, self.dtype, self.device = dims, dtype, device
         d = dims
         shapes = {"embed": (d.vocab, d.hidden), "norm": (d.hidden,), "lm_head": (d.vocab, d.hidden)}
         q, kv = d.heads * d.head_dim, d.kv_heads * d.head_dim
         for layer in range(d.layers):
             shapes |= {
-                f"{layer}.ln_in": (d.hidden,), f"{layer}.q": (q, d.hidden), f"{layer}.k": (kv, d.hidden),
-                f"{layer}.v": (kv, d.hidden), f"{layer}.o": (d.hidden, q), f"{layer}.ln_post": (d.hidden,),
+                f"{layer}.ln_in": (d.hidden,),
+                f"{layer}.q": (q, d.hidden),
+                f"{layer}.k": (kv, d.hidden),
+                f"{layer}.v": (kv, d.hidden),
+                f"{layer}.o": (d.hidden, q),
+                f"{layer}.ln_post": (d.hidden,),
                 f"{layer}.router": (d.experts, d.hidden),
             }
         self.shapes = shapes
         # per-variant weights, one row per resident slot [R, ...]
         self.w = {k: torch.zeros(resident, *s, dtype=dtype, device=device) for k, s in shapes.items()}
-        self.tables = torch.zeros(resident, d.layers, d.experts, dtype=torch.int64, device=device)  # -> bank slot
+        self.tables = torch.zeros(
+            resident, d.layers, d.experts, dtype=torch.int64, device=device
+        )  # -> bank slot
         self.bank = [{r: t.to(device=device, dtype=dtype) for r, t in layer.items()} for layer in bank]
         inv_freq = 1.0 / (d.rope_theta ** (torch.arange(0, d.head_dim, 2, dtype=torch.float32) / d.head_dim))
         self.inv_freq = inv_freq.to(device)
@@ -110,14 +122,22 @@ class MultiVariantMixtral:
     def slot_bytes(self) -> int:
         return sum(t[0].numel() * t.element_size() for t in self.w.values())
 
-    def load(self, row: int, tensors: dict[str, torch.Tensor], tables: torch.Tensor, non_blocking: bool = False) -> None:
+    def load(
+        self, row: int, tensors: dict[str, torch.Tensor], tables: torch.Tensor, non_blocking: bool = False
+    ) -> None:
         """Copy one variant's weights into resident row `row`. tensors: our names -> [...]; tables [L, E]"""
         for k, t in tensors.items():
             self.w[k][row].copy_(t, non_blocking=non_blocking)
         self.tables[row].copy_(tables, non_blocking=non_blocking)
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, attn: AttnBatch,
-                kv: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        rows: torch.Tensor,
+        attn: AttnBatch,
+        kv: torch.Tensor,
+    ) -> torch.Tensor:
         """ids, positions, rows [T] -> final hidden states [T, H]. kv: the page pool [N, L, 2, B, Hkv, D]."""
         d, w = self.dims, self.w
         h = w["embed"][rows, ids]  # [T, H]

@@ -1,0 +1,316 @@
+"""The engine: load stores, add requests, step, stream tokens, cancel, stats. Used by the server and tests."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from moeshare.engine.attention import AttnBatch
+from moeshare.engine.models.mixtral import MixtralDims, MultiVariantMixtral, variant_tensor_names
+from moeshare.engine.request import (
+    FinishReason,
+    InvalidRequest,
+    RequestTooLarge,
+    SamplingParams,
+    Sequence,
+    Status,
+    UnknownModel,
+)
+from moeshare.engine.residency import Residency
+from moeshare.engine.sampling import SamplingBatch, sample
+from moeshare.engine.scheduler import Scheduled, Scheduler
+from moeshare.engine.source import Source
+from moeshare.errors import MoeshareError
+from moeshare.memory.pool import PagePool
+
+
+@dataclass
+class EngineConfig:
+    device: str = "cpu"
+    dtype: torch.dtype | None = None  # default: float32 on CPU, bfloat16 on CUDA
+    max_resident_variants: int | None = None  # default: all variants of a store
+    max_resident_bytes: int | None = None
+    kv_blocks: int | None = None  # default: from kv_memory_fraction of free GPU memory, 512 on CPU
+    kv_memory_fraction: float = 0.5
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_batched_tokens: int = 2048
+    max_tokens_limit: int = 4096
+
+
+@dataclass
+class TokenEvent:
+    seq_id: int
+    request_id: str
+    variant: str
+    token_id: int
+    text: str  # newly decodable text
+    logprob: float
+    finished: bool
+    finish_reason: FinishReason | None
+
+
+@dataclass
+class Group:
+    """One store: its model (bank + resident rows), page pool, scheduler and tokenizers."""
+
+    source: Source
+    model: MultiVariantMixtral
+    pool: PagePool
+    residency: Residency
+    scheduler: Scheduler
+    tokenizers: dict
+    eos: set[int]
+    context: int
+    texts: dict[int, str] = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, paths: list[str | Path], config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.device = torch.device(self.config.device)
+        self.dtype = self.config.dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.groups: list[Group] = []
+        self.variant_group: dict[str, Group] = {}
+        self.seqs: dict[int, Sequence] = {}
+        self.steps = 0
+        for path in paths:
+            self.load(path)
+
+    # ---- loading -----------------------------------------------------------------------------------------
+
+    def load(self, path: str | Path) -> list[str]:
+        source = Source(path)
+        if source.architecture != "mixtral":
+            raise MoeshareError(f"{path}: serving {source.architecture} is not supported yet (mixtral is)")
+        if clash := [v for v in source.variants if v in self.variant_group]:
+            raise MoeshareError(f"{path}: variant {clash[0]!r} is already served; unload it first")
+        c = self.config
+        dims = MixtralDims.from_config(source.config)
+        layers = source.adapter.moe_layers
+        names = variant_tensor_names(dims)
+        rows = min(c.max_resident_variants or len(source.variants), len(source.variants))
+        bank = [source.bank(layer) for layer in layers]
+        probe = MultiVariantMixtral(dims, 1, [], self.dtype, torch.device("meta"))
+        if c.max_resident_bytes is not None:
+            rows = max(1, min(rows, c.max_resident_bytes // probe.slot_bytes()))
+        model = MultiVariantMixtral(dims, rows, bank, self.dtype, self.device)
+        del bank
+
+        def fetch(v: str) -> tuple[dict, torch.Tensor]:
+            tensors = {k: source.tensor(v, n).to(self.dtype) for k, n in names.items()}
+            return tensors, torch.tensor([source.table(v, layer) for layer in layers])
+
+        def load_row(row: int, tensors: dict, table: torch.Tensor, non_blocking: bool) -> None:
+            model.load(row, tensors, table, non_blocking)
+
+        residency = Residency(rows, source.variants, fetch, load_row, self.device)
+        blocks = c.kv_blocks or self._default_blocks(dims)
+        pool = PagePool(
+            blocks, c.block_size, dims.layers, dims.kv_heads, dims.head_dim, self.dtype, self.device
+        )
+        scheduler = Scheduler(pool, residency, c.max_num_seqs, c.max_batched_tokens)
+        tokenizers = {v: AutoTokenizer.from_pretrained(source.tokenizer_dir(v)) for v in source.variants}
+        eos = source.config.get("eos_token_id")
+        eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        group = Group(source, model, pool, residency, scheduler, tokenizers, eos, dims.max_positions)
+        self.groups.append(group)
+        for v in source.variants:
+            self.variant_group[v] = group
+        return source.variants
+
+    def _default_blocks(self, dims: MixtralDims) -> int:
+        if self.device.type != "cuda":
+            return 512
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return max(
+            1,
+            PagePool.blocks_that_fit(
+                int(free * self.config.kv_memory_fraction),
+                self.config.block_size,
+                dims.layers,
+                dims.kv_heads,
+                dims.head_dim,
+                self.dtype,
+            ),
+        )
+
+    @property
+    def variants(self) -> list[str]:
+        return list(self.variant_group)
+
+    def tokenizer(self, variant: str):
+        return self._group(variant).tokenizers[variant]
+
+    def _group(self, variant: str) -> Group:
+        if variant not in self.variant_group:
+            raise UnknownModel(
+                f"unknown model {variant!r}; served models: {', '.join(self.variant_group) or 'none'}"
+            )
+        return self.variant_group[variant]
+
+    # ---- requests ----------------------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        variant: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str = "",
+    ) -> Sequence:
+        """Validate and queue; raises before anything is touched if the request is bad."""
+        params = params or SamplingParams()
+        group = self._group(variant)
+        params.validate(self.config.max_tokens_limit)
+        ids = (
+            group.tokenizers[variant](prompt, add_special_tokens=False)["input_ids"]
+            if isinstance(prompt, str)
+            else list(prompt)
+        )
+        if not ids:
+            raise InvalidRequest("prompt is empty")
+        if len(ids) >= group.context:
+            raise RequestTooLarge(f"prompt is {len(ids)} tokens; {variant} takes at most {group.context - 1}")
+        if any(not 0 <= t < group.model.dims.vocab for t in ids):
+            raise InvalidRequest(f"prompt has token ids outside [0, {group.model.dims.vocab})")
+        total = min(len(ids) + params.max_tokens, group.context)
+        if group.pool.blocks_for(total) > group.pool.num_blocks:
+            raise RequestTooLarge(
+                f"prompt + max_tokens = {total} tokens needs {group.pool.blocks_for(total)} KV blocks; "
+                f"the pool has {group.pool.num_blocks}: lower max_tokens or shorten the prompt"
+            )
+        if params.seed is None:
+            params = SamplingParams(**{**params.__dict__, "seed": int.from_bytes(os.urandom(6), "little")})
+        seq = Sequence(variant, ids, params, request_id=request_id, arrival=time.perf_counter())
+        self.seqs[seq.seq_id] = seq
+        group.scheduler.add(seq)
+        return seq
+
+    def cancel(self, seq_id: int) -> bool:
+        seq = self.seqs.get(seq_id)
+        if seq is None or seq.finished:
+            return False
+        self._finish(self._group(seq.variant), seq, FinishReason.CANCELLED)
+        return True
+
+    def has_work(self) -> bool:
+        return any(g.scheduler.running or g.scheduler.waiting for g in self.groups)
+
+    def _finish(self, group: Group, seq: Sequence, reason: FinishReason) -> None:
+        seq.status, seq.finish_reason, seq.finish_time = Status.FINISHED, reason, time.perf_counter()
+        group.scheduler.release(seq)
+        group.texts.pop(seq.seq_id, None)
+        self.seqs.pop(seq.seq_id, None)
+
+    # ---- stepping ----------------------------------------------------------------------------------------
+
+    def step(self) -> list[TokenEvent]:
+        events: list[TokenEvent] = []
+        for group in self.groups:
+            batch = group.scheduler.schedule()
+            if batch:
+                events += self._run(group, batch)
+        self.steps += 1
+        return events
+
+    @torch.inference_mode()
+    def _run(self, group: Group, batch: list[Scheduled]) -> list[TokenEvent]:
+        ids, positions, rows, last = [], [], [], []
+        for s in batch:
+            tokens = s.seq.token_ids[s.start : s.start + s.count]
+            ids += tokens
+            positions += range(s.start, s.start + s.count)
+            rows += [s.row] * s.count
+            last.append(len(ids) - 1)
+        dev = self.device
+        attn = AttnBatch.build(
+            [s.seq.block_table for s in batch],
+            [s.start for s in batch],
+            [s.count for s in batch],
+            group.pool.block_size,
+            dev,
+        )
+        as_tensor = lambda x: torch.tensor(x, dtype=torch.int64, device=dev)  # noqa: E731
+        row_t = as_tensor(rows)
+        hidden = group.model.forward(as_tensor(ids), as_tensor(positions), row_t, attn, group.pool.kv)
+        last_t = as_tensor(last)
+        logits = group.model.logits(hidden[last_t], row_t[last_t])  # [B, V]
+        params = [s.seq.params for s in batch]
+        sb = SamplingBatch(
+            temperature=torch.tensor([p.temperature for p in params], device=dev),
+            top_p=torch.tensor([p.top_p for p in params], device=dev),
+            top_k=torch.tensor([p.top_k for p in params], device=dev),
+            seeds=as_tensor([p.seed for p in params]),
+            steps=as_tensor([len(s.seq.output_ids) for s in batch]),
+        )
+        chosen, logprobs = sample(logits, sb)
+        chosen, logprobs = chosen.tolist(), logprobs.tolist()
+        now = time.perf_counter()
+        events = []
+        for s, token, lp in zip(batch, chosen, logprobs, strict=True):
+            seq = s.seq
+            seq.num_cached = s.start + s.count
+            seq.output_ids.append(token)
+            if seq.params.logprobs:
+                seq.logprobs.append(lp)
+            seq.first_token_time = seq.first_token_time or now
+            events.append(self._emit(group, seq, token, lp))
+        return events
+
+    def _emit(self, group: Group, seq: Sequence, token: int, logprob: float) -> TokenEvent:
+        p = seq.params
+        tokenizer = group.tokenizers[seq.variant]
+        old = group.texts.get(seq.seq_id, "")
+        text = tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        reason = None
+        if (token in group.eos and not p.ignore_eos) or token in p.stop_token_ids:
+            reason = FinishReason.STOP
+        for stop in p.stop:
+            at = text.find(stop, max(0, len(old) - len(stop)))
+            if at >= 0:
+                text, reason = text[:at], FinishReason.STOP
+        if reason is None and len(seq.output_ids) >= p.max_tokens:
+            reason = FinishReason.LENGTH
+        if reason is None and len(seq) >= group.context:
+            reason = FinishReason.CONTEXT
+        # hold back an incomplete UTF-8 character until its last byte arrives
+        stable = text if reason or not text.endswith("\ufffd") else text.rstrip("\ufffd")
+        delta = stable[len(old) :] if stable.startswith(old) else ""
+        group.texts[seq.seq_id] = old + delta
+        if reason is not None:
+            self._finish(group, seq, reason)
+        return TokenEvent(
+            seq.seq_id, seq.request_id, seq.variant, token, delta, logprob, reason is not None, reason
+        )
+
+    # ---- conveniences ------------------------------------------------------------------------------------
+
+    def generate(
+        self, variant: str, prompt: str | list[int], params: SamplingParams | None = None
+    ) -> tuple[str, list[int]]:
+        """Run one request to the end (other queued requests advance too)."""
+        seq = self.add_request(variant, prompt, params)
+        pieces: list[str] = []
+        while not seq.finished:
+            for ev in self.step():
+                if ev.seq_id == seq.seq_id:
+                    pieces.append(ev.text)
+        return "".join(pieces), list(seq.output_ids)
+
+    def stats(self) -> dict:
+        return {
+            "steps": self.steps,
+            "running": sum(len(g.scheduler.running) for g in self.groups),
+            "waiting": sum(len(g.scheduler.waiting) for g in self.groups),
+            "kv_blocks_used": sum(g.pool.used_blocks for g in self.groups),
+            "kv_blocks_free": sum(g.pool.free_blocks for g in self.groups),
+            "resident_variants": [v for g in self.groups for v in g.residency.resident],
+            "swap_ins": sum(g.residency.swap_ins for g in self.groups),
+            "swap_seconds": sum(g.residency.swap_seconds for g in self.groups),
+            "preemptions": sum(g.scheduler.preemptions for g in self.groups),
+        }

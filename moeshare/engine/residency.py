@@ -1,0 +1,103 @@
+"""Partial reconfiguration: which variants' non-expert weights sit in the model's R resident rows.
+
+Every variant's weights wait in (pinned) host memory. A request for a non-resident variant takes a free row,
+or the least recently used row that no running sequence needs, and its weights are copied in on a side CUDA
+stream while steps of other variants go on. The bank and the expert tables never move.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class _Pending:
+    row: int
+    event: torch.cuda.Event | None
+    started: float
+
+
+class Residency:
+    def __init__(
+        self,
+        rows: int,
+        variants: list[str],
+        fetch: Callable[[str], tuple[dict, torch.Tensor]],
+        load: Callable[[int, dict, torch.Tensor, bool], None],
+        device: torch.device,
+    ) -> None:
+        self.rows = rows
+        self.device = device
+        self._load = load
+        pin = device.type == "cuda"
+        self.host: dict[str, tuple[dict[str, torch.Tensor], torch.Tensor]] = {}
+        for v in variants:
+            tensors, table = fetch(v)
+            self.host[v] = ({k: t.pin_memory() if pin else t for k, t in tensors.items()}, table)
+        self.row_of: dict[str, int] = {}
+        self.variant_in: list[str | None] = [None] * rows
+        self.last_used = [0.0] * rows
+        self.pending: dict[str, _Pending] = {}
+        self.swap_ins = 0
+        self.swap_seconds = 0.0
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        for v in variants[:rows]:  # start with the first R variants in place
+            self._start(v, len(self.row_of))
+        self.swap_ins = 0
+        self.swap_seconds = 0.0
+
+    @property
+    def resident(self) -> list[str]:
+        return [v for v in self.variant_in if v is not None and v not in self.pending]
+
+    def _start(self, variant: str, row: int) -> None:
+        old = self.variant_in[row]
+        if old is not None:
+            del self.row_of[old]
+        self.variant_in[row] = variant
+        self.row_of[variant] = row
+        tensors, table = self.host[variant]
+        t0 = time.perf_counter()
+        if self._stream is None:
+            self._load(row, tensors, table, False)
+            self.swap_seconds += time.perf_counter() - t0
+            self.swap_ins += 1
+            return
+        # the side stream waits for steps already queued (one may still read the row being replaced)
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._stream):
+            self._load(row, tensors, table, True)
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        self.pending[variant] = _Pending(row, event, t0)
+
+    def _settle(self) -> None:
+        for v, p in list(self.pending.items()):
+            if p.event.query():
+                torch.cuda.current_stream(self.device).wait_event(p.event)
+                self.swap_seconds += time.perf_counter() - p.started
+                self.swap_ins += 1
+                del self.pending[v]
+
+    def row(self, variant: str, busy: set[int]) -> int | None:
+        """The variant's row if its weights are in place; else start bringing them in and return None."""
+        self._settle()
+        if variant in self.row_of and variant not in self.pending:
+            self.last_used[self.row_of[variant]] = time.perf_counter()
+            return self.row_of[variant]
+        if variant in self.pending:
+            return None
+        free = [r for r in range(self.rows) if self.variant_in[r] is None]
+        idle = [r for r in range(self.rows) if r not in busy and self.variant_in[r] not in self.pending]
+        candidates = free or sorted(idle, key=lambda r: self.last_used[r])
+        if candidates:
+            self._start(variant, candidates[0])
+            self._settle()
+            if variant not in self.pending:
+                self.last_used[self.row_of[variant]] = time.perf_counter()
+                return self.row_of[variant]
+        return None

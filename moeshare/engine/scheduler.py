@@ -1,0 +1,117 @@
+"""Continuous batching: running sequences decode, waiting ones join as prefills when their KV blocks and their
+variant's weights are in place; when KV runs out the newest sequence is preempted (blocks freed, recomputed
+later), never a crash.
+
+No variant starves: once a request has waited `starve_steps` steps for its variant's weights and every
+resident row is busy, no new sequence of a resident variant is admitted until a row drains and the waiting
+variant is swapped in. Its wait is then bounded by the longest remaining generation (max_tokens) of one
+row's running sequences plus one weight copy.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from moeshare.engine.request import Sequence, Status
+from moeshare.engine.residency import Residency
+from moeshare.memory.pool import PagePool
+
+
+@dataclass
+class Scheduled:
+    seq: Sequence
+    row: int  # resident row of the sequence's variant
+    start: int  # tokens already in the cache
+    count: int  # tokens computed this step
+
+
+class Scheduler:
+    def __init__(
+        self,
+        pool: PagePool,
+        residency: Residency,
+        max_num_seqs: int,
+        max_batched_tokens: int,
+        starve_steps: int = 8,
+    ) -> None:
+        self.pool = pool
+        self.residency = residency
+        self.max_num_seqs = max_num_seqs
+        self.max_batched_tokens = max_batched_tokens
+        self.starve_steps = starve_steps
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.preemptions = 0
+        self._waited: dict[int, int] = {}  # seq_id -> steps spent waiting for its variant's weights
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def release(self, seq: Sequence) -> None:
+        """Return a sequence's blocks at once (finished or cancelled)."""
+        self.pool.free(seq.block_table)
+        seq.block_table = []
+        seq.num_cached = 0
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        self._waited.pop(seq.seq_id, None)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.pool.free(seq.block_table)
+        seq.block_table, seq.num_cached, seq.status = [], 0, Status.WAITING
+        seq.preemptions += 1
+        self.preemptions += 1
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+
+    def _grow(self, seq: Sequence, tokens: int) -> bool:
+        need = self.pool.blocks_for(tokens) - len(seq.block_table)
+        if need <= 0:
+            return True
+        if need > self.pool.free_blocks:
+            return False
+        seq.block_table += self.pool.allocate(need)
+        return True
+
+    def schedule(self) -> list[Scheduled]:
+        out: list[Scheduled] = []
+        busy = {self.residency.row_of[s.variant] for s in self.running if s.variant in self.residency.row_of}
+        # decodes first: every running sequence computes its newest token
+        for seq in list(self.running):
+            if seq not in self.running:
+                continue  # preempted below to make room for an older one
+            while not self._grow(seq, len(seq)):
+                victim = max(self.running, key=lambda s: (s.arrival, s.seq_id))
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq in self.running:
+                out.append(Scheduled(seq, self.residency.row_of[seq.variant], len(seq) - 1, 1))
+        tokens = len(out)
+        starving = any(w >= self.starve_steps for w in self._waited.values())
+        # then prefills, first come first served among those whose variant's weights are in place
+        for seq in list(self.waiting):
+            if len(self.running) >= self.max_num_seqs:
+                break
+            row = self.residency.row(seq.variant, busy)
+            if row is None:
+                self._waited[seq.seq_id] = self._waited.get(seq.seq_id, 0) + 1
+                continue
+            if starving and self._waited.get(seq.seq_id, 0) < self.starve_steps:
+                continue  # let rows drain for a variant that has waited too long
+            count = len(seq) - seq.num_cached
+            if tokens + count > self.max_batched_tokens and out:
+                break
+            if not self._grow(seq, len(seq)):
+                break
+            self.waiting.remove(seq)
+            self._waited.pop(seq.seq_id, None)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            busy.add(row)
+            out.append(Scheduled(seq, row, seq.num_cached, count))
+            tokens += count
+        return out
