@@ -70,6 +70,19 @@ class Group:
     texts: dict[int, str] = field(default_factory=dict)
 
 
+def _settled(text: str, stops: tuple[str, ...]) -> str:
+    """The part of a running request's text that can be streamed: an incomplete UTF-8 character, or a tail
+    that may be the start of a stop string, waits for the next token."""
+    text = text.rstrip("\ufffd")
+    hold = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:n]):
+                hold = max(hold, n)
+                break
+    return text[: len(text) - hold]
+
+
 class Engine:
     def __init__(self, paths: list[str | Path], config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
@@ -278,8 +291,7 @@ class Engine:
             reason = FinishReason.LENGTH
         if reason is None and len(seq) >= group.context:
             reason = FinishReason.CONTEXT
-        # hold back an incomplete UTF-8 character until its last byte arrives
-        stable = text if reason or not text.endswith("\ufffd") else text.rstrip("\ufffd")
+        stable = text if reason else _settled(text, p.stop)
         delta = stable[len(old) :] if stable.startswith(old) else ""
         group.texts[seq.seq_id] = old + delta
         if reason is not None:
@@ -301,6 +313,30 @@ class Engine:
                 if ev.seq_id == seq.seq_id:
                     pieces.append(ev.text)
         return "".join(pieces), list(seq.output_ids)
+
+    @torch.inference_mode()
+    def score(self, variant: str, ids: list[int]) -> torch.Tensor:
+        """Teacher-forced next-token logits at every position of `ids` [T, V], float32 (one prefill, blocks
+        borrowed from the pool and returned)."""
+        group = self._group(variant)
+        row = group.residency.row(variant, group.scheduler.busy_rows())
+        while row is None:  # weights on their way in, or every row busy: let running sequences advance
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            if group.scheduler.running:
+                self.step()
+            row = group.residency.row(variant, group.scheduler.busy_rows())
+        blocks = group.pool.allocate(group.pool.blocks_for(len(ids)))
+        try:
+            attn = AttnBatch.build([blocks], [0], [len(ids)], group.pool.block_size, self.device)
+            t = torch.tensor(ids, dtype=torch.int64, device=self.device)
+            rows = torch.full_like(t, row)
+            hidden = group.model.forward(
+                t, torch.arange(len(ids), device=self.device), rows, attn, group.pool.kv
+            )
+            return group.model.logits(hidden, rows)
+        finally:
+            group.pool.free(blocks)
 
     def stats(self) -> dict:
         return {

@@ -76,9 +76,12 @@ class Scheduler:
         seq.block_table += self.pool.allocate(need)
         return True
 
+    def busy_rows(self) -> set[int]:
+        return {self.residency.row_of[s.variant] for s in self.running if s.variant in self.residency.row_of}
+
     def schedule(self) -> list[Scheduled]:
         out: list[Scheduled] = []
-        busy = {self.residency.row_of[s.variant] for s in self.running if s.variant in self.residency.row_of}
+        busy = self.busy_rows()
         # decodes first: every running sequence computes its newest token
         for seq in list(self.running):
             if seq not in self.running:

@@ -1,0 +1,208 @@
+"""The engine on the zoo's trained Mixtral variants, against transformers (CPU, float32)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from moeshare.consolidate import Options, consolidate, export_variant
+from moeshare.engine.engine import Engine, EngineConfig
+from moeshare.engine.request import InvalidRequest, RequestTooLarge, SamplingParams, UnknownModel
+
+VARIANTS = ["kjv", "fortunes-en", "fortunes-de", "python"]
+PROMPTS = {
+    "kjv": "And God said unto Moses,",
+    "fortunes-en": "A man who has",
+    "fortunes-de": "Wer nicht wagt,",
+    "python": "def __init__(self,",
+}
+GREEDY = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+
+
+def _hf(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _hf_greedy(model, ids: list[int], n: int = 32) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+    return out[0, len(ids) :].tolist()
+
+
+@pytest.fixture(scope="module")
+def store(tiny_zoo, tmp_path_factory):
+    """All four variants at budget 1.0: each variant exactly its source."""
+    out = tmp_path_factory.mktemp("store") / "mixtral"
+    consolidate([tiny_zoo / "mixtral" / v for v in VARIANTS], out, Options(budget="1.0"))
+    return out
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_logits_and_greedy_tokens_match_transformers(tiny_zoo, variant):
+    path = tiny_zoo / "mixtral" / variant
+    engine = Engine([path])
+    hf = _hf(path)
+    text = (tiny_zoo / "heldout" / f"{variant}.txt").read_text()[:200]
+    ids = engine.tokenizer(variant)(text, add_special_tokens=False)["input_ids"]
+    ours = engine.score(variant, ids)
+    with torch.no_grad():
+        theirs = hf(torch.tensor([ids])).logits[0]
+    assert ((ours - theirs).abs().max() / theirs.abs().max()).item() < 1e-4
+    prompt = engine.tokenizer(variant)(PROMPTS[variant], add_special_tokens=False)["input_ids"]
+    _, tokens = engine.generate(variant, prompt, GREEDY)
+    assert tokens == _hf_greedy(hf, prompt)
+
+
+def _alone(store: Path, **cfg) -> dict[str, list[int]]:
+    engine = Engine([store], EngineConfig(**cfg))
+    return {v: engine.generate(v, PROMPTS[v], GREEDY)[1] for v in VARIANTS}
+
+
+def _together(engine: Engine, stagger: int) -> dict[str, list[int]]:
+    """All variants in one batch; with stagger > 0 each next request joins `stagger` steps into the decode."""
+    seqs = {}
+    for v in VARIANTS:
+        seqs[v] = engine.add_request(v, PROMPTS[v], GREEDY)
+        for _ in range(stagger):
+            engine.step()
+    while engine.has_work():
+        engine.step()
+    return {v: s.output_ids for v, s in seqs.items()}
+
+
+@pytest.fixture(scope="module")
+def alone(store):
+    return _alone(store)
+
+
+@pytest.mark.parametrize("stagger", [0, 3])
+def test_mixed_variant_batch_gives_each_request_its_own_tokens(store, alone, stagger):
+    engine = Engine([store])
+    assert _together(engine, stagger) == alone
+    stats = engine.stats()
+    assert stats["kv_blocks_used"] == 0 and stats["running"] == stats["waiting"] == 0
+
+
+def test_store_variants_match_their_sources(tiny_zoo, alone):
+    for v in VARIANTS:
+        hf = _hf(tiny_zoo / "mixtral" / v)
+        ids = Engine([tiny_zoo / "mixtral" / v]).tokenizer(v)(PROMPTS[v], add_special_tokens=False)[
+            "input_ids"
+        ]
+        assert alone[v] == _hf_greedy(hf, ids)
+
+
+def test_consolidated_store_matches_transformers_on_its_export(tiny_zoo, tmp_path):
+    consolidate([tiny_zoo / "mixtral" / v for v in VARIANTS], tmp_path / "s", Options(budget="0.5"))
+    engine = Engine([tmp_path / "s"])
+    for v in ("kjv", "python"):
+        hf = _hf(export_variant(tmp_path / "s", v, tmp_path / f"e-{v}"))
+        ids = engine.tokenizer(v)(PROMPTS[v], add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            theirs = hf(torch.tensor([ids])).logits[0]
+        ours = engine.score(v, ids)
+        assert ((ours - theirs).abs().max() / theirs.abs().max()).item() < 1e-4
+        assert engine.generate(v, ids, GREEDY)[1] == _hf_greedy(hf, ids)
+
+
+def test_partial_reconfiguration_gives_the_same_outputs(store, alone):
+    engine = Engine([store], EngineConfig(max_resident_variants=2))
+    assert len(engine.stats()["resident_variants"]) == 2
+    assert _together(engine, 0) == alone
+    assert _together(engine, 2) == alone
+    stats = engine.stats()
+    assert stats["swap_ins"] >= 2 and stats["kv_blocks_used"] == 0
+
+
+def test_preemption_when_kv_runs_out_keeps_outputs(store, alone):
+    # 20 blocks of 4 tokens: any one sequence fits (about 14 blocks), all four at once do not
+    engine = Engine([store], EngineConfig(kv_blocks=20, block_size=4))
+    assert _together(engine, 0) == alone
+    assert engine.stats()["preemptions"] > 0 and engine.stats()["kv_blocks_used"] == 0
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(store):
+    params = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)
+    alone = Engine([store]).generate("kjv", PROMPTS["kjv"], params)[1]
+    engine = Engine([store])
+    mates = [
+        engine.add_request(v, PROMPTS[v], SamplingParams(max_tokens=10, temperature=1.0)) for v in VARIANTS
+    ]
+    seq = engine.add_request("kjv", PROMPTS["kjv"], params)
+    while engine.has_work():
+        engine.step()
+    assert seq.output_ids == alone and all(m.finished for m in mates)
+    other = Engine([store]).generate(
+        "kjv", PROMPTS["kjv"], SamplingParams(**{**params.__dict__, "seed": 99})
+    )[1]
+    assert other != alone
+
+
+def test_top_k_one_is_greedy_and_logprobs_are_reported(store, alone):
+    engine = Engine([store])
+    seq = engine.add_request(
+        "python",
+        PROMPTS["python"],
+        SamplingParams(max_tokens=32, temperature=1.5, top_k=1, ignore_eos=True, logprobs=True),
+    )
+    while engine.has_work():
+        engine.step()
+    assert seq.output_ids == alone["python"]
+    assert len(seq.logprobs) == 32 and all(lp <= 0 for lp in seq.logprobs)
+
+
+def test_stop_strings_and_max_tokens(store):
+    engine = Engine([store])
+    full, _ = engine.generate("kjv", PROMPTS["kjv"], GREEDY)
+    stop = full[5:8]
+    text, _ = engine.generate(
+        "kjv", PROMPTS["kjv"], SamplingParams(max_tokens=32, temperature=0, stop=(stop,))
+    )
+    assert text == full[: full.index(stop)]
+    text, ids = engine.generate(
+        "kjv", PROMPTS["kjv"], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    )
+    assert len(ids) == 3
+
+
+def test_cancel_frees_blocks_at_once(store):
+    engine = Engine([store])
+    seq = engine.add_request("kjv", PROMPTS["kjv"], GREEDY)
+    engine.step()
+    engine.step()
+    assert engine.stats()["kv_blocks_used"] > 0
+    assert engine.cancel(seq.seq_id)
+    assert engine.stats()["kv_blocks_used"] == 0 and not engine.has_work()
+    assert seq.finish_reason.value == "cancelled"
+
+
+BAD = [
+    ("nope", "hi", SamplingParams(), UnknownModel, "unknown model 'nope'"),
+    ("kjv", "", SamplingParams(), InvalidRequest, "prompt is empty"),
+    ("kjv", "x" * 5000, SamplingParams(), RequestTooLarge, "takes at most"),
+    ("kjv", "hi", SamplingParams(max_tokens=0), InvalidRequest, "max_tokens must be between 1 and"),
+    ("kjv", "hi", SamplingParams(max_tokens=10**6), InvalidRequest, "max_tokens must be between 1 and"),
+    ("kjv", "hi", SamplingParams(temperature=-1), InvalidRequest, "temperature must be >= 0"),
+    ("kjv", "hi", SamplingParams(top_p=0), InvalidRequest, "top_p must be in (0, 1]"),
+    ("kjv", "hi", SamplingParams(top_p=1.5), InvalidRequest, "top_p must be in (0, 1]"),
+    ("kjv", "hi", SamplingParams(top_k=-1), InvalidRequest, "top_k must be >= 0"),
+    ("kjv", "hi", SamplingParams(max_tokens=900), RequestTooLarge, "KV blocks; the pool has"),
+]
+
+
+@pytest.mark.parametrize("variant,prompt,params,error,message", BAD)
+def test_bad_requests_are_rejected_before_touching_the_batch(store, variant, prompt, params, error, message):
+    engine = Engine([store], EngineConfig(kv_blocks=8, block_size=16))
+    running = engine.add_request("kjv", PROMPTS["kjv"], SamplingParams(max_tokens=8, temperature=0))
+    engine.step()
+    before = engine.stats()
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        engine.add_request(variant, prompt, params)
+    assert engine.stats() == before
+    while engine.has_work():
+        engine.step()
+    assert running.finished and len(running.output_ids) == 8
