@@ -38,7 +38,10 @@ def test_round_trip_is_bit_exact(tiny_zoo, tmp_path, arch, shard_bytes):
     src = tiny_zoo / arch / "base"
     with open_checkpoint(src) as ckpt:
         out = write_checkpoint(
-            tmp_path / "out", ckpt.config, ((n, ckpt.tensor(n)) for n in ckpt.names), max_shard_bytes=shard_bytes
+            tmp_path / "out",
+            ckpt.config,
+            ((n, ckpt.tensor(n)) for n in ckpt.names),
+            max_shard_bytes=shard_bytes,
         )
     files = sorted(p.name for p in out.iterdir())
     if shard_bytes is None:
@@ -63,7 +66,9 @@ def test_adapters_classify_every_tensor(tiny_zoo):
             assert {i.role for i in experts} == roles
             assert len(experts) == len(a.moe_layers) * a.num_experts * len(roles)
             assert {i.layer for i in infos if i.kind == "router"} == set(a.moe_layers)
-            assert all(a.expected_shape(n) is not None for n in ckpt.names), "a tensor the adapter does not know"
+            assert all(a.expected_shape(n) is not None for n in ckpt.names), (
+                "a tensor the adapter does not know"
+            )
     with open_checkpoint(tiny_zoo / "switch" / "base") as ckpt:
         # Switch keeps dense blocks between sparse ones
         assert any(n.endswith("mlp.wi.weight") for n in ckpt.names)
