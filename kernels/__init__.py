@@ -1,0 +1,64 @@
+"""The engine's kernels: Triton on CUDA tensors, the pure-torch references on CPU tensors.
+
+MOESHARE_TRITON_INTERPRET_TEST=1 sends CPU tensors to the Triton kernels too (with TRITON_INTERPRET=1 set
+before this package is imported, that is how CI checks them without a GPU).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .grouped_gemm_ref import fused_moe_ref, grouped_linear_ref
+from .paged_attention_ref import paged_attention_ref
+
+try:
+    from . import grouped_gemm as _gemm
+    from . import paged_attention as _attn
+except ImportError:  # no Triton on this platform: the references serve everything
+    _gemm = _attn = None
+
+_FORCE_TRITON = os.environ.get("MOESHARE_TRITON_INTERPRET_TEST") == "1"
+
+
+def _triton(x: torch.Tensor) -> bool:
+    return _gemm is not None and (x.is_cuda or _FORCE_TRITON)
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """y[t] = x[t] @ w[group[t]].T  —  x [T, K], w [G, N, K], group [T] -> [T, N]."""
+    return _gemm.grouped_linear(x, w, group) if _triton(x) else grouped_linear_ref(x, w, group)
+
+
+def fused_moe(
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Mixtral experts over the bank — x [T, H], w13 [S, 2I, H], w2 [S, H, I], slots, weights [T, k] -> [T, H]."""
+    if _triton(x):
+        return _gemm.fused_moe(x, w13, w2, slots, weights)
+    return fused_moe_ref(x, w13, w2, slots, weights)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    query_start: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of new tokens over a paged KV cache — q [T, Hq, D], caches [N, B, Hkv, D] -> [T, Hq, D]."""
+    args = (q, k_cache, v_cache, block_tables, context_lens, query_start, scale)
+    return _attn.paged_attention(*args) if _triton(q) else paged_attention_ref(*args)
+
+
+__all__ = [
+    "fused_moe",
+    "fused_moe_ref",
+    "grouped_linear",
+    "grouped_linear_ref",
+    "paged_attention",
+    "paged_attention_ref",
+]
