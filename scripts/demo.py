@@ -27,7 +27,7 @@ def main() -> int:
         print(f"\n== moeshare consolidate {arch} variants --budget 0.5 -> {store}", flush=True)
         manifest = consolidate([zoo / arch / v for v in VARIANTS], store, Options(budget="0.5", force=True))
         print(format_report(summarize(manifest)))
-    print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; stores in {OUT}/")
+    print(f"\ndemo finished in {time.perf_counter() - t0:.1f} s; stores in {OUT}/")
     return 0
 
 
