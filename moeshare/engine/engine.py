@@ -11,6 +11,7 @@ import torch
 from transformers import AutoTokenizer
 
 from moeshare.engine.attention import AttnBatch
+from moeshare.engine.graphs import DecodeGraphs
 from moeshare.engine.models.mixtral import MixtralDims, MultiVariantMixtral, variant_tensor_names
 from moeshare.engine.request import (
     FinishReason,
@@ -41,6 +42,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_batched_tokens: int = 2048
     max_tokens_limit: int = 4096
+    cuda_graphs: bool = True  # capture decode steps per batch size (CUDA only)
 
 
 @dataclass
@@ -67,7 +69,12 @@ class Group:
     tokenizers: dict
     eos: set[int]
     context: int
+    graphs: DecodeGraphs | None = None
     texts: dict[int, str] = field(default_factory=dict)
+
+
+def _tokenizer(directory: Path | None):
+    return AutoTokenizer.from_pretrained(directory) if directory is not None else None
 
 
 def _settled(text: str, stops: tuple[str, ...]) -> str:
@@ -97,8 +104,9 @@ class Engine:
 
     # ---- loading -----------------------------------------------------------------------------------------
 
-    def load(self, path: str | Path) -> list[str]:
-        source = Source(path)
+    def load(self, path: str | Path | Source) -> list[str]:
+        """Serve a store, an HF checkpoint, or any object with Source's interface (e.g. RandomMixtralSource)."""
+        source = path if hasattr(path, "bank") else Source(path)
         if source.architecture != "mixtral":
             raise MoeshareError(f"{path}: serving {source.architecture} is not supported yet (mixtral is)")
         if clash := [v for v in source.variants if v in self.variant_group]:
@@ -128,10 +136,13 @@ class Engine:
             blocks, c.block_size, dims.layers, dims.kv_heads, dims.head_dim, self.dtype, self.device
         )
         scheduler = Scheduler(pool, residency, c.max_num_seqs, c.max_batched_tokens)
-        tokenizers = {v: AutoTokenizer.from_pretrained(source.tokenizer_dir(v)) for v in source.variants}
+        tokenizers = {v: _tokenizer(source.tokenizer_dir(v)) for v in source.variants}
         eos = source.config.get("eos_token_id")
         eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         group = Group(source, model, pool, residency, scheduler, tokenizers, eos, dims.max_positions)
+        if self.device.type == "cuda" and c.cuda_graphs:
+            group.graphs = DecodeGraphs(model, pool, c.max_num_seqs, dims.max_positions)
+            group.graphs.capture()
         self.groups.append(group)
         for v in source.variants:
             self.variant_group[v] = group
@@ -180,8 +191,11 @@ class Engine:
         params = params or SamplingParams()
         group = self._group(variant)
         params.validate(self.config.max_tokens_limit)
+        tokenizer = group.tokenizers[variant]
+        if isinstance(prompt, str) and tokenizer is None:
+            raise InvalidRequest(f"{variant} has no tokenizer: send token ids")
         ids = (
-            group.tokenizers[variant](prompt, add_special_tokens=False)["input_ids"]
+            tokenizer(prompt, add_special_tokens=False)["input_ids"]
             if isinstance(prompt, str)
             else list(prompt)
         )
@@ -241,6 +255,12 @@ class Engine:
             rows += [s.row] * s.count
             last.append(len(ids) - 1)
         dev = self.device
+        as_tensor = lambda x: torch.tensor(x, dtype=torch.int64, device=dev)  # noqa: E731
+        if group.graphs is not None and len(ids) == len(batch) and group.graphs.fits(len(batch)):
+            hidden = group.graphs.run(
+                ids, positions, [s.row for s in batch], [s.seq.block_table for s in batch]
+            )
+            return self._sample(group, batch, hidden, as_tensor([s.row for s in batch]))
         attn = AttnBatch.build(
             [s.seq.block_table for s in batch],
             [s.start for s in batch],
@@ -248,11 +268,18 @@ class Engine:
             group.pool.block_size,
             dev,
         )
-        as_tensor = lambda x: torch.tensor(x, dtype=torch.int64, device=dev)  # noqa: E731
         row_t = as_tensor(rows)
         hidden = group.model.forward(as_tensor(ids), as_tensor(positions), row_t, attn, group.pool.kv)
         last_t = as_tensor(last)
-        logits = group.model.logits(hidden[last_t], row_t[last_t])  # [B, V]
+        return self._sample(group, batch, hidden[last_t], row_t[last_t])
+
+    def _sample(
+        self, group: Group, batch: list[Scheduled], hidden: torch.Tensor, rows: torch.Tensor
+    ) -> list[TokenEvent]:
+        """hidden [B, H]: the last position of each scheduled sequence."""
+        dev = self.device
+        as_tensor = lambda x: torch.tensor(x, dtype=torch.int64, device=dev)  # noqa: E731
+        logits = group.model.logits(hidden, rows)  # [B, V]
         params = [s.seq.params for s in batch]
         sb = SamplingBatch(
             temperature=torch.tensor([p.temperature for p in params], device=dev),
@@ -279,7 +306,7 @@ class Engine:
         p = seq.params
         tokenizer = group.tokenizers[seq.variant]
         old = group.texts.get(seq.seq_id, "")
-        text = tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        text = tokenizer.decode(seq.output_ids, skip_special_tokens=True) if tokenizer else ""
         reason = None
         if (token in group.eos and not p.ignore_eos) or token in p.stop_token_ids:
             reason = FinishReason.STOP

@@ -37,7 +37,10 @@ class Residency:
         self.host: dict[str, tuple[dict[str, torch.Tensor], torch.Tensor]] = {}
         for v in variants:
             tensors, table = fetch(v)
-            self.host[v] = ({k: t.pin_memory() if pin else t for k, t in tensors.items()}, table)
+            self.host[v] = (
+                {k: t.pin_memory() if pin and not t.is_cuda else t for k, t in tensors.items()},
+                table,
+            )
         self.row_of: dict[str, int] = {}
         self.variant_in: list[str | None] = [None] * rows
         self.last_used = [0.0] * rows

@@ -1,0 +1,106 @@
+"""Random-weight Mixtral variants for speed measurements (random weights are fine for speed, and let the
+benchmarks use real layer sizes without a hub): every variant has its own non-expert tensors, and its expert
+table points `own` of its experts at slots of its own and the rest at slots all variants share."""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+from moeshare.checkpoint.mixtral import MixtralAdapter
+
+
+def mixtral_config(
+    layers: int = 8,
+    hidden: int = 4096,
+    intermediate: int = 14336,
+    experts: int = 8,
+    top_k: int = 2,
+    heads: int = 32,
+    kv_heads: int = 8,
+    vocab: int = 32000,
+    context: int = 4096,
+) -> dict:
+    return {
+        "model_type": "mixtral",
+        "architectures": ["MixtralForCausalLM"],
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "num_local_experts": experts,
+        "num_experts_per_tok": top_k,
+        "vocab_size": vocab,
+        "max_position_embeddings": context,
+        "rms_norm_eps": 1e-5,
+        "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"},
+        "tie_word_embeddings": False,
+        "eos_token_id": 2,
+        "bos_token_id": 1,
+        "hidden_act": "silu",
+        "sliding_window": None,
+    }
+
+
+class RandomMixtralSource:
+    """The Source interface (see source.py) over weights drawn on `device`."""
+
+    def __init__(
+        self,
+        config: dict,
+        variants: int = 1,
+        own: int = 2,
+        device: str = "cuda",
+        dtype: torch.dtype = torch.bfloat16,
+        seed: int = 0,
+    ) -> None:
+        self.config = config
+        self.adapter = MixtralAdapter(config, source=None)  # type: ignore[arg-type]
+        self.architecture = "mixtral"
+        self.variants = [f"v{i}" for i in range(variants)]
+        self.path = None
+        self.device, self.dtype, self.seed = torch.device(device), dtype, seed
+        e = config["num_local_experts"]
+        self.own = own if variants > 1 else 0
+        shared = e - self.own
+        # slots [0, shared) are everyone's; then each variant's own block
+        self.slots = shared + variants * self.own
+        self._tables = {
+            v: list(range(shared)) + [shared + i * self.own + j for j in range(self.own)]
+            for i, v in enumerate(self.variants)
+        }
+
+    def _randn(self, shape: tuple[int, ...], key: int, scale: float) -> torch.Tensor:
+        g = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + key)
+        return (torch.randn(shape, generator=g, device=self.device, dtype=torch.float32) * scale).to(
+            self.dtype
+        )
+
+    def variant_config(self, variant: str) -> dict:
+        return self.config
+
+    def tensor(self, variant: str, name: str) -> torch.Tensor:
+        shape = self.adapter.expected_shape(name)
+        if shape is None:
+            raise KeyError(name)
+        if name.endswith("layernorm.weight") or name == "model.norm.weight":
+            return torch.ones(shape, dtype=self.dtype, device=self.device)
+        key = zlib.crc32(f"{variant}/{name}".encode()) + 1000
+        return self._randn(shape, key, 0.02)
+
+    def bank(self, layer: str) -> dict[str, torch.Tensor]:
+        c = self.config
+        h, i = c["hidden_size"], c["intermediate_size"]
+        base = int(layer) * 2
+        return {
+            "w13": self._randn((self.slots, 2 * i, h), base, 0.02),
+            "w2": self._randn((self.slots, h, i), base + 1, 0.02),
+        }
+
+    def table(self, variant: str, layer: str) -> list[int]:
+        return self._tables[variant]
+
+    def tokenizer_dir(self, variant: str):
+        return None

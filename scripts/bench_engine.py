@@ -1,0 +1,234 @@
+"""Decode throughput of the engine at Mixtral-8x7B layer sizes against transformers and the bandwidth floor.
+
+    python scripts/bench_engine.py                       # full run (an H100: about 8 minutes)
+    python scripts/bench_engine.py --quick               # batch 1 and 32, fewer tokens
+
+Random bf16 weights at real layer sizes (hidden 4096, intermediate 14336, 8 experts top-2, 32/8 heads,
+vocab 32000), `--layers` layers. Systems: `moeshare` (one variant), `moeshare-4var` (four variants sharing
+one bank of 16 slots per layer: each keeps 2 experts of its own), `transformers` (generate on the same
+model). The floor is the bytes a decode step must read (non-expert weights of the variants in the batch,
+the experts that uniform top-2 routing touches, the KV cache) over the measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from moeshare.engine.engine import Engine, EngineConfig
+from moeshare.engine.request import SamplingParams
+from moeshare.engine.synthetic import RandomMixtralSource, mixtral_config
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes per second moved (read + write) by a large device-to-device copy."""
+    a = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    n = 20
+    for _ in range(n):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    return 2 * a.numel() * n / (time.perf_counter() - t0)
+
+
+def step_bytes(cfg: dict, batch: int, variants: int, context: int) -> float:
+    h, i, e, k = (
+        cfg["hidden_size"],
+        cfg["intermediate_size"],
+        cfg["num_local_experts"],
+        cfg["num_experts_per_tok"],
+    )
+    hd = h // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    layers, b2 = cfg["num_hidden_layers"], 2  # bf16
+    present = min(variants, batch)  # variants with a token in the step
+    attn = (h * q + 2 * h * kv + q * h + e * h + 2 * h) * b2
+    head = cfg["vocab_size"] * h * b2
+    expert = 3 * h * i * b2
+    # expected distinct experts one variant's tokens touch under uniform top-k routing
+    per_variant = batch / present
+    touched = e * (1 - (1 - k / e) ** per_variant)
+    own = 2 if variants > 1 else 0
+    shared = e - own
+    # shared slots are read once whoever touches them; own slots once per variant present
+    slots = shared * (1 - (1 - k / e) ** batch) + present * own * (1 - (1 - k / e) ** per_variant)
+    if variants == 1:
+        slots = touched
+    kv_bytes = batch * context * 2 * kv * b2
+    return layers * (present * attn + slots * expert + kv_bytes) + present * head
+
+
+def bench_engine(cfg: dict, variants: int, batches: list[int], prompt: int, gen: int) -> dict[int, float]:
+    source = RandomMixtralSource(cfg, variants=variants, own=2)
+    blocks = max(batches) * (prompt + gen) // 16 + 64
+    engine = Engine(
+        [source],
+        EngineConfig(
+            device="cuda",
+            kv_blocks=blocks,
+            max_num_seqs=max(batches),
+            max_batched_tokens=max(batches) * prompt,
+        ),
+    )
+    names = engine.variants
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for b in batches:
+        params = SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True)
+        seqs = [
+            engine.add_request(
+                names[j % len(names)], torch.randint(10, 30000, (prompt,), generator=g).tolist(), params
+            )
+            for j in range(b)
+        ]
+        engine.step()  # the prefill (and each request's first token)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        steps = 0
+        while engine.has_work():
+            engine.step()
+            steps += 1
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        assert all(len(s.output_ids) == gen for s in seqs)
+        out[b] = b * steps / dt
+        print(
+            f"  moeshare x{variants}  batch {b:4d}: {out[b]:9.1f} tok/s ({dt / steps * 1e3:.2f} ms/step)",
+            flush=True,
+        )
+    del engine, source
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def _generate(model: torch.nn.Module, ids: torch.Tensor, n: int) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def bench_transformers(cfg: dict, batches: list[int], prompt: int, gen: int) -> dict[int, float]:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    with torch.device("cuda"):
+        model = MixtralForCausalLM(MixtralConfig(**{k: v for k, v in cfg.items() if k != "architectures"}))
+    model = model.to(torch.bfloat16).eval()
+    out = {}
+    for b in batches:
+        ids = torch.randint(10, 30000, (b, prompt), device="cuda")
+
+        _generate(model, ids, 2)
+        dt = _generate(model, ids, gen) - _generate(model, ids, 1)  # decode only, like the engine's figure
+        out[b] = b * (gen - 1) / dt
+        print(f"  transformers  batch {b:4d}: {out[b]:9.1f} tok/s", flush=True)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--batches", default="1,8,32,64,128")
+    p.add_argument("--hf-batches", default="1,8,32")
+    p.add_argument("--prompt", type=int, default=512)
+    p.add_argument("--gen", type=int, default=128)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", type=Path, default=Path("evals/results/engine"))
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_engine needs a CUDA GPU", file=sys.stderr)
+        return 2
+    if args.quick:
+        args.batches, args.hf_batches, args.gen = "1,32", "1", 32
+    batches = [int(x) for x in args.batches.split(",")]
+    cfg = mixtral_config(layers=args.layers)
+    gpu = torch.cuda.get_device_name()
+    bw = copy_bandwidth(torch.device("cuda"))
+    print(f"{gpu}: copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
+    results = {
+        "moeshare": bench_engine(cfg, 1, batches, args.prompt, args.gen),
+        "moeshare-4var": bench_engine(cfg, 4, batches, args.prompt, args.gen),
+        "transformers": bench_transformers(
+            cfg, [int(x) for x in args.hf_batches.split(",")], args.prompt, args.gen
+        ),
+    }
+    date = datetime.date.today().isoformat()
+    context = args.prompt + args.gen // 2
+    records = []
+    for system, per_batch in results.items():
+        for b, tok_s in per_batch.items():
+            variants = 4 if system == "moeshare-4var" else 1
+            floor = b / (step_bytes(cfg, b, variants, context) / bw)
+            records.append(
+                {
+                    "system": system,
+                    "batch": b,
+                    "tok_s": round(tok_s, 1),
+                    "floor_tok_s": round(floor, 1),
+                    "frac_of_floor": round(tok_s / floor, 3),
+                    "gpu": gpu,
+                    "date": date,
+                }
+            )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_engine.json").write_text(json.dumps(records, indent=1) + "\n")
+    single = {b: t for b, t in results["moeshare"].items()}
+    lines = [
+        f"# Engine decode throughput — {gpu}, {date}",
+        "",
+        f"`python scripts/bench_engine.py {' '.join(argv or sys.argv[1:])}`".replace(" `", "`"),
+        "",
+        f"{args.layers} layers at Mixtral-8x7B sizes, bf16, prompt {args.prompt}, {args.gen} generated; "
+        f"copy bandwidth {bw / 1e9:.0f} GB/s.",
+        "",
+        "| system | batch | tok/s | floor tok/s | of floor | vs moeshare x1 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        rel = r["tok_s"] / single[r["batch"]] if r["batch"] in single else float("nan")
+        lines.append(
+            f"| {r['system']} | {r['batch']} | {r['tok_s']} | {r['floor_tok_s']} | "
+            f"{r['frac_of_floor']:.0%} | {rel:.2f}x |"
+        )
+    (args.out / "bench_engine.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for system in results:
+            rs = [r for r in records if r["system"] == system]
+            ax.plot([r["batch"] for r in rs], [r["tok_s"] for r in rs], marker="o", label=system)
+        rs = [r for r in records if r["system"] == "moeshare"]
+        ax.plot([r["batch"] for r in rs], [r["floor_tok_s"] for r in rs], "k--", label="bandwidth floor")
+        ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="decode tok/s", title=f"{gpu}")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.out / "bench_engine.png", dpi=120)
+    except ImportError:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
