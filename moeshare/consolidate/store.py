@@ -109,6 +109,13 @@ class Store:
         """All slots of one layer's bank tensor, stacked. [S, ...]"""
         return self._file(BANK).get_tensor(bank_key(layer, role))
 
+    def bank_slice(self, layer: str, role: str, slot: int) -> torch.Tensor:
+        """One slot of one bank tensor, read without the rest of the layer."""
+        return self._file(BANK).get_slice(bank_key(layer, role))[slot]
+
+    def manifest_layer(self, layer: str) -> dict:
+        return next(x for x in self.manifest["bank"]["layers"] if x["layer"] == layer)
+
     def slot(self, layer: str, slot: int) -> dict[str, torch.Tensor]:
         """One bank slot in the canonical per-expert roles."""
         roles = self.manifest["bank"]["roles"]

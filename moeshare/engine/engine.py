@@ -22,7 +22,7 @@ from moeshare.engine.request import (
     Status,
     UnknownModel,
 )
-from moeshare.engine.residency import Residency
+from moeshare.engine.residency import LazyTensor, Residency
 from moeshare.engine.sampling import SamplingBatch, sample
 from moeshare.engine.scheduler import Scheduled, Scheduler
 from moeshare.engine.source import Source
@@ -116,21 +116,21 @@ class Engine:
         layers = source.adapter.moe_layers
         names = variant_tensor_names(dims)
         rows = min(c.max_resident_variants or len(source.variants), len(source.variants))
-        bank = [source.bank(layer) for layer in layers]
-        probe = MultiVariantMixtral(dims, 1, [], self.dtype, torch.device("meta"))
+        probe = MultiVariantMixtral(dims, 1, [], self.dtype, torch.device("meta"))  # for its row size
         if c.max_resident_bytes is not None:
             rows = max(1, min(rows, c.max_resident_bytes // probe.slot_bytes()))
-        model = MultiVariantMixtral(dims, rows, bank, self.dtype, self.device)
-        del bank
+        model = MultiVariantMixtral(
+            dims, rows, [source.bank_slots(x) for x in layers], self.dtype, self.device
+        )
+        for i, layer in enumerate(layers):  # one slot at a time: host memory holds one expert, not the bank
+            for slot in range(source.bank_slots(layer)):
+                model.load_slot(i, slot, source.bank_slot(layer, slot))
 
         def fetch(v: str) -> tuple[dict, torch.Tensor]:
-            tensors = {k: source.tensor(v, n).to(self.dtype) for k, n in names.items()}
+            tensors = {k: LazyTensor(source, v, n) for k, n in names.items()}
             return tensors, torch.tensor([source.table(v, layer) for layer in layers])
 
-        def load_row(row: int, tensors: dict, table: torch.Tensor, non_blocking: bool) -> None:
-            model.load(row, tensors, table, non_blocking)
-
-        residency = Residency(rows, source.variants, fetch, load_row, self.device)
+        residency = Residency(rows, source.variants, fetch, model.load, self.device)
         blocks = c.kv_blocks or self._default_blocks(dims)
         pool = PagePool(
             blocks, c.block_size, dims.layers, dims.kv_heads, dims.head_dim, self.dtype, self.device

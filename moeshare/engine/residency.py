@@ -8,10 +8,22 @@ stream while steps of other variants go on. The bank and the expert tables never
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(frozen=True)
+class LazyTensor:
+    """A variant's tensor not read yet: loading reads it straight into its resident row."""
+
+    source: object
+    variant: str
+    name: str
+
+    def read(self) -> torch.Tensor:
+        return self.source.tensor(self.variant, self.name)
 
 
 @dataclass
@@ -27,20 +39,22 @@ class Residency:
         rows: int,
         variants: list[str],
         fetch: Callable[[str], tuple[dict, torch.Tensor]],
-        load: Callable[[int, dict, torch.Tensor, bool], None],
+        load: Callable[[int, Iterable, torch.Tensor, bool], None],
         device: torch.device,
     ) -> None:
         self.rows = rows
         self.device = device
         self._load = load
         pin = device.type == "cuda"
-        self.host: dict[str, tuple[dict[str, torch.Tensor], torch.Tensor]] = {}
+        # With a row for every variant nothing ever moves, so weights stream from disk straight into their
+        # rows. Otherwise every variant waits in (pinned) host memory, ready to be copied in.
+        self.host: dict[str, tuple[dict, torch.Tensor]] = {}
         for v in variants:
             tensors, table = fetch(v)
-            self.host[v] = (
-                {k: t.pin_memory() if pin and not t.is_cuda else t for k, t in tensors.items()},
-                table,
-            )
+            if rows < len(variants):
+                tensors = {k: t.read() for k, t in tensors.items()}
+                tensors = {k: t.pin_memory() if pin and not t.is_cuda else t for k, t in tensors.items()}
+            self.host[v] = (tensors, table)
         self.row_of: dict[str, int] = {}
         self.variant_in: list[str | None] = [None] * rows
         self.last_used = [0.0] * rows
@@ -64,16 +78,17 @@ class Residency:
         self.variant_in[row] = variant
         self.row_of[variant] = row
         tensors, table = self.host[variant]
+        items = ((k, t.read() if isinstance(t, LazyTensor) else t) for k, t in tensors.items())
         t0 = time.perf_counter()
         if self._stream is None:
-            self._load(row, tensors, table, False)
+            self._load(row, items, table, False)
             self.swap_seconds += time.perf_counter() - t0
             self.swap_ins += 1
             return
         # the side stream waits for steps already queued (one may still read the row being replaced)
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
-            self._load(row, tensors, table, True)
+            self._load(row, items, table, True)
             event = torch.cuda.Event()
             event.record(self._stream)
         self.pending[variant] = _Pending(row, event, t0)

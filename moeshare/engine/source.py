@@ -45,15 +45,16 @@ class Source:
             return name in self._store.variant(variant).tensors
         return name in self._ckpt.names
 
-    def bank(self, layer: str) -> dict[str, torch.Tensor]:
-        """The stacked slots of one MoE layer in the fused layout. {role: [S, ...]}"""
+    def bank_slots(self, layer: str) -> int:
         if self._store:
-            return {r: self._store.bank_slots(layer, r) for r in BANK_ROLES[self.architecture]}
-        slots = [
-            to_bank(self.architecture, self._ckpt.read_expert(layer, e))
-            for e in range(self.adapter.num_experts)
-        ]
-        return {r: torch.stack([s[r] for s in slots]) for r in BANK_ROLES[self.architecture]}
+            return self._store.manifest_layer(layer)["slots"]
+        return self.adapter.num_experts
+
+    def bank_slot(self, layer: str, slot: int) -> dict[str, torch.Tensor]:
+        """One slot of one MoE layer in the fused layout, read on its own. {role: [...]}"""
+        if self._store:
+            return {r: self._store.bank_slice(layer, r, slot) for r in BANK_ROLES[self.architecture]}
+        return to_bank(self.architecture, self._ckpt.read_expert(layer, slot))
 
     def table(self, variant: str, layer: str) -> list[int]:
         if self._store:

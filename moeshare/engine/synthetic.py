@@ -90,14 +90,13 @@ class RandomMixtralSource:
         key = zlib.crc32(f"{variant}/{name}".encode()) + 1000
         return self._randn(shape, key, 0.02)
 
-    def bank(self, layer: str) -> dict[str, torch.Tensor]:
-        c = self.config
-        h, i = c["hidden_size"], c["intermediate_size"]
-        base = int(layer) * 2
-        return {
-            "w13": self._randn((self.slots, 2 * i, h), base, 0.02),
-            "w2": self._randn((self.slots, h, i), base + 1, 0.02),
-        }
+    def bank_slots(self, layer: str) -> int:
+        return self.slots
+
+    def bank_slot(self, layer: str, slot: int) -> dict[str, torch.Tensor]:
+        h, i = self.config["hidden_size"], self.config["intermediate_size"]
+        key = (int(layer) * 1024 + slot) * 2
+        return {"w13": self._randn((2 * i, h), key, 0.02), "w2": self._randn((h, i), key + 1, 0.02)}
 
     def table(self, variant: str, layer: str) -> list[int]:
         return self._tables[variant]

@@ -6,6 +6,7 @@ decode step is the same graph whatever variants are in it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -91,7 +92,7 @@ class MultiVariantMixtral:
         self,
         dims: MixtralDims,
         resident: int,
-        bank: list[dict[str, torch.Tensor]],
+        slots: list[int],
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
@@ -115,18 +116,33 @@ class MultiVariantMixtral:
         self.tables = torch.zeros(
             resident, d.layers, d.experts, dtype=torch.int64, device=device
         )  # -> bank slot
-        self.bank = [{r: t.to(device=device, dtype=dtype) for r, t in layer.items()} for layer in bank]
+        # the shared expert bank, per MoE layer: w13 [S, 2I, H], w2 [S, H, I]
+        self.bank = [
+            {
+                "w13": torch.empty(s, 2 * d.intermediate, d.hidden, dtype=dtype, device=device),
+                "w2": torch.empty(s, d.hidden, d.intermediate, dtype=dtype, device=device),
+            }
+            for s in slots
+        ]
         inv_freq = 1.0 / (d.rope_theta ** (torch.arange(0, d.head_dim, 2, dtype=torch.float32) / d.head_dim))
         self.inv_freq = inv_freq.to(device)
 
     def slot_bytes(self) -> int:
         return sum(t[0].numel() * t.element_size() for t in self.w.values())
 
+    def load_slot(self, layer: int, slot: int, weights: dict[str, torch.Tensor]) -> None:
+        for role, t in weights.items():
+            self.bank[layer][role][slot].copy_(t)
+
     def load(
-        self, row: int, tensors: dict[str, torch.Tensor], tables: torch.Tensor, non_blocking: bool = False
+        self,
+        row: int,
+        tensors: Iterable[tuple[str, torch.Tensor]],
+        tables: torch.Tensor,
+        non_blocking: bool = False,
     ) -> None:
-        """Copy one variant's weights into resident row `row`. tensors: our names -> [...]; tables [L, E]"""
-        for k, t in tensors.items():
+        """Copy one variant's weights into resident row `row`, one tensor at a time. tables [L, E]"""
+        for k, t in tensors:
             self.w[k][row].copy_(t, non_blocking=non_blocking)
         self.tables[row].copy_(tables, non_blocking=non_blocking)
 
