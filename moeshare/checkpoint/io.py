@@ -69,7 +69,6 @@ class Checkpoint:
         self.files = sorted(set(where.values()))
         self._where = where
         self._headers = headers
-        self._handles: dict[Path, object] = {}
 
     @property
     def names(self) -> dict[str, Path]:
@@ -88,18 +87,17 @@ class Checkpoint:
         file = self._where.get(name)
         if file is None:
             raise CheckpointError(f"{self.path}: no tensor named {name}")
-        if file not in self._handles:
-            self._handles[file] = safe_open(str(file), framework="pt")
-        handle = self._handles[file]
-        if index is None:
-            return handle.get_tensor(name)
-        return handle.get_slice(name)[index]
+        # a handle per read: a kept one would keep the whole file mapped, and a 90 GB checkpoint resident
+        with safe_open(str(file), framework="pt") as handle:
+            if index is None:
+                return handle.get_tensor(name)
+            return handle.get_slice(name)[index]
 
     def read_expert(self, layer: str, expert: int) -> dict[str, torch.Tensor]:
         return self.adapter.read_expert(self, layer, expert)
 
     def close(self) -> None:
-        self._handles.clear()
+        """Nothing stays open between reads; kept so a Checkpoint works as a context manager."""
 
     def __enter__(self) -> Checkpoint:
         return self

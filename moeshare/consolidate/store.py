@@ -85,7 +85,6 @@ class Store:
             v["name"]: Variant(v["name"], v["config"], v["tables"], v["tensors"], v["order"])
             for v in self.manifest["variants"]
         }
-        self._handles: dict[str, object] = {}
 
     @property
     def adapter(self) -> Adapter:
@@ -96,22 +95,22 @@ class Store:
             raise MoeshareError(f"{self.path}: no variant {name!r} (variants: {', '.join(self.variants)})")
         return self.variants[name]
 
-    def _file(self, rel: str):
-        if rel not in self._handles:
-            self._handles[rel] = safe_open(str(self.path / rel), framework="pt")
-        return self._handles[rel]
+    def _read(self, rel: str, key: str, index: int | None = None) -> torch.Tensor:
+        # a handle per read, so the files are not left mapped (and resident) after loading
+        with safe_open(str(self.path / rel), framework="pt") as f:
+            return f.get_tensor(key) if index is None else f.get_slice(key)[index]
 
     def tensor(self, variant: str, name: str) -> torch.Tensor:
         file, key = self.variant(variant).tensors[name]
-        return self._file(file).get_tensor(key)
+        return self._read(file, key)
 
     def bank_slots(self, layer: str, role: str) -> torch.Tensor:
         """All slots of one layer's bank tensor, stacked. [S, ...]"""
-        return self._file(BANK).get_tensor(bank_key(layer, role))
+        return self._read(BANK, bank_key(layer, role))
 
     def bank_slice(self, layer: str, role: str, slot: int) -> torch.Tensor:
         """One slot of one bank tensor, read without the rest of the layer."""
-        return self._file(BANK).get_slice(bank_key(layer, role))[slot]
+        return self._read(BANK, bank_key(layer, role), slot)
 
     def manifest_layer(self, layer: str) -> dict:
         return next(x for x in self.manifest["bank"]["layers"] if x["layer"] == layer)
@@ -119,9 +118,7 @@ class Store:
     def slot(self, layer: str, slot: int) -> dict[str, torch.Tensor]:
         """One bank slot in the canonical per-expert roles."""
         roles = self.manifest["bank"]["roles"]
-        return from_bank(
-            self.architecture, {r: self._file(BANK).get_slice(bank_key(layer, r))[slot] for r in roles}
-        )
+        return from_bank(self.architecture, {r: self.bank_slice(layer, r, slot) for r in roles})
 
     def tokenizer_dir(self, variant: str) -> Path:
         return self.path / "tokenizers" / self.variant(variant).name
