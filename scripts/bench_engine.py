@@ -142,6 +142,63 @@ def bench_transformers(cfg: dict, batches: list[int], prompt: int, gen: int) -> 
     return out
 
 
+def load_check(layers: int, directory: Path) -> dict:
+    """Write a random checkpoint at real layer sizes, then load it into the engine in a fresh process and
+    report that process's peak host memory next to the largest tensor."""
+    import subprocess
+
+    from moeshare.checkpoint import open_checkpoint, write_checkpoint
+
+    cfg = mixtral_config(layers=layers)
+    source = RandomMixtralSource(cfg, variants=1, device="cpu")
+    adapter = source.adapter
+    names = [n for n in _checkpoint_names(cfg) if adapter.classify(n).kind != "expert"]
+
+    def tensors():
+        for n in names:
+            yield n, source.tensor("v0", n)
+        for layer in adapter.moe_layers:
+            for e in range(adapter.num_experts):
+                slot = source.bank_slot(layer, e)
+                w1, w3 = slot["w13"].chunk(2)
+                for role, t in (("w1", w1), ("w3", w3), ("w2", slot["w2"])):
+                    yield adapter.expert_key(layer, e, role), t
+
+    path = write_checkpoint(directory / "ckpt", cfg, tensors(), max_shard_bytes=2 << 30, force=True)
+    with open_checkpoint(path) as ckpt:
+        largest = max(ckpt.nbytes(n) for n in ckpt.names)
+        total = sum(ckpt.nbytes(n) for n in ckpt.names)
+    code = (
+        "import resource, torch; from moeshare.engine.engine import Engine, EngineConfig;"
+        f"e = Engine([{str(path)!r}], EngineConfig(device='cuda', kv_blocks=64, cuda_graphs=False));"
+        "torch.cuda.synchronize(); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+    )
+    base = "import resource, torch; torch.zeros(1, device='cuda'); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+    peak = int(
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.split()[-1]
+    )
+    idle = int(
+        subprocess.run(
+            [sys.executable, "-c", base], capture_output=True, text=True, check=True
+        ).stdout.split()[-1]
+    )
+    return {
+        "checkpoint_bytes": total,
+        "largest_tensor_bytes": largest,
+        "peak_rss_bytes": peak,
+        "process_baseline_rss_bytes": idle,
+        "loading_rss_bytes": peak - idle,
+    }
+
+
+def _checkpoint_names(cfg: dict) -> list[str]:
+    from moeshare.engine.models.mixtral import MixtralDims, variant_tensor_names
+
+    return sorted(set(variant_tensor_names(MixtralDims.from_config(cfg)).values()))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=8)
@@ -151,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen", type=int, default=128)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=Path("evals/results/engine"))
+    p.add_argument(
+        "--load-check-layers", type=int, default=2, help="layers of the on-disk loading check (0: skip)"
+    )
+    p.add_argument("--scratch", type=Path, default=Path("/tmp/moeshare-bench"))
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_engine needs a CUDA GPU", file=sys.stderr)
@@ -169,6 +230,15 @@ def main(argv: list[str] | None = None) -> int:
             cfg, [int(x) for x in args.hf_batches.split(",")], args.prompt, args.gen
         ),
     }
+    loading = load_check(args.load_check_layers, args.scratch) if args.load_check_layers else None
+    if loading:
+        print(
+            f"loading: peak host RSS {loading['peak_rss_bytes'] / 2**30:.2f} GiB for a "
+            f"{loading['checkpoint_bytes'] / 2**30:.1f} GiB checkpoint (largest tensor "
+            f"{loading['largest_tensor_bytes'] / 2**20:.0f} MiB; an idle CUDA process: "
+            f"{loading['process_baseline_rss_bytes'] / 2**30:.2f} GiB)",
+            flush=True,
+        )
     date = datetime.date.today().isoformat()
     context = args.prompt + args.gen // 2
     records = []
@@ -207,6 +277,15 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['system']} | {r['batch']} | {r['tok_s']} | {r['floor_tok_s']} | "
             f"{r['frac_of_floor']:.0%} | {rel:.2f}x |"
         )
+    if loading:
+        (args.out / "loading.json").write_text(json.dumps(loading, indent=1) + "\n")
+        lines += [
+            "",
+            f"Loading a {loading['checkpoint_bytes'] / 2**30:.1f} GiB checkpoint ({args.load_check_layers} layers) "
+            f"from disk: peak host RSS {loading['peak_rss_bytes'] / 2**30:.2f} GiB, of which "
+            f"{loading['process_baseline_rss_bytes'] / 2**30:.2f} GiB is an idle CUDA process; largest tensor "
+            f"{loading['largest_tensor_bytes'] / 2**20:.0f} MiB.",
+        ]
     (args.out / "bench_engine.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:
