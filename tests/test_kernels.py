@@ -1,0 +1,197 @@
+"""The Triton kernels against their pure-torch references, under TRITON_INTERPRET=1 on tiny shapes.
+
+Triton reads TRITON_INTERPRET when it decorates a kernel, so the interpreted checks run in one child
+process (this file run as a script) and the kernels other test modules import stay untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from importlib import import_module
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKS: dict[str, Callable[[], None]] = {}
+
+
+def _modules() -> tuple[ModuleType, ModuleType, ModuleType]:
+    """The kernels package (dispatch and references), its grouped GEMM module, its paged attention module."""
+    try:
+        import moeshare.kernels as kernels
+    except ImportError:  # a source tree without `pip install -e .`: the package-dir mapping is not active
+        import kernels
+    gemm = import_module(kernels.__name__ + ".grouped_gemm")
+    return kernels, gemm, import_module(kernels.__name__ + ".paged_attention")
+
+
+def check(fn: Callable[[], None]) -> Callable[[], None]:
+    CHECKS[fn.__name__] = fn
+    return fn
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    tol = 2e-2 if ref.dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol * ref.float().abs().max().item(), rtol=tol)
+
+
+def _moe_case(num_tokens: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    hidden, inter, slots, top_k = 32, 48, 6, 2
+    x = torch.randn(num_tokens, hidden, generator=g).to(dtype)
+    w13 = (torch.randn(slots, 2 * inter, hidden, generator=g) / hidden**0.5).to(dtype)
+    w2 = (torch.randn(slots, hidden, inter, generator=g) / inter**0.5).to(dtype)
+    chosen = torch.randint(0, slots - 2, (num_tokens, top_k), generator=g)  # slots 4 and 5 stay empty
+    chosen[0] = 3  # one token picks the same slot twice
+    weights = torch.rand(num_tokens, top_k, generator=g).to(dtype)
+    return x, w13, w2, chosen, weights
+
+
+def _attention_case(q_lens: list[int], ctx_lens: list[int], dtype: torch.dtype, seed: int):
+    """Pool [N, L, 2, B, Hkv, D] with caches as strided views of layer 1, shuffled block tables."""
+    g = torch.Generator().manual_seed(seed)
+    heads, kv_heads, head_dim, page, layers = 8, 2, 16, 4, 3
+    blocks = [-(-c // page) for c in ctx_lens]
+    pool = torch.randn(sum(blocks) + 3, layers, 2, page, kv_heads, head_dim, generator=g).to(dtype)
+    free = torch.randperm(pool.shape[0], generator=g)
+    tables = torch.zeros(len(q_lens), max(blocks) + 2, dtype=torch.int32)
+    for b, n in enumerate(blocks):
+        tables[b, :n], free = free[:n], free[n:]
+    query_start = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(int(query_start[-1]), heads, head_dim, generator=g).to(dtype)
+    context = torch.tensor(ctx_lens, dtype=torch.int32)
+    return q, pool[:, 1, 0], pool[:, 1, 1], tables, context, query_start, head_dim**-0.5
+
+
+@check
+def dispatch_sends_cpu_tensors_to_the_interpreted_kernels() -> None:
+    k, gemm, _ = _modules()
+    assert gemm.INTERPRET and k._triton(torch.zeros(1))
+
+
+@check
+def align_kernel_matches_torch_prep() -> None:
+    _, gemm, _ = _modules()
+    g = torch.Generator().manual_seed(8)
+    # the larger cases take several CHUNK steps in every loop of the kernel
+    for n, groups, block_m in ((1, 3, 16), (37, 6, 16), (74, 5, 4), (700, 20, 16), (2000, 9, 64)):
+        ids = torch.randint(0, max(1, groups - 2), (n,), generator=g)  # the top two groups stay empty
+        out, ref = gemm.align_rows(ids, groups, block_m), gemm.align_rows_ref(ids, groups, block_m)
+        assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1]), (n, groups, block_m)
+
+
+@check
+def grouped_linear_with_absent_groups_and_odd_token_count() -> None:
+    k, gemm, _ = _modules()
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(13, 40, generator=g), torch.randn(5, 24, 40, generator=g)
+    group = torch.tensor([0, 3, 3, 1, 0, 3, 3, 3, 1, 0, 0, 3, 1])  # groups 2 and 4 absent
+    _close(k.grouped_linear(x, w, group), k.grouped_linear_ref(x, w, group))
+    # several K steps with a ragged last one, several N tiles with a ragged last one
+    small = gemm.GemmConfig(16, 16, 16)
+    _close(gemm.grouped_linear(x, w, group, config=small), k.grouped_linear_ref(x, w, group))
+    xb, wb = x.bfloat16(), w.bfloat16()
+    _close(gemm.grouped_linear(xb, wb, group, config=small), k.grouped_linear_ref(xb, wb, group))
+
+
+@check
+def fused_moe_single_token_with_repeated_slot() -> None:
+    k, _, _ = _modules()
+
+    case = _moe_case(1, torch.float32, seed=1)
+    _close(k.fused_moe(*case), k.fused_moe_ref(*case))
+
+
+@check
+def fused_moe_37_tokens_fp32_and_bf16() -> None:
+    k, gemm, _ = _modules()
+
+    for dtype in (torch.float32, torch.bfloat16):
+        case = _moe_case(37, dtype, seed=2)
+        _close(k.fused_moe(*case), k.fused_moe_ref(*case))
+    small = (gemm.GemmConfig(16, 16, 16), gemm.GemmConfig(16, 16, 32))
+    case = _moe_case(37, torch.float32, seed=3)
+    _close(gemm.fused_moe(*case, config=small), k.fused_moe_ref(*case))
+
+
+@check
+def paged_attention_decode_gqa_over_strided_shuffled_pages() -> None:
+    k, _, attn = _modules()
+
+    case = _attention_case([1, 1, 1, 1], [5, 17, 1, 63], torch.float32, seed=4)
+    ref = k.paged_attention_ref(*case)
+    _close(k.paged_attention(*case), ref)
+    _close(attn.paged_attention(*case, num_splits=3), ref)
+    case = _attention_case([1, 1], [30, 9], torch.bfloat16, seed=5)
+    _close(attn.paged_attention(*case, num_splits=2), k.paged_attention_ref(*case))
+
+
+@check
+def paged_attention_mixed_prefill_and_decode_batch() -> None:
+    k, _, attn = _modules()
+
+    # a fresh prompt, a decode, an idle sequence, a chunk of prompt after a cached prefix
+    case = _attention_case([7, 1, 0, 20], [7, 33, 4, 45], torch.float32, seed=6)
+    ref = k.paged_attention_ref(*case)
+    _close(k.paged_attention(*case), ref)
+    _close(attn.paged_attention(*case, num_splits=2), ref)
+    case = _attention_case([9, 1, 3], [9, 22, 70], torch.bfloat16, seed=7)
+    _close(k.paged_attention(*case), k.paged_attention_ref(*case))
+
+
+def _run_checks() -> dict[str, str]:
+    assert os.environ.get("TRITON_INTERPRET") == "1", (
+        "run the checks through pytest, or set TRITON_INTERPRET=1"
+    )
+    results = {}
+    for name, fn in CHECKS.items():
+        try:
+            fn()
+            results[name] = "ok"
+        except Exception as e:  # report every check, not just the first failure
+            results[name] = f"{type(e).__name__}: {e}"
+    return results
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "MOESHARE_TRITON_INTERPRET_TEST": "1", "PYTHONPATH": path}
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", list(CHECKS))
+def test_triton_kernel_matches_reference_under_interpreter(interpreted: dict[str, str], name: str) -> None:
+    assert interpreted[name] == "ok", interpreted[name]
+
+
+def test_cpu_tensors_use_the_reference_without_the_test_switch() -> None:
+    k, _, _ = _modules()
+    x, w, group = torch.randn(5, 8), torch.randn(3, 4, 8), torch.tensor([2, 0, 2, 1, 0])
+    assert torch.equal(k.grouped_linear(x, w, group), k.grouped_linear_ref(x, w, group))
+
+
+def test_routing_prep_shapes_depend_only_on_token_count() -> None:
+    _, gemm, _ = _modules()
+    a = gemm.align_rows_ref(torch.zeros(40, dtype=torch.long), 6, 16)
+    b = gemm.align_rows_ref(torch.arange(40) % 6, 6, 16)
+    assert [t.shape for t in a] == [t.shape for t in b]
+    rows, tile_group = b
+    real = rows[rows < 40]
+    assert sorted(real.tolist()) == list(range(40))
+    assert ((torch.arange(40) % 6)[real.long()].diff() >= 0).all()  # sorted by group
+    assert (tile_group[:-1] <= tile_group[1:]).all() and tile_group.max() == 6  # spare tiles at the end
+
+
+if __name__ == "__main__":
+    print(json.dumps(_run_checks()))
