@@ -106,7 +106,7 @@ class Engine:
 
     def load(self, path: str | Path | Source) -> list[str]:
         """Serve a store, an HF checkpoint, or any object with Source's interface (e.g. RandomMixtralSource)."""
-        source = path if hasattr(path, "bank") else Source(path)
+        source = path if hasattr(path, "bank_slot") else Source(path)
         if source.architecture != "mixtral":
             raise MoeshareError(f"{path}: serving {source.architecture} is not supported yet (mixtral is)")
         if clash := [v for v in source.variants if v in self.variant_group]:

@@ -34,8 +34,10 @@ class PagePool:
             raise MoeshareError(f"the KV pool needs at least one block, got {num_blocks}")
         self.block_size = block_size
         self.num_blocks = num_blocks
+        # one block more than is handed out: padding rows of a captured decode step write there
+        self.scratch_block = num_blocks
         self.kv = torch.zeros(
-            num_blocks, layers, 2, block_size, kv_heads, head_dim, dtype=dtype, device=device
+            num_blocks + 1, layers, 2, block_size, kv_heads, head_dim, dtype=dtype, device=device
         )
         self._free: deque[int] = deque(range(num_blocks))
 
