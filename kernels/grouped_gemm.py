@@ -34,12 +34,15 @@ class GemmConfig:
     num_stages: int = 4
 
 
-def gemm_config(rows_per_group: int, gated: bool = False) -> GemmConfig:
+def gemm_config(rows_per_group: int, gated: bool = False, element_size: int = 2) -> GemmConfig:
     """Tile sizes by how many rows a group holds on average; small counts are decode, weight-bandwidth bound.
 
     From a sweep on an H100 (scripts/check_kernels_gpu.py --tune). Narrow N tiles for decode give enough
     programs to keep every SM streaming weights when only one or two groups are present.
     """
+    if element_size > 2:  # fp32 tiles take twice the shared memory: half as deep
+        c = gemm_config(rows_per_group, gated)
+        return GemmConfig(c.block_m, c.block_n, c.block_k // 2, c.num_warps, c.num_stages)
     if rows_per_group <= 16:
         return GemmConfig(16, 32, 256, 4, 5) if gated else GemmConfig(16, 64, 256, 4, 4)
     if rows_per_group <= 32:
@@ -263,7 +266,7 @@ def grouped_linear(
     out = x.new_empty(num_tokens, w.shape[1])  # [T, N]
     if num_tokens == 0:
         return out
-    cfg = config or gemm_config(_rows_per_group(num_tokens, num_groups))
+    cfg = config or gemm_config(_rows_per_group(num_tokens, num_groups), element_size=x.element_size())
     sorted_rows, tile_group = align_rows(group, num_groups, cfg.block_m)
     _gemm(x, w, out, sorted_rows, tile_group, cfg)
     return out
@@ -289,7 +292,8 @@ def fused_moe(
     pairs = num_tokens * top_k
     if config is None:
         per_slot = _rows_per_group(pairs, num_slots)
-        config = (gemm_config(per_slot, gated=True), gemm_config(per_slot))
+        size = x.element_size()
+        config = (gemm_config(per_slot, gated=True, element_size=size), gemm_config(per_slot, element_size=size))
     cfg1, cfg2 = config
     if cfg1.block_m != cfg2.block_m:
         raise ValueError(f"the two GEMMs must share block_m, got {cfg1.block_m} and {cfg2.block_m}")

@@ -257,10 +257,18 @@ class Engine:
         dev = self.device
         as_tensor = lambda x: torch.tensor(x, dtype=torch.int64, device=dev)  # noqa: E731
         if group.graphs is not None and len(ids) == len(batch) and group.graphs.fits(len(batch)):
-            hidden = group.graphs.run(
-                ids, positions, [s.row for s in batch], [s.seq.block_table for s in batch]
+            p = [s.seq.params for s in batch]
+            sampling = (
+                [x.temperature for x in p],
+                [x.top_p for x in p],
+                [x.top_k for x in p],
+                [x.seed for x in p],
+                [len(s.seq.output_ids) for s in batch],
             )
-            return self._sample(group, batch, hidden, as_tensor([s.row for s in batch]))
+            chosen, logprobs = group.graphs.run(
+                ids, positions, rows, [s.seq.block_table for s in batch], sampling
+            )
+            return self._advance(group, batch, chosen, logprobs)
         attn = AttnBatch.build(
             [s.seq.block_table for s in batch],
             [s.start for s in batch],
@@ -289,6 +297,11 @@ class Engine:
             steps=as_tensor([len(s.seq.output_ids) for s in batch]),
         )
         chosen, logprobs = sample(logits, sb)
+        return self._advance(group, batch, chosen, logprobs)
+
+    def _advance(
+        self, group: Group, batch: list[Scheduled], chosen: torch.Tensor, logprobs: torch.Tensor
+    ) -> list[TokenEvent]:
         chosen, logprobs = chosen.tolist(), logprobs.tolist()
         now = time.perf_counter()
         events = []

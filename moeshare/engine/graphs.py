@@ -1,4 +1,4 @@
-"""Decode steps captured as CUDA graphs, one per padded batch size.
+"""Decode steps captured as CUDA graphs, one per padded batch size: forward, LM head and sampling in one replay.
 
 Shapes depend only on the number of tokens, so one graph per size serves any mix of variants; a step with n
 sequences replays the smallest captured size >= n, padding rows pointing at the pool's scratch block.
@@ -6,13 +6,17 @@ sequences replays the smallest captured size >= n, padding rows pointing at the 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from moeshare.engine.attention import AttnBatch
 from moeshare.engine.models.mixtral import MultiVariantMixtral
+from moeshare.engine.sampling import SamplingBatch, sample
 from moeshare.memory.pool import PagePool
 
 SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
+# rows of the packed int64 input: one host-to-device copy per step
+IDS, POS, ROWS, BLOCK, OFFSET, CTX, TOP_K, SEED, STEP = range(9)
 
 
 class DecodeGraphs:
@@ -22,29 +26,25 @@ class DecodeGraphs:
         dev = model.device
         n = self.sizes[-1]
         self.width = pool.blocks_for(max_context)
-        z = lambda *shape, dtype=torch.int64: torch.zeros(*shape, dtype=dtype, device=dev)  # noqa: E731
-        self.ids, self.positions, self.rows = z(n), z(n), z(n)
-        self.block_of, self.offset_of = z(n), z(n)
-        self.block_tables = z(n, self.width, dtype=torch.int32)
-        self.context_lens = z(n, dtype=torch.int32)
+        self.ints = torch.zeros(9, n, dtype=torch.int64, device=dev)
+        self.floats = torch.ones(2, n, dtype=torch.float32, device=dev)  # temperature, top_p
+        self.block_tables = torch.zeros(n, self.width, dtype=torch.int32, device=dev)
+        self.context_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.query_start = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.out: dict[int, torch.Tensor] = {}
+        self.out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._mempool = None
 
-    def _attn(self, b: int) -> AttnBatch:
-        return AttnBatch(
-            self.block_of[:b],
-            self.offset_of[:b],
-            self.block_tables[:b],
-            self.context_lens[:b],
-            self.query_start[: b + 1],
+    def _step(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        i = self.ints[:, :b]
+        self.context_lens[:b].copy_(i[CTX])
+        attn = AttnBatch(
+            i[BLOCK], i[OFFSET], self.block_tables[:b], self.context_lens[:b], self.query_start[: b + 1]
         )
-
-    def _forward(self, b: int) -> torch.Tensor:
-        return self.model.forward(
-            self.ids[:b], self.positions[:b], self.rows[:b], self._attn(b), self.pool.kv
-        )
+        hidden = self.model.forward(i[IDS], i[POS], i[ROWS], attn, self.pool.kv)
+        logits = self.model.logits(hidden, i[ROWS])
+        params = SamplingBatch(self.floats[0, :b], self.floats[1, :b], i[TOP_K], i[SEED], i[STEP])
+        return sample(logits, params)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -53,11 +53,11 @@ class DecodeGraphs:
         stream.wait_stream(torch.cuda.current_stream(self.model.device))
         with torch.cuda.stream(stream):
             for b in reversed(self.sizes):
-                for _ in range(2):  # compile and autotune outside the capture
-                    self._forward(b)
+                for _ in range(2):  # compile and tune outside the capture
+                    self._step(b)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self._mempool, stream=stream):
-                    self.out[b] = self._forward(b)
+                    self.out[b] = self._step(b)
                 self._mempool = graph.pool()
                 self.graphs[b] = graph
         torch.cuda.current_stream(self.model.device).wait_stream(stream)
@@ -65,46 +65,51 @@ class DecodeGraphs:
     def _pad(self, start: int, end: int) -> None:
         if end <= start:
             return
-        for t in (self.ids, self.positions, self.rows, self.offset_of):
-            t[start:end] = 0
-        self.block_of[start:end] = self.pool.scratch_block
+        self.ints[:, start:end] = 0
+        self.ints[BLOCK, start:end] = self.pool.scratch_block
+        self.ints[CTX, start:end] = 1
+        self.floats[:, start:end] = 1.0
         self.block_tables[start:end] = self.pool.scratch_block
-        self.context_lens[start:end] = 1
 
     def fits(self, n: int) -> bool:
         return n <= self.sizes[-1]
 
     @torch.inference_mode()
     def run(
-        self, ids: list[int], positions: list[int], rows: list[int], tables: list[list[int]]
-    ) -> torch.Tensor:
-        """One decode token per sequence -> final hidden states [n, H]."""
+        self,
+        ids: list[int],
+        positions: list[int],
+        rows: list[int],
+        tables: list[list[int]],
+        sampling: tuple[list, list, list, list, list],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode token per sequence -> (chosen token ids [n], their logprobs [n])."""
         n = len(ids)
         b = next(s for s in self.sizes if s >= n)
         bs = self.pool.block_size
-        dev = self.model.device
-        host = torch.tensor(
+        temperature, top_p, top_k, seeds, steps = sampling
+        pos = np.asarray(positions, dtype=np.int64)
+        blocks = np.array([t[p // bs] for t, p in zip(tables, positions, strict=True)], dtype=np.int64)
+        packed = np.stack(
             [
-                ids,
-                positions,
-                rows,
-                [t[p // bs] for t, p in zip(tables, positions, strict=True)],
-                [p % bs for p in positions],
-                [p + 1 for p in positions],
-            ],
-            dtype=torch.int64,
-        )
-        host = host.to(dev, non_blocking=True)
-        self.ids[:n], self.positions[:n], self.rows[:n] = host[0], host[1], host[2]
-        self.block_of[:n], self.offset_of[:n], self.context_lens[:n] = (
-            host[3],
-            host[4],
-            host[5].to(torch.int32),
-        )
-        padded = torch.full((n, self.width), self.pool.scratch_block, dtype=torch.int32)
+                np.asarray(ids),
+                pos,
+                np.asarray(rows),
+                blocks,
+                pos % bs,
+                pos + 1,
+                np.asarray(top_k),
+                np.asarray(seeds),
+                np.asarray(steps),
+            ]
+        ).astype(np.int64)
+        table = np.full((n, self.width), self.pool.scratch_block, dtype=np.int32)
         for i, t in enumerate(tables):
-            padded[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-        self.block_tables[:n] = padded.to(dev, non_blocking=True)
+            table[i, : len(t)] = t
+        self.ints[:, :n].copy_(torch.from_numpy(packed), non_blocking=True)
+        self.floats[:, :n].copy_(torch.tensor([temperature, top_p], dtype=torch.float32), non_blocking=True)
+        self.block_tables[:n].copy_(torch.from_numpy(table), non_blocking=True)
         self._pad(n, b)
         self.graphs[b].replay()
-        return self.out[b][:n]
+        chosen, logprobs = self.out[b]
+        return chosen[:n], logprobs[:n]

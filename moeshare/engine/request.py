@@ -62,7 +62,7 @@ class FinishReason(enum.Enum):
 _ids = itertools.count()
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler looks sequences up in its queues every step
 class Sequence:
     """One request as the engine sees it: its tokens, where its KV lives, and what it has produced."""
 
