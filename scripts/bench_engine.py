@@ -174,16 +174,11 @@ def load_check(layers: int, directory: Path) -> dict:
         "torch.cuda.synchronize(); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
     )
     base = "import resource, torch; torch.zeros(1, device='cuda'); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
-    peak = int(
-        subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, check=True
-        ).stdout.split()[-1]
-    )
-    idle = int(
-        subprocess.run(
-            [sys.executable, "-c", base], capture_output=True, text=True, check=True
-        ).stdout.split()[-1]
-    )
+    runs = [subprocess.run([sys.executable, "-c", c], capture_output=True, text=True) for c in (code, base)]
+    for r in runs:
+        if r.returncode != 0:
+            raise RuntimeError(f"loading check failed: {r.stderr.strip().splitlines()[-1:]}")
+    peak, idle = (int(r.stdout.split()[-1]) for r in runs)
     return {
         "checkpoint_bytes": total,
         "largest_tensor_bytes": largest,
@@ -230,7 +225,12 @@ def main(argv: list[str] | None = None) -> int:
             cfg, [int(x) for x in args.hf_batches.split(",")], args.prompt, args.gen
         ),
     }
-    loading = load_check(args.load_check_layers, args.scratch) if args.load_check_layers else None
+    loading = None
+    if args.load_check_layers:
+        try:
+            loading = load_check(args.load_check_layers, args.scratch)
+        except RuntimeError as e:
+            print(e, flush=True)
     if loading:
         print(
             f"loading: peak host RSS {loading['peak_rss_bytes'] / 2**30:.2f} GiB for a "

@@ -74,7 +74,12 @@ class Group:
 
 
 def _tokenizer(directory: Path | None):
-    return AutoTokenizer.from_pretrained(directory) if directory is not None else None
+    """The variant's tokenizer, or None where it has none (then requests send token ids)."""
+    if directory is None or not any(
+        (Path(directory) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")
+    ):
+        return None
+    return AutoTokenizer.from_pretrained(directory)
 
 
 def _settled(text: str, stops: tuple[str, ...]) -> str:

@@ -29,8 +29,8 @@ class LazyTensor:
 @dataclass
 class _Pending:
     row: int
-    event: torch.cuda.Event | None
-    started: float
+    event: torch.cuda.Event
+    started: torch.cuda.Event
 
 
 class Residency:
@@ -88,16 +88,17 @@ class Residency:
         # the side stream waits for steps already queued (one may still read the row being replaced)
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
+            begin, event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record(self._stream)
             self._load(row, items, table, True)
-            event = torch.cuda.Event()
             event.record(self._stream)
-        self.pending[variant] = _Pending(row, event, t0)
+        self.pending[variant] = _Pending(row, event, begin)
 
     def _settle(self) -> None:
         for v, p in list(self.pending.items()):
             if p.event.query():
                 torch.cuda.current_stream(self.device).wait_event(p.event)
-                self.swap_seconds += time.perf_counter() - p.started
+                self.swap_seconds += p.started.elapsed_time(p.event) / 1e3  # the copy itself, on the GPU
                 self.swap_ins += 1
                 del self.pending[v]
 

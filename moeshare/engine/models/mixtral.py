@@ -103,9 +103,7 @@ class MultiVariantMixtral:
         for layer in range(d.layers):
             shapes |= {
                 f"{layer}.ln_in": (d.hidden,),
-                f"{layer}.q": (q, d.hidden),
-                f"{layer}.k": (kv, d.hidden),
-                f"{layer}.v": (kv, d.hidden),
+                f"{layer}.qkv": (q + 2 * kv, d.hidden),
                 f"{layer}.o": (d.hidden, q),
                 f"{layer}.ln_post": (d.hidden,),
                 f"{layer}.router": (d.experts, d.hidden),
@@ -113,6 +111,10 @@ class MultiVariantMixtral:
         self.shapes = shapes
         # per-variant weights, one row per resident slot [R, ...]
         self.w = {k: torch.zeros(resident, *s, dtype=dtype, device=device) for k, s in shapes.items()}
+        # q, k and v are one projection (one weight read, one launch); the checkpoint's three load into views
+        for layer in range(d.layers):
+            qkv = self.w[f"{layer}.qkv"]
+            self.w[f"{layer}.q"], self.w[f"{layer}.k"], self.w[f"{layer}.v"] = qkv.split([q, kv, kv], dim=1)
         self.tables = torch.zeros(
             resident, d.layers, d.experts, dtype=torch.int64, device=device
         )  # -> bank slot
@@ -128,7 +130,9 @@ class MultiVariantMixtral:
         self.inv_freq = inv_freq.to(device)
 
     def slot_bytes(self) -> int:
-        return sum(t[0].numel() * t.element_size() for t in self.w.values())
+        return sum(
+            t[0].numel() * t.element_size() for k, t in self.w.items() if not k.endswith((".q", ".k", ".v"))
+        )
 
     def load_slot(self, layer: int, slot: int, weights: dict[str, torch.Tensor]) -> None:
         for role, t in weights.items():
@@ -156,6 +160,7 @@ class MultiVariantMixtral:
     ) -> torch.Tensor:
         """ids, positions, rows [T] -> final hidden states [T, H]. kv: the page pool [N, L, 2, B, Hkv, D]."""
         d, w = self.dims, self.w
+        kv_width = d.kv_heads * d.head_dim
         h = w["embed"][rows, ids]  # [T, H]
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
         emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]
@@ -163,9 +168,11 @@ class MultiVariantMixtral:
         for layer in range(d.layers):
             p = f"{layer}."
             x = rms_norm(h, w[p + "ln_in"][rows], d.eps)
-            q = ops.grouped_linear(x, w[p + "q"], rows).view(-1, d.heads, d.head_dim)
-            k = ops.grouped_linear(x, w[p + "k"], rows).view(-1, d.kv_heads, d.head_dim)
-            v = ops.grouped_linear(x, w[p + "v"], rows).view(-1, d.kv_heads, d.head_dim)
+            q, k, v = ops.grouped_linear(x, w[p + "qkv"], rows).split(
+                [d.heads * d.head_dim] + [kv_width] * 2, dim=-1
+            )
+            q = q.reshape(-1, d.heads, d.head_dim)
+            k, v = k.reshape(-1, d.kv_heads, d.head_dim), v.reshape(-1, d.kv_heads, d.head_dim)
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
             k_cache, v_cache = kv[:, layer, 0], kv[:, layer, 1]  # [N, B, Hkv, D] strided views
             attn.store(k_cache, v_cache, k, v)
