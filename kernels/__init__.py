@@ -11,13 +11,15 @@ import os
 import torch
 
 from .grouped_gemm_ref import fused_moe_ref, grouped_linear_ref
+from .norm_rope_ref import add_rms_norm_ref, rotary_ref
 from .paged_attention_ref import paged_attention_ref
 
 try:
     from . import grouped_gemm as _gemm
+    from . import norm_rope as _norm_rope
     from . import paged_attention as _attn
 except ImportError:  # no Triton on this platform: the references serve everything
-    _gemm = _attn = None
+    _gemm = _attn = _norm_rope = None
 
 _FORCE_TRITON = os.environ.get("MOESHARE_TRITON_INTERPRET_TEST") == "1"
 
@@ -54,11 +56,34 @@ def paged_attention(
     return _attn.paged_attention(*args) if _triton(q) else paged_attention_ref(*args)
 
 
+def add_rms_norm(
+    h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, rows: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add + per-variant RMSNorm — h, delta [T, H] (delta may be None), weight [R, H], rows [T].
+
+    Returns (h + delta, weight[rows] * rms_normalize(h + delta)); h itself when delta is None.
+    """
+    args = (h, delta, weight, rows, eps)
+    return _norm_rope.add_rms_norm(*args) if _triton(h) else add_rms_norm_ref(*args)
+
+
+def rotary(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half rotary embedding — q [T, Hq, D], k [T, Hkv, D] (views allowed), positions [T] -> new q, k."""
+    args = (q, k, positions, inv_freq)
+    return _norm_rope.rotary(*args) if _triton(q) else rotary_ref(*args)
+
+
 __all__ = [
+    "add_rms_norm",
+    "add_rms_norm_ref",
     "fused_moe",
     "fused_moe_ref",
     "grouped_linear",
     "grouped_linear_ref",
     "paged_attention",
     "paged_attention_ref",
+    "rotary",
+    "rotary_ref",
 ]

@@ -69,9 +69,17 @@ def copy_gbps() -> float:
 
 
 def row(
-    name: str, tokens: int, fn: Callable[[], torch.Tensor], ref: torch.Tensor, nbytes: int, copy: float
+    name: str,
+    tokens: int,
+    fn: Callable[[], torch.Tensor | tuple[torch.Tensor, ...]],
+    ref: torch.Tensor | tuple[torch.Tensor, ...],
+    nbytes: int,
+    copy: float,
 ) -> Row:
-    err = (fn().float() - ref.float()).abs().max().item()
+    out = fn()
+    if isinstance(out, tuple):  # several outputs (norm + rotary): compare them all at once
+        out, ref = (torch.cat([o.float().reshape(-1) for o in outs]) for outs in (out, ref))
+    err = (out.float() - ref.float()).abs().max().item()
     rel = err / max(ref.float().abs().max().item(), 1e-6)
     try:
         t, graph = graph_time_us(fn), True
@@ -150,6 +158,33 @@ def check_attention(copy: float) -> list[Row]:
         ref = K.paged_attention_ref(*args)
         nbytes = kv_bytes(ctx_lens, sum(q_lens))
         rows.append(row(name, sum(q_lens), partial(K.paged_attention, *args), ref, nbytes, copy))
+    return rows
+
+
+def check_norm_rope(copy: float) -> list[Row]:
+    """Residual add + RMSNorm and rotary at layer sizes; the bf16 residual sum must be torch's exactly."""
+    rows = []
+    weight = 1 + 0.1 * randn(VARIANTS, HIDDEN)
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, HEAD_DIM, 2, dtype=torch.float32, device=DEV) / HEAD_DIM))
+    for t in (*DECODE_T, PREFILL_T):
+        h, delta, group = randn(t, HIDDEN), randn(t, HIDDEN), torch.arange(t, device=DEV) % VARIANTS
+        args = (h, delta, weight, group, 1e-5)
+        ref = K.add_rms_norm_ref(*args)
+        if not torch.equal(K.add_rms_norm(*args)[0], ref[0]):
+            print(f"  add_rms_norm T={t}: h + delta differs from torch's bf16 sum", flush=True)
+        nbytes = 4 * t * HIDDEN * 2 + min(t, VARIANTS) * HIDDEN * 2
+        rows.append(row("add_rms_norm", t, partial(K.add_rms_norm, *args), ref, nbytes, copy))
+    width = (HEADS + 2 * KV_HEADS) * HEAD_DIM
+    for t, dt in ((1, DT), (8, DT), (32, DT), (128, DT), (PREFILL_T, DT), (128, torch.float32)):
+        q, k, _ = (
+            randn(t, width).to(dt).split([HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], -1)
+        )
+        q, k = q.reshape(t, HEADS, HEAD_DIM), k.reshape(t, KV_HEADS, HEAD_DIM)
+        positions = torch.randint(0, 32768, (t,), device=DEV)  # large angles: cos / sin range reduction
+        args = (q, k, positions, inv_freq)
+        nbytes = 2 * t * (HEADS + KV_HEADS) * HEAD_DIM * q.element_size()
+        name = "rotary" if dt == DT else "rotary fp32"
+        rows.append(row(name, t, partial(K.rotary, *args), K.rotary_ref(*args), nbytes, copy))
     return rows
 
 
@@ -261,7 +296,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     print(f"device-to-device copy_: {copy:.0f} GB/s", flush=True)
     rows = []
-    for check in (check_moe, check_linear, check_attention):
+    for check in (check_moe, check_linear, check_attention, check_norm_rope):
         rows += check(copy)
     graph = graph_replays_follow_new_routing()
     print(

@@ -147,6 +147,71 @@ def paged_attention_mixed_prefill_and_decode_batch() -> None:
     _close(k.paged_attention(*case), k.paged_attention_ref(*case))
 
 
+def _norm_case(num_tokens: int, hidden: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(num_tokens, hidden, generator=g) * 3).to(dtype)
+    delta = torch.randn(num_tokens, hidden, generator=g).to(dtype)
+    weight = (1 + 0.5 * torch.randn(5, hidden, generator=g)).to(dtype)
+    return h, delta, weight, torch.randint(0, 5, (num_tokens,), generator=g)
+
+
+def _rotary_case(num_tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, seed: int):
+    """q and k as strided views of a fused qkv output [T, (Hq + 2 Hkv) D], as the engine splits it.
+
+    With D=128 and Hq + Hkv = 18 the kernel takes two blocks of 16 heads: one of q and k heads, one of k heads.
+    """
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(num_tokens, (heads + 2 * kv_heads) * head_dim, generator=g).to(dtype)
+    q, k, _ = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k = q.reshape(-1, heads, head_dim), k.reshape(-1, kv_heads, head_dim)
+    positions = torch.randint(0, 4096, (num_tokens,), generator=g)
+    positions[0] = 0
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    return q, k, positions, inv_freq
+
+
+@check
+def add_rms_norm_with_and_without_residual_over_variant_rows() -> None:
+    k, _, _ = _modules()
+
+    for dtype in (torch.float32, torch.bfloat16):
+        for tokens, hidden in ((7, 48), (1, 64), (5, 300)):  # ragged row blocks (48, 300)
+            h, delta, weight, rows = _norm_case(tokens, hidden, dtype, seed=tokens + hidden)
+            h_out, x = k.add_rms_norm(h, delta, weight, rows, 1e-5)
+            h_ref, x_ref = k.add_rms_norm_ref(h, delta, weight, rows, 1e-5)
+            if dtype == torch.float32:
+                assert torch.equal(h_out, h_ref), (tokens, hidden)
+            else:  # the interpreter truncates fp32 -> bf16 where the GPU rounds to nearest even like torch
+                _close(h_out, h_ref)
+            assert x.dtype == x_ref.dtype
+            _close(x, x_ref)
+            h_out, x = k.add_rms_norm(h, None, weight, rows, 1e-5)
+            assert h_out is h
+            _close(x, k.add_rms_norm_ref(h, None, weight, rows, 1e-5)[1])
+    h, delta, weight, rows = _norm_case(9, 32, torch.bfloat16, seed=11)  # fp32 weights: an fp32 product
+    x = k.add_rms_norm(h, delta, weight.float(), rows, 1e-6)[1]
+    x_ref = k.add_rms_norm_ref(h, delta, weight.float(), rows, 1e-6)[1]
+    assert x.dtype == x_ref.dtype == torch.float32
+    _close(x, x_ref.bfloat16())  # the normalized row went through bf16: a bf16 tolerance
+
+
+@check
+def rotary_of_strided_q_and_k_views_in_one_launch() -> None:
+    k, _, _ = _modules()
+
+    for dtype in (torch.float32, torch.bfloat16):
+        for tokens, heads, kv_heads, head_dim in ((7, 4, 2, 16), (3, 14, 4, 128), (5, 3, 1, 24)):
+            case = _rotary_case(tokens, heads, kv_heads, head_dim, dtype, seed=tokens * head_dim)
+            (q, kk), (q_ref, k_ref) = k.rotary(*case), k.rotary_ref(*case)
+            assert q.is_contiguous() and kk.is_contiguous() and q.dtype == kk.dtype == dtype
+            if dtype == torch.float32:
+                torch.testing.assert_close(q, q_ref, atol=2e-6, rtol=2e-6)
+                torch.testing.assert_close(kk, k_ref, atol=2e-6, rtol=2e-6)
+            else:  # fp32 products rounded once against torch's rounding after every bf16 op: 1 bf16 ulp
+                _close(q, q_ref)
+                _close(kk, k_ref)
+
+
 def _run_checks() -> dict[str, str]:
     assert os.environ.get("TRITON_INTERPRET") == "1", (
         "run the checks through pytest, or set TRITON_INTERPRET=1"
@@ -179,6 +244,15 @@ def test_cpu_tensors_use_the_reference_without_the_test_switch() -> None:
     k, _, _ = _modules()
     x, w, group = torch.randn(5, 8), torch.randn(3, 4, 8), torch.tensor([2, 0, 2, 1, 0])
     assert torch.equal(k.grouped_linear(x, w, group), k.grouped_linear_ref(x, w, group))
+
+
+def test_cpu_tensors_use_the_norm_and_rotary_references() -> None:
+    k, _, _ = _modules()
+    h, delta, weight, rows = _norm_case(5, 16, torch.float32, seed=0)
+    norm_args = (h, delta, weight, rows, 1e-5)
+    outs = [*k.add_rms_norm(*norm_args), *k.rotary(*_rotary_case(3, 4, 2, 16, torch.float32, seed=0))]
+    refs = [*k.add_rms_norm_ref(*norm_args), *k.rotary_ref(*_rotary_case(3, 4, 2, 16, torch.float32, seed=0))]
+    assert all(torch.equal(out, ref) for out, ref in zip(outs, refs, strict=True))
 
 
 def test_routing_prep_shapes_depend_only_on_token_count() -> None:

@@ -74,19 +74,6 @@ def variant_tensor_names(dims: MixtralDims) -> dict[str, str]:
     return names
 
 
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """x [T, H], w [T, H] (each token's own variant's weight)."""
-    h = x.float()
-    h = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + eps)
-    return w * h.to(x.dtype)
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding, rotate-half convention. x [T, nh, D], cos/sin [T, 1, D]"""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
-
 class MultiVariantMixtral:
     def __init__(
         self,
@@ -162,25 +149,25 @@ class MultiVariantMixtral:
         d, w = self.dims, self.w
         kv_width = d.kv_heads * d.head_dim
         h = w["embed"][rows, ids]  # [T, H]
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
-        emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]
-        cos, sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        # each norm also adds the residual branch that precedes it: one kernel instead of a dozen
+        h, x = ops.add_rms_norm(h, None, w["0.ln_in"], rows, d.eps)
         for layer in range(d.layers):
             p = f"{layer}."
-            x = rms_norm(h, w[p + "ln_in"][rows], d.eps)
             q, k, v = ops.grouped_linear(x, w[p + "qkv"], rows).split(
                 [d.heads * d.head_dim] + [kv_width] * 2, dim=-1
             )
-            q = q.reshape(-1, d.heads, d.head_dim)
-            k, v = k.reshape(-1, d.kv_heads, d.head_dim), v.reshape(-1, d.kv_heads, d.head_dim)
-            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            q, k = ops.rotary(
+                q.view(-1, d.heads, d.head_dim), k.view(-1, d.kv_heads, d.head_dim), positions, self.inv_freq
+            )
+            v = v.view(-1, d.kv_heads, d.head_dim)
             k_cache, v_cache = kv[:, layer, 0], kv[:, layer, 1]  # [N, B, Hkv, D] strided views
             attn.store(k_cache, v_cache, k, v)
             o = attn.attend(q, k_cache, v_cache, d.head_dim**-0.5)  # [T, Hq, D]
-            h = h + ops.grouped_linear(o.reshape(-1, d.heads * d.head_dim), w[p + "o"], rows)
-            x = rms_norm(h, w[p + "ln_post"][rows], d.eps)
-            h = h + self._moe(layer, x, rows)
-        return rms_norm(h, w["norm"][rows], d.eps)
+            o = ops.grouped_linear(o.reshape(-1, d.heads * d.head_dim), w[p + "o"], rows)
+            h, x = ops.add_rms_norm(h, o, w[p + "ln_post"], rows, d.eps)
+            nxt = w[f"{layer + 1}.ln_in"] if layer + 1 < d.layers else w["norm"]
+            h, x = ops.add_rms_norm(h, self._moe(layer, x, rows), nxt, rows, d.eps)
+        return x
 
     def _moe(self, layer: int, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         d = self.dims
