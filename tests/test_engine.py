@@ -206,3 +206,20 @@ def test_bad_requests_are_rejected_before_touching_the_batch(store, variant, pro
     while engine.has_work():
         engine.step()
     assert running.finished and len(running.output_ids) == 8
+
+
+def test_no_variant_starves_behind_a_busy_resident_row(store):
+    # one resident row; a steady stream of kjv requests keeps it busy, and one python request waits for it
+    engine = Engine([store], EngineConfig(max_resident_variants=1))
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    engine.add_request("kjv", PROMPTS["kjv"], params)
+    engine.step()
+    waiting = engine.add_request("python", PROMPTS["python"], params)
+    for step in range(200):
+        engine.add_request("kjv", PROMPTS["kjv"], params)  # a new arrival every step
+        engine.step()
+        if waiting.output_ids:
+            break
+    # bounded: the starvation threshold (8 steps) + one kjv generation (16 tokens) + the swap
+    assert waiting.output_ids and step <= 8 + 16 + 4
+    assert engine.stats()["swap_ins"] >= 1
