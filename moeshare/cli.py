@@ -39,6 +39,90 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _grpc_errors(run: Command) -> Command:
+    """A refused call prints its status and the server's message as one line (exit 2), never a traceback."""
+
+    def wrapped(args: argparse.Namespace) -> int:
+        import grpc
+
+        try:
+            return run(args)
+        except grpc.RpcError as e:
+            raise MoeshareError(f"{e.code().name}: {e.details()}") from None
+
+    return wrapped
+
+
+def _client(args: argparse.Namespace):
+    from moeshare.client import Client, read_token
+
+    try:
+        token = read_token(args.token_file)
+    except OSError as e:
+        raise MoeshareError(f"--token-file {args.token_file}: cannot read it ({e.strerror})") from None
+    return Client(args.address, token=token)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import time
+
+    params = {
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "seed": args.seed,
+        "stop": args.stop,
+    }
+    t0 = time.perf_counter()
+    with _client(args) as client:
+        last = None
+        for r in client.generate_stream(args.model, args.prompt, timeout=args.timeout, **params):
+            if r.text:
+                sys.stdout.write(r.text)
+                sys.stdout.flush()
+            last = r
+    sys.stdout.write("\n")
+    if last is not None:
+        from moeshare.client import FINISH
+
+        u = last.usage
+        print(
+            f"[{args.model}: {u.completion_tokens} tokens, {FINISH.get(last.finish_reason, '?')}, "
+            f"ttft {u.ttft_seconds * 1e3:.0f} ms, {time.perf_counter() - t0:.2f} s]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        models = client.list_models()
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "name": m.name,
+                        "store": m.store,
+                        "architecture": m.architecture,
+                        "context_length": m.context_length,
+                        "resident": m.resident,
+                    }
+                    for m in models
+                ],
+                indent=2,
+            )
+        )
+        return 0
+    for m in models:
+        print(
+            f"{m.name:<20} {m.architecture:<8} ctx {m.context_length:<6} "
+            f"{'resident' if m.resident else 'host':<9} {m.store}"
+        )
+    return 0
+
+
 def _inspect_store(args: argparse.Namespace) -> int:
     from moeshare.consolidate import Store, format_report, summarize
 
@@ -124,6 +208,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--force", action="store_true", help="replace an existing directory at --out")
     p.set_defaults(run=_cmd_export)
+
+    def client_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--address", default="127.0.0.1:50051", help="the server (default 127.0.0.1:50051)")
+        p.add_argument("--token-file", help="file holding the server's bearer token")
+
+    p = sub.add_parser("generate", help="stream a completion from a running server to stdout")
+    p.add_argument("prompt")
+    p.add_argument("--model", required=True, help="variant name (see moeshare models)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, help="0 is greedy (default 1.0)")
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    p.add_argument("--timeout", type=float, help="deadline in seconds")
+    client_args(p)
+    p.set_defaults(run=_grpc_errors(_cmd_generate))
+
+    p = sub.add_parser("models", help="list the models a running server serves")
+    p.add_argument("--json", action="store_true")
+    client_args(p)
+    p.set_defaults(run=_grpc_errors(_cmd_models))
 
     p = sub.add_parser("inspect", help="describe a store (bank, errors, sizes) or a checkpoint directory")
     p.add_argument("path")
