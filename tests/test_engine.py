@@ -215,11 +215,11 @@ def test_no_variant_starves_behind_a_busy_resident_row(store):
     engine.add_request("kjv", PROMPTS["kjv"], params)
     engine.step()
     waiting = engine.add_request("python", PROMPTS["python"], params)
-    for step in range(200):
+    steps = 0
+    while not waiting.output_ids and steps < 200:
         engine.add_request("kjv", PROMPTS["kjv"], params)  # a new arrival every step
         engine.step()
-        if waiting.output_ids:
-            break
+        steps += 1
     # bounded: the starvation threshold (8 steps) + one kjv generation (16 tokens) + the swap
-    assert waiting.output_ids and step <= 8 + 16 + 4
+    assert waiting.output_ids and steps <= 8 + 16 + 4
     assert engine.stats()["swap_ins"] >= 1
