@@ -231,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     client_args(p)
     p.set_defaults(run=_grpc_errors(_cmd_models))
 
+    from moeshare.server.command import add_serve_parser
+
+    add_serve_parser(sub)
+
     p = sub.add_parser("inspect", help="describe a store (bank, errors, sizes) or a checkpoint directory")
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="print one JSON object")

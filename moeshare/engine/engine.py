@@ -169,6 +169,18 @@ class Engine:
             ),
         )
 
+    def unload(self, variant: str) -> list[str]:
+        """Stop serving the store that holds `variant`: cancel its sequences (their KV goes back at once) and
+        drop its model, pool and tokenizers. Returns the variants that were unloaded."""
+        group = self._group(variant)
+        for seq in [s for s in self.seqs.values() if self.variant_group.get(s.variant) is group]:
+            self._finish(group, seq, FinishReason.CANCELLED)
+        self.groups.remove(group)
+        names = [v for v, g in self.variant_group.items() if g is group]
+        for v in names:
+            del self.variant_group[v]
+        return names
+
     @property
     def variants(self) -> list[str]:
         return list(self.variant_group)

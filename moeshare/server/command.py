@@ -1,0 +1,50 @@
+"""The `moeshare serve` subcommand: its arguments, registered on the CLI's subparsers."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import Any
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "paths", nargs="+", metavar="STORE_OR_CHECKPOINT", help="stores or HF checkpoints to serve"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0 picks a free one)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument(
+        "--max-resident-variants", type=int, help="variants per store whose weights stay on the device"
+    )
+    p.add_argument(
+        "--max-queue", type=int, default=256, help="waiting requests before RESOURCE_EXHAUSTED (default 256)"
+    )
+    p.add_argument("--auth-token-file", help="file holding a bearer token every MoeShare call must send")
+    p.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key) to serve TLS")
+    p.add_argument("--tls-key", help="PEM private key (with --tls-cert)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics over HTTP on this port")
+    p.add_argument(
+        "--grace", type=float, default=5.0, help="seconds in-flight streams get at shutdown (default 5)"
+    )
+    p.add_argument("--kv-blocks", type=int, help="KV blocks per store (default: from free device memory)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step (default 64)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moeshare serve", description="serve stores over gRPC")
+    add_serve_arguments(p)
+    return p
+
+
+def _run(args: argparse.Namespace) -> int:
+    from moeshare.server.app import run_server
+
+    return asyncio.run(run_server(args))
+
+
+def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("serve", help="serve stores and checkpoints over gRPC")
+    add_serve_arguments(p)
+    p.set_defaults(run=_run)
+    return p

@@ -1,0 +1,286 @@
+"""A real server on 127.0.0.1 in a subprocess, called by the Python client, stock gRPC tools and the CLI."""
+
+import asyncio
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from moeshare.client import AsyncClient, Client
+from moeshare.consolidate import Options, consolidate
+from moeshare.engine.engine import Engine
+from moeshare.engine.request import SamplingParams
+
+VARIANTS = ["kjv", "fortunes-en", "fortunes-de", "python"]
+PROMPTS = {
+    "kjv": "And God said unto Moses,",
+    "fortunes-en": "A man who has",
+    "fortunes-de": "Wer nicht wagt,",
+    "python": "def __init__(self,",
+}
+
+
+class Server:
+    def __init__(self, store: Path, *extra: str) -> None:
+        cmd = [sys.executable, "-m", "moeshare.cli", "serve", str(store), "--port", "0", *extra]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.errors: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self._read_errors, daemon=True).start()
+        self.address = ""
+        deadline = time.monotonic() + 120
+        while True:
+            line = self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            if line.startswith("moeshare: listening on "):
+                self.address = line.split()[-1]
+            if line.startswith("moeshare: serving"):
+                break
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line.strip())
+
+    def _read_errors(self) -> None:  # drained, so a chatty server never blocks on a full pipe
+        for line in self.proc.stderr:
+            self.errors.append(line.strip())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def store(tiny_zoo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("serve") / "mixtral"
+    consolidate([tiny_zoo / "mixtral" / v for v in VARIANTS], out, Options(budget="0.5"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(store):
+    s = Server(store, "--max-queue", "64")
+    yield s
+    s.stop()
+
+
+def _wait_kv_free(client: Client, seconds: float = 10) -> int:
+    deadline = time.monotonic() + seconds
+    while True:
+        used = client.stats().kv_blocks_used
+        if used == 0 or time.monotonic() > deadline:
+            return used
+        time.sleep(0.05)
+
+
+def test_each_variant_streams_the_engines_tokens(server, store):
+    engine = Engine([store])
+    with Client(server.address) as client:
+        for v in VARIANTS:
+            params = {"max_tokens": 24, "temperature": 0.0}
+            ids = [
+                t
+                for r in client.generate_stream(v, PROMPTS[v], request_id=f"r-{v}", **params)
+                for t in r.token_ids
+            ]
+            _, direct = engine.generate(v, PROMPTS[v], SamplingParams(max_tokens=24, temperature=0))
+            assert ids == direct
+            last = list(client.generate_stream(v, PROMPTS[v], request_id="echo", **params))[-1]
+            assert last.request_id == "echo" and last.usage.completion_tokens == len(direct)
+
+
+def test_complete_and_models(server):
+    with Client(server.address) as client:
+        c = client.complete("python", PROMPTS["python"], max_tokens=10, temperature=0.0)
+        assert c.completion_tokens == 10 and c.finish_reason == "length" and c.text
+        models = {m.name: m for m in client.list_models()}
+        assert set(models) == set(VARIANTS)
+        assert all(m.architecture == "mixtral" and m.context_length > 0 for m in models.values())
+
+
+def test_32_concurrent_streams_finish_and_free_every_block(server):
+    async def one(client: AsyncClient, i: int) -> int:
+        v = VARIANTS[i % 4]
+        n = 0
+        async for r in client.generate(v, PROMPTS[v], max_tokens=16 + i % 5, temperature=0.8, seed=i):
+            n += len(r.token_ids)
+        return n
+
+    async def run() -> list[int]:
+        async with AsyncClient(server.address) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(32)))
+
+    counts = asyncio.run(run())
+    assert counts == [16 + i % 5 for i in range(32)]
+    with Client(server.address) as client:
+        assert _wait_kv_free(client) == 0
+
+
+def test_cancel_and_deadline_free_kv_and_server_stays_healthy(server):
+    with Client(server.address) as client:
+        call = client.generate_stream("kjv", PROMPTS["kjv"], max_tokens=500, temperature=0.0)
+        for i, _ in enumerate(call):
+            if i == 3:
+                break
+        call.cancel()
+        assert _wait_kv_free(client) == 0
+        with pytest.raises(grpc.RpcError) as err:
+            for _ in client.generate_stream(
+                "kjv", PROMPTS["kjv"], timeout=0.5, max_tokens=900, temperature=0.0
+            ):
+                pass
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert _wait_kv_free(client) == 0
+        assert client.complete("kjv", PROMPTS["kjv"], max_tokens=4, temperature=0.0).completion_tokens == 4
+
+
+@pytest.mark.parametrize(
+    "model,prompt,params,code,message",
+    [
+        ("nope", "hi", {}, grpc.StatusCode.NOT_FOUND, "unknown model 'nope'"),
+        ("kjv", "hi", {"top_p": 1.5}, grpc.StatusCode.INVALID_ARGUMENT, "top_p must be in (0, 1]"),
+        ("kjv", "hi", {"temperature": -1.0}, grpc.StatusCode.INVALID_ARGUMENT, "temperature must be >= 0"),
+        ("kjv", "", {}, grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty"),
+        ("kjv", "x" * 5000, {}, grpc.StatusCode.RESOURCE_EXHAUSTED, "takes at most"),
+    ],
+)
+def test_errors_have_their_status_and_leave_other_streams_alone(server, model, prompt, params, code, message):
+    with Client(server.address) as client:
+        other = client.generate_stream("python", PROMPTS["python"], max_tokens=20, temperature=0.0)
+        first = next(iter(other))
+        with pytest.raises(grpc.RpcError) as err:
+            client.complete(model, prompt, **params)
+        assert err.value.code() == code and message in err.value.details()
+        rest = list(other)
+        assert len(first.token_ids) + sum(len(r.token_ids) for r in rest) == 20
+
+
+def test_health_serving_and_reflection_lists_the_service(server):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(server.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = {s.name for r in replies for s in r.list_services_response.service}
+        assert "moeshare.v1.MoeShare" in names and "grpc.health.v1.Health" in names
+
+
+def test_cli_generate_streams_text_only_to_stdout(server, store):
+    cmd = [
+        sys.executable,
+        "-m",
+        "moeshare.cli",
+        "generate",
+        "--model",
+        "kjv",
+        "--max-tokens",
+        "16",
+        "--temperature",
+        "0",
+        "--address",
+        server.address,
+        PROMPTS["kjv"],
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text, _ = Engine([store]).generate("kjv", PROMPTS["kjv"], SamplingParams(max_tokens=16, temperature=0))
+    assert proc.stdout == text + "\n"
+    assert "16 tokens" in proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "moeshare.cli", "models", "--address", server.address],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and all(v in proc.stdout for v in VARIANTS)
+    proc = subprocess.run([*cmd[:5], "nope", *cmd[6:]], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("moeshare: error: NOT_FOUND: unknown model 'nope'")
+
+
+def test_token_is_required_and_queue_limit_refuses_at_once(store, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("s3cret-token\n")
+    s = Server(
+        store,
+        "--auth-token-file",
+        str(token),
+        "--max-queue",
+        "1",
+        "--max-num-seqs",
+        "1",
+        "--metrics-port",
+        "0",
+    )
+    try:
+        with Client(s.address) as anonymous, Client(s.address, token="wrong") as wrong:
+            for c in (anonymous, wrong):
+                with pytest.raises(grpc.RpcError) as err:
+                    c.list_models()
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with Client(s.address, token="s3cret-token") as client:
+            assert len(client.list_models()) == 4
+            streams = [
+                client.generate_stream("kjv", PROMPTS["kjv"], max_tokens=200, temperature=0.0)
+                for _ in range(4)
+            ]
+            codes = []
+            for st in streams:
+                try:
+                    next(iter(st))
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as e:
+                    codes.append(e.code())
+            assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes
+            for st in streams:
+                st.cancel()
+            assert _wait_kv_free(client) == 0
+        import urllib.request
+
+        url = next(x.split()[-1] for x in s.errors if x.startswith("moeshare: metrics on "))
+        assert url.startswith("http://127.0.0.1:")
+        metrics = urllib.request.urlopen(url, timeout=10).read().decode()
+        for name in (
+            "moeshare_requests_total",
+            "moeshare_ttft_seconds",
+            "moeshare_kv_blocks_used",
+            "moeshare_queue_depth",
+            "moeshare_swap_ins",
+        ):
+            assert name in metrics, name
+        assert 'code="RESOURCE_EXHAUSTED"' in metrics
+    finally:
+        s.stop()
+
+
+def test_sigterm_during_streaming_exits_cleanly(store):
+    s = Server(store, "--grace", "2")
+    with Client(s.address) as client:
+        stream = client.generate_stream("kjv", PROMPTS["kjv"], max_tokens=900, temperature=0.0)
+        next(iter(stream))
+        t0 = time.monotonic()
+        os.kill(s.proc.pid, signal.SIGTERM)
+        ended = "finished"
+        try:  # within the grace period the stream either finishes or is cancelled: never left hanging
+            for _ in stream:
+                pass
+        except grpc.RpcError as e:
+            ended = e.code().name
+        assert s.proc.wait(timeout=30) == 0
+        assert time.monotonic() - t0 < 2 + 10
+        assert ended in ("finished", "CANCELLED", "UNAVAILABLE")
+        with pytest.raises(grpc.RpcError):
+            client.list_models()
