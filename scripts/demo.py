@@ -1,33 +1,80 @@
 """`make demo`: the main job end to end on whatever device is here.
 
-Builds (or reuses) the tiny zoo, then consolidates its Mixtral and Switch variants into stores at half the
-expert memory and prints each consolidation report.
+Builds (or reuses) the tiny zoo, consolidates its Mixtral and Switch variants into stores at half the expert
+memory (printing each report), starts the server on loopback with the Mixtral store, streams a completion
+from each variant, prints them with the server's stats, and stops the server.
 """
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+import torch
+
+from moeshare.client import Client
 from moeshare.consolidate import Options, consolidate, format_report, summarize
 from moeshare.zoo import build_zoo, load_zoo
 from moeshare.zoo import format_report as zoo_report
 
 VARIANTS = ["kjv", "fortunes-en", "fortunes-de", "python"]
+PROMPTS = ["And God said unto Moses,", "A man who has", "Wer nicht wagt,", "def __init__(self,"]
 OUT = Path("build/demo")
+
+
+def _serve(store: Path, device: str) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "moeshare.cli", "serve", str(store), "--port", "0", "--device", device]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    address = ""
+    for line in proc.stdout:
+        print(line.rstrip(), flush=True)
+        if line.startswith("moeshare: listening on "):
+            address = line.split()[-1]
+        if line.startswith("moeshare: serving"):
+            return proc, address
+    raise SystemExit(f"the server stopped before serving (exit {proc.wait()})")
 
 
 def main() -> int:
     t0 = time.perf_counter()
     zoo = build_zoo("tiny", "all")
     print(zoo_report(load_zoo(zoo)))
+    stores = {}
     for arch in ("mixtral", "switch"):
-        store = OUT / f"{arch}-store"
-        print(f"\n== moeshare consolidate {arch} variants --budget 0.5 -> {store}", flush=True)
-        manifest = consolidate([zoo / arch / v for v in VARIANTS], store, Options(budget="0.5", force=True))
+        stores[arch] = OUT / f"{arch}-store"
+        print(f"\n== moeshare consolidate {arch} variants --budget 0.5 -> {stores[arch]}", flush=True)
+        manifest = consolidate(
+            [zoo / arch / v for v in VARIANTS], stores[arch], Options(budget="0.5", force=True)
+        )
         print(format_report(summarize(manifest)))
-    print(f"\ndemo finished in {time.perf_counter() - t0:.1f} s; stores in {OUT}/")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"\n== moeshare serve {stores['mixtral']} --device {device}", flush=True)
+    proc, address = _serve(stores["mixtral"], device)
+    try:
+        with Client(address) as client:
+            for i, (v, prompt) in enumerate(zip(VARIANTS, PROMPTS, strict=True)):
+                print(f"\n[{v}] {prompt}", end="", flush=True)
+                for piece in client.generate(v, prompt, max_tokens=48, temperature=0.7, seed=i):
+                    print(piece, end="", flush=True)
+                print()
+            s = client.stats()
+            print("\nserver stats:")
+            for m in s.models:
+                print(
+                    f"  {m.name:<12} requests {m.requests_total}  ttft p50 {m.ttft_p50_seconds * 1e3:6.1f} ms  "
+                    f"tpot p50 {m.tpot_p50_seconds * 1e3:6.1f} ms  {m.tokens_per_second:7.1f} tok/s"
+                )
+            print(
+                f"  KV blocks used/free {s.kv_blocks_used}/{s.kv_blocks_free}, resident: "
+                f"{', '.join(s.resident_variants)}, swap-ins {s.swap_ins}"
+            )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    print(f"\nserver stopped (exit {code}); demo finished in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
