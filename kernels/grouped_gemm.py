@@ -293,7 +293,10 @@ def fused_moe(
     if config is None:
         per_slot = _rows_per_group(pairs, num_slots)
         size = x.element_size()
-        config = (gemm_config(per_slot, gated=True, element_size=size), gemm_config(per_slot, element_size=size))
+        config = (
+            gemm_config(per_slot, gated=True, element_size=size),
+            gemm_config(per_slot, element_size=size),
+        )
     cfg1, cfg2 = config
     if cfg1.block_m != cfg2.block_m:
         raise ValueError(f"the two GEMMs must share block_m, got {cfg1.block_m} and {cfg2.block_m}")

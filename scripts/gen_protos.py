@@ -14,8 +14,15 @@ def generate(out: Path) -> list[Path]:
 
     protos = sorted((ROOT / "protos").rglob("*.proto"))
     include = Path(protoc.__file__).parent / "_proto"
-    args = ["protoc", f"-I{ROOT / 'protos'}", f"-I{include}", f"--python_out={out}", f"--grpc_python_out={out}",
-            f"--pyi_out={out}", *map(str, protos)]
+    args = [
+        "protoc",
+        f"-I{ROOT / 'protos'}",
+        f"-I{include}",
+        f"--python_out={out}",
+        f"--grpc_python_out={out}",
+        f"--pyi_out={out}",
+        *map(str, protos),
+    ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
     return sorted(p for p in (out / "moeshare" / "v1").glob("*") if p.suffix in (".py", ".pyi"))

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from moeshare.checkpoint.adapters import OTHER, Adapter, TensorInfo, match, register
+from moeshare.checkpoint.llama import decoder_shape
 
 if TYPE_CHECKING:
     from moeshare.checkpoint.io import Checkpoint
@@ -31,15 +32,6 @@ class MixtralAdapter(Adapter):
     def num_experts(self) -> int:
         return self._cfg("num_local_experts")
 
-    @property
-    def head_dim(self) -> int:
-        head_dim = self.config.get("head_dim")
-        return (
-            head_dim
-            if isinstance(head_dim, int)
-            else self._cfg("hidden_size") // self._cfg("num_attention_heads")
-        )
-
     def classify(self, name: str) -> TensorInfo:
         if m := match(_LEGACY, name):
             return TensorInfo("expert", m[1], int(m[2]), m[3])
@@ -51,10 +43,6 @@ class MixtralAdapter(Adapter):
 
     def expected_shape(self, name: str) -> tuple[int, ...] | None:
         h, i, e = self._cfg("hidden_size"), self._cfg("intermediate_size"), self.num_experts
-        q, kv = (
-            self._cfg("num_attention_heads") * self.head_dim,
-            self._cfg("num_key_value_heads") * self.head_dim,
-        )
         info = self.classify(name)
         if info.kind == "expert":
             return {"w1": (i, h), "w3": (i, h), "w2": (h, i), "gate_up": (e, 2 * i, h), "down": (e, h, i)}[
@@ -62,15 +50,7 @@ class MixtralAdapter(Adapter):
             ]
         if info.kind == "router":
             return (e, h)
-        if name in ("model.embed_tokens.weight", "lm_head.weight"):
-            return (self._cfg("vocab_size"), h)
-        if name == "model.norm.weight" or match(
-            r"model\.layers\.\d+\.(input|post_attention)_layernorm\.weight", name
-        ):
-            return (h,)
-        if m := match(r"model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj\.weight", name):
-            return {"q": (q, h), "k": (kv, h), "v": (kv, h), "o": (h, q)}[m[1]]
-        return None
+        return decoder_shape(self, name)
 
     def expert_key(self, layer: str, expert: int, role: str) -> str:
         return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{role}.weight"

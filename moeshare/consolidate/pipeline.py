@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from moeshare.checkpoint import Checkpoint, open_checkpoint
+from moeshare.checkpoint.io import publish
 from moeshare.consolidate.budget import parse_budget
 from moeshare.consolidate.calibrate import Calibration, calibrate, read_calibration_text
 from moeshare.consolidate.cluster import LayerClustering, allocate, cluster_layer
@@ -145,13 +146,7 @@ def consolidate(paths: list[str | Path], out: str | Path, opts: Options) -> dict
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
+        publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
