@@ -64,7 +64,10 @@ class Residency:
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         for v in variants[:rows]:  # start with the first R variants in place
             self._start(v, len(self.row_of))
-        self.swap_ins = 0
+        if self._stream is not None:
+            self._stream.synchronize()
+            self._settle()
+        self.swap_ins = 0  # the initial placement is loading, not swapping
         self.swap_seconds = 0.0
 
     @property
