@@ -104,10 +104,6 @@ class Store:
         file, key = self.variant(variant).tensors[name]
         return self._read(file, key)
 
-    def bank_slots(self, layer: str, role: str) -> torch.Tensor:
-        """All slots of one layer's bank tensor, stacked. [S, ...]"""
-        return self._read(BANK, bank_key(layer, role))
-
     def bank_slice(self, layer: str, role: str, slot: int) -> torch.Tensor:
         """One slot of one bank tensor, read without the rest of the layer."""
         return self._read(BANK, bank_key(layer, role), slot)

@@ -121,9 +121,9 @@ class Engine:
         layers = source.adapter.moe_layers
         names = variant_tensor_names(dims)
         rows = min(c.max_resident_variants or len(source.variants), len(source.variants))
-        probe = MultiVariantMixtral(dims, 1, [], self.dtype, torch.device("meta"))  # for its row size
         if c.max_resident_bytes is not None:
-            rows = max(1, min(rows, c.max_resident_bytes // probe.slot_bytes()))
+            row_bytes = MultiVariantMixtral(dims, 1, [], self.dtype, torch.device("meta")).slot_bytes()
+            rows = max(1, min(rows, c.max_resident_bytes // row_bytes))
         model = MultiVariantMixtral(
             dims, rows, [source.bank_slots(x) for x in layers], self.dtype, self.device
         )
@@ -271,8 +271,6 @@ class Engine:
             positions += range(s.start, s.start + s.count)
             rows += [s.row] * s.count
             last.append(len(ids) - 1)
-        dev = self.device
-        as_tensor = lambda x: torch.tensor(x, dtype=torch.int64, device=dev)  # noqa: E731
         if group.graphs is not None and len(ids) == len(batch) and group.graphs.fits(len(batch)):
             p = [s.seq.params for s in batch]
             sampling = (
@@ -291,27 +289,29 @@ class Engine:
             [s.start for s in batch],
             [s.count for s in batch],
             group.pool.block_size,
-            dev,
+            self.device,
         )
-        row_t = as_tensor(rows)
-        hidden = group.model.forward(as_tensor(ids), as_tensor(positions), row_t, attn, group.pool.kv)
-        last_t = as_tensor(last)
+        row_t = self._longs(rows)
+        hidden = group.model.forward(self._longs(ids), self._longs(positions), row_t, attn, group.pool.kv)
+        last_t = self._longs(last)
         return self._sample(group, batch, hidden[last_t], row_t[last_t])
+
+    def _longs(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=self.device)
 
     def _sample(
         self, group: Group, batch: list[Scheduled], hidden: torch.Tensor, rows: torch.Tensor
     ) -> list[TokenEvent]:
         """hidden [B, H]: the last position of each scheduled sequence."""
         dev = self.device
-        as_tensor = lambda x: torch.tensor(x, dtype=torch.int64, device=dev)  # noqa: E731
         logits = group.model.logits(hidden, rows)  # [B, V]
         params = [s.seq.params for s in batch]
         sb = SamplingBatch(
             temperature=torch.tensor([p.temperature for p in params], device=dev),
             top_p=torch.tensor([p.top_p for p in params], device=dev),
             top_k=torch.tensor([p.top_k for p in params], device=dev),
-            seeds=as_tensor([p.seed for p in params]),
-            steps=as_tensor([len(s.seq.output_ids) for s in batch]),
+            seeds=self._longs([p.seed for p in params]),
+            steps=self._longs([len(s.seq.output_ids) for s in batch]),
         )
         chosen, logprobs = sample(logits, sb)
         return self._advance(group, batch, chosen, logprobs)
