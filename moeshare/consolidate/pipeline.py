@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from moeshare.checkpoint import Checkpoint, open_checkpoint
 from moeshare.checkpoint.io import publish
+from moeshare.consolidate.align import Alignment
 from moeshare.consolidate.budget import parse_budget
 from moeshare.consolidate.calibrate import Calibration, calibrate, read_calibration_text
 from moeshare.consolidate.cluster import LayerClustering, allocate, cluster_layer
@@ -84,22 +85,64 @@ def _slot_bytes(ckpt: Checkpoint, layer: str) -> int:
     return sum(t.numel() * t.element_size() for t in ckpt.read_expert(layer, 0).values())
 
 
-def consolidate(paths: list[str | Path], out: str | Path, opts: Options) -> dict:
+@dataclass
+class Plan:
+    """What consolidation learns before it picks a budget or a merge: every layer's merge history.
+
+    One plan serves many stores (several budgets, merge methods) without comparing the experts again."""
+
+    ckpts: list[Checkpoint]
+    similarity: str
+    calib: Calibration | None
+    calib_path: Path | None
+    clusterings: list[LayerClustering]
+    slot_bytes: dict[str, int]
+    alignments: dict[str, dict[tuple[int, int], Alignment]]  # layer -> what the merge pass can reuse
+
+    @property
+    def experts_before(self) -> int:
+        return sum(self.slot_bytes.values()) * self.ckpts[0].adapter.num_experts * len(self.ckpts)
+
+
+def plan(paths: list[str | Path], similarity: str | None = None, calib: Path | None = None) -> Plan:
+    if similarity == "output" and calib is None:
+        raise MoeshareError("--similarity output needs calibration text: pass --calib FILE")
+    text = read_calibration_text(calib) if calib is not None else None
+    ckpts = _check_variants([Path(p) for p in paths])
+    adapter, arch = ckpts[0].adapter, ckpts[0].adapter.name
+    similarity = similarity or ("output" if text else "weight")
+    cal: Calibration | None = calibrate(ckpts, text) if text else None
+    # one layer in memory at a time
+    clusterings: list[LayerClustering] = []
+    alignments: dict[str, dict[tuple[int, int], Alignment]] = {}
+    for layer in tqdm(adapter.moe_layers, desc="clustering", unit="layer"):
+        lx = load_layer(ckpts, layer)
+        cache = AlignmentCache(lx)
+        if similarity == "output":
+            dist, exact = output_distances(arch, lx, cal.inputs[layer])
+        else:
+            dist, exact = weight_distances(lx, cache)
+        alignments[layer] = cache.done
+        clusterings.append(cluster_layer(layer, dist, lx.owner, exact, adapter.num_experts))
+    slot_bytes = {layer: _slot_bytes(ckpts[0], layer) for layer in adapter.moe_layers}
+    return Plan(ckpts, similarity, cal, calib, clusterings, slot_bytes, alignments)
+
+
+def consolidate(paths: list[str | Path], out: str | Path, opts: Options, made: Plan | None = None) -> dict:
+    """Write a store of the variants at `paths`; `made`: a plan of the same variants to reuse."""
     out = Path(out)
     if out.exists() and not opts.force:
         raise MoeshareError(f"{out}: already exists; choose another --out or pass --force to replace it")
     if opts.merge is not None and opts.merge not in METHODS:
         raise MoeshareError(f"--merge {opts.merge}: choose one of {', '.join(METHODS)}")
-    if opts.similarity == "output" and opts.calib is None:
-        raise MoeshareError("--similarity output needs calibration text: pass --calib FILE")
-    text = read_calibration_text(opts.calib) if opts.calib is not None else None
-    ckpts = _check_variants([Path(p) for p in paths])
-    adapter, arch = ckpts[0].adapter, ckpts[0].adapter.name
-    layers, n_experts = adapter.moe_layers, adapter.num_experts
-    slot_bytes = {layer: _slot_bytes(ckpts[0], layer) for layer in layers}
-    experts_before = sum(slot_bytes.values()) * n_experts * len(ckpts)
     if opts.threshold is not None and opts.budget is not None:
         raise MoeshareError("give --budget or --threshold, not both")
+    if made is None:
+        made = plan(paths, opts.similarity, opts.calib)
+    elif opts.similarity not in (None, made.similarity) or opts.calib != made.calib_path:
+        raise ValueError("the plan was made with another similarity or calibration text")
+    ckpts, slot_bytes, experts_before = made.ckpts, made.slot_bytes, made.experts_before
+    n_experts = ckpts[0].adapter.num_experts
     budget_bytes = None
     if opts.threshold is None:
         budget_bytes = parse_budget(opts.budget or "1.0", experts_before)
@@ -109,40 +152,28 @@ def consolidate(paths: list[str | Path], out: str | Path, opts: Options) -> dict
                 f"--budget {opts.budget} allows {int(budget_bytes)} bytes, below one slot per (layer, local expert): "
                 f"the smallest bank is {smallest} bytes ({smallest / experts_before:.3f} of the experts)"
             )
-    similarity = opts.similarity or ("output" if text else "weight")
-    merge = opts.merge or ("frequency" if text else "average")
-    if merge == "frequency" and not text:
+    merge = opts.merge or ("frequency" if made.calib else "average")
+    if merge == "frequency" and not made.calib:
         merge = "average"  # frequency weights come from routing calibration text; without it, a plain mean
-    calib: Calibration | None = calibrate(ckpts, text) if text else None
-
-    # pass 1: distances and merge histories, one layer in memory at a time
-    clusterings: list[LayerClustering] = []
-    for layer in tqdm(layers, desc="clustering", unit="layer"):
-        lx = load_layer(ckpts, layer)
-        if similarity == "output":
-            dist, exact = output_distances(arch, lx, calib.inputs[layer])
-        else:
-            dist, exact = weight_distances(lx, AlignmentCache(lx))
-        clusterings.append(cluster_layer(layer, dist, lx.owner, exact, n_experts))
-    taken = allocate(clusterings, slot_bytes, budget_bytes, opts.threshold)
+    taken = allocate(made.clusterings, slot_bytes, budget_bytes, opts.threshold)
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "variants").mkdir(parents=True)
     try:
-        manifest = _write(tmp, ckpts, clusterings, taken, merge, calib)
+        manifest = _write(tmp, made, taken, merge)
         sizes = manifest["bytes"]
         sizes["experts_before"] = experts_before
         sizes["total_before"] = sum(ckpt.nbytes(n) for ckpt in ckpts for n in ckpt.names)
         sizes["total_after"] = sum(p.stat().st_size for p in tmp.rglob("*.safetensors"))
         manifest["made"] = {
-            "similarity": similarity,
+            "similarity": made.similarity,
             "merge": merge,
             "budget": opts.budget or (None if opts.threshold else "1.0"),
             "budget_bytes": budget_bytes,
             "threshold": opts.threshold,
-            "calib": str(opts.calib) if opts.calib else None,
-            "calib_tokens": calib.tokens if calib else 0,
+            "calib": str(made.calib_path) if made.calib_path else None,
+            "calib_tokens": made.calib.tokens if made.calib else 0,
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
@@ -153,14 +184,8 @@ def consolidate(paths: list[str | Path], out: str | Path, opts: Options) -> dict
     return manifest
 
 
-def _write(
-    tmp: Path,
-    ckpts: list[Checkpoint],
-    clusterings: list[LayerClustering],
-    taken: dict[str, int],
-    merge: str,
-    calib: Calibration | None,
-) -> dict:
+def _write(tmp: Path, made: Plan, taken: dict[str, int], merge: str) -> dict:
+    ckpts, clusterings, calib = made.ckpts, made.clusterings, made.calib
     adapter, arch = ckpts[0].adapter, ckpts[0].adapter.name
     n_experts = adapter.num_experts
     names = [c.path.name for c in ckpts]
@@ -181,7 +206,7 @@ def _write(
     experts_after = 0
     for c in tqdm(clusterings, desc="merging", unit="layer"):
         lx = load_layer(ckpts, c.layer)
-        cache = AlignmentCache(lx)
+        cache = AlignmentCache(lx, made.alignments[c.layer])
         freq = calib.counts[c.layer].reshape(-1) if calib else None
         slots = [merge_slot(members, cache, c.dist, merge, freq) for members in c.states[taken[c.layer]]]
         for s, slot in enumerate(slots):

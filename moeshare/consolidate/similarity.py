@@ -16,15 +16,15 @@ Aligner = Callable[[int, int], Alignment]
 class AlignmentCache:
     """Alignments of expert j onto expert i, computed once per ordered pair."""
 
-    def __init__(self, lx: LayerExperts) -> None:
+    def __init__(self, lx: LayerExperts, done: dict[tuple[int, int], Alignment] | None = None) -> None:
         self.lx = lx
         self.neurons = lx.neurons
-        self._done: dict[tuple[int, int], Alignment] = {}
+        self.done: dict[tuple[int, int], Alignment] = {} if done is None else done
 
     def __call__(self, i: int, j: int) -> Alignment:
-        if (i, j) not in self._done:
-            self._done[(i, j)] = align(self.neurons[i], self.neurons[j])
-        return self._done[(i, j)]
+        if (i, j) not in self.done:
+            self.done[(i, j)] = align(self.neurons[i], self.neurons[j])
+        return self.done[(i, j)]
 
     def aligned(self, ref: int, j: int) -> torch.Tensor:
         """Expert j's neuron matrix with its rows permuted to match expert `ref`."""
