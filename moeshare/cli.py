@@ -235,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub)
 
+    from moeshare.evals.command import add_eval_parser
+
+    add_eval_parser(sub)
+
     p = sub.add_parser("inspect", help="describe a store (bank, errors, sizes) or a checkpoint directory")
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="print one JSON object")

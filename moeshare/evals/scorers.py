@@ -1,0 +1,86 @@
+"""What scores a model: our engine (Mixtral) or transformers (a check, and Switch, which the engine does not
+serve yet). Both give teacher-forced logits and greedy continuations of fixed length."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from moeshare.engine.engine import Engine
+from moeshare.engine.request import SamplingParams
+
+BATCH = 32
+
+
+class Scorer(Protocol):
+    name: str
+
+    def logits(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """[R, L] inputs (and [R, L'] labels for encoder-decoders) -> [R, L', V] float32 logits whose
+        position t predicts labels[:, t]."""
+        ...
+
+    def greedy(self, prompts: torch.Tensor, n: int) -> list[list[int]]:
+        """Greedy continuations of each prompt [P, Lp]."""
+        ...
+
+
+class EngineScorer:
+    """One variant of a store (or checkpoint) that an Engine serves."""
+
+    name = "engine"
+
+    def __init__(self, engine: Engine, variant: str) -> None:
+        self.engine, self.variant = engine, variant
+
+    @torch.inference_mode()
+    def logits(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.engine.score(self.variant, row.tolist()).float().cpu() for row in inputs])
+
+    def greedy(self, prompts: torch.Tensor, n: int) -> list[list[int]]:
+        params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        seqs = [self.engine.add_request(self.variant, p.tolist(), params) for p in prompts]
+        while any(not s.finished for s in seqs):
+            self.engine.step()
+        return [list(s.output_ids) for s in seqs]
+
+
+class TransformersScorer:
+    """A HuggingFace checkpoint loaded with transformers, float32, on `device`."""
+
+    name = "transformers"
+
+    def __init__(self, path: Path, arch: str, device: str = "cpu") -> None:
+        from transformers import AutoModelForCausalLM, SwitchTransformersForConditionalGeneration
+
+        cls = AutoModelForCausalLM if arch == "mixtral" else SwitchTransformersForConditionalGeneration
+        self.model = cls.from_pretrained(path, dtype=torch.float32).to(device).eval()
+        self.seq2seq = arch != "mixtral"
+        self.device = torch.device(device)
+
+    @torch.inference_mode()
+    def logits(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        out = []
+        for start in range(0, len(inputs), BATCH):
+            x = inputs[start : start + BATCH].to(self.device)
+            if self.seq2seq:
+                y = labels[start : start + BATCH].to(self.device)
+                out.append(self.model(input_ids=x, labels=y).logits.float().cpu())
+            else:
+                out.append(self.model(input_ids=x).logits.float().cpu())
+        return torch.cat(out)
+
+    @torch.inference_mode()
+    def greedy(self, prompts: torch.Tensor, n: int) -> list[list[int]]:
+        x = prompts.to(self.device)
+        if self.seq2seq:  # a reconstruction ends at its eos
+            out = self.model.generate(input_ids=x, max_new_tokens=n, do_sample=False)[:, 1:]  # drop the start
+        else:  # exactly n tokens, past any eos, as the engine's ignore_eos gives
+            out = x
+            for _ in range(n):
+                nxt = self.model(input_ids=out).logits[:, -1].argmax(dim=-1, keepdim=True)  # [P, 1]
+                out = torch.cat([out, nxt], dim=1)
+            out = out[:, x.shape[1] :]
+        return [row.tolist() for row in out.cpu()]
