@@ -107,20 +107,24 @@ def run_eval(args: argparse.Namespace) -> int:
         baselines=_choices(args.baselines, BASELINES, "--baselines"),
         max_tokens=args.max_tokens,
         prompts=args.prompts,
+        continuation=args.continuation,
         device=args.device,
     )
     command = (
         "moeshare " + shlex.join(sys.argv[1:]) if sys.argv[0].endswith("moeshare") else shlex.join(sys.argv)
     )
+    for flag, value, least in (("--prompts", args.prompts, 1), ("--continuation", args.continuation, 1)):
+        if value < least:
+            raise MoeshareError(f"{flag} {value}: must be at least {least}")
+    if args.max_tokens < config.seq_len:
+        raise MoeshareError(f"--max-tokens {args.max_tokens}: must be at least one window ({config.seq_len})")
     out = Path(args.out)
     archs = (["mixtral", "switch"] if args.arch == "all" else [args.arch]) if args.zoo else [None]
     for arch in archs:
-        target = out / arch if arch else out
-        target.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".eval-", dir=target) as work:
+        with tempfile.TemporaryDirectory(prefix="moeshare-eval-") as work:
             subject = zoo_subject(args.zoo, arch, Path(work)) if arch else variants_subject(args)
             results = run(subject, config, Path(work))
-        for f in write_report(results, target, command):
+        for f in write_report(results, out / arch if arch else out, command):
             print(f"wrote {f}")
     return 0
 
@@ -146,6 +150,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baselines", default=",".join(BASELINES))
     p.add_argument("--max-tokens", type=int, default=8192, help="held-out tokens scored per domain")
     p.add_argument("--prompts", type=int, default=32, help="held-out prompts for greedy continuations")
+    p.add_argument("--continuation", type=int, default=64, help="greedy tokens compared per prompt")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.set_defaults(run=run_eval)

@@ -161,7 +161,8 @@ def markdown(results: Results, command: str) -> str:
                 for b in ("same-index-pick", "average", "ties")
             ]
             lines.append(
-                f"| {name} | {r['value']:.3f} | {orig:.3f} | {'yes' if r['within'] else 'no'} | "
+                f"| {name} | {r['perplexity']:.3f} | {orig:.3f} | {_pct(r['perplexity'] / orig - 1)} | "
+                f"{'yes' if r['within'] else 'no'} | "
                 + " | ".join(beats)
                 + " |"
             )
