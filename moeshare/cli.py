@@ -25,6 +25,8 @@ def _cmd_consolidate(args: argparse.Namespace) -> int:
     from moeshare.consolidate import Options, consolidate, format_report, summarize
 
     opts = Options(args.budget, args.threshold, args.similarity, args.merge, args.calib, args.force)
+    if args.self_calib is not None:
+        opts.self_calib = args.self_calib
     manifest = consolidate(args.variants, args.out, opts)
     print(format_report(summarize(manifest)))
     print(f"wrote {args.out}")
@@ -194,10 +196,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--similarity", choices=["weight", "output"], help="default: output with --calib, else weight"
     )
     p.add_argument(
-        "--merge", choices=["average", "frequency", "medoid"], help="default: frequency with --calib"
+        "--merge",
+        choices=["average", "frequency", "medoid", "fit"],
+        help="fit: each shared expert fitted to its members' outputs on calibration tokens; "
+        "default: fit with --calib or self-calibration, else average",
     )
     p.add_argument(
         "--calib", type=Path, help="calibration text file (enables output similarity, frequency merge)"
+    )
+    p.add_argument(
+        "--self-calib",
+        type=int,
+        metavar="TOKENS",
+        help="without --calib, tokens each causal (Mixtral) variant samples from itself to calibrate the fit "
+        "merge (default 4096; 0: none, so the merge defaults to average)",
     )
     p.add_argument("--force", action="store_true", help="replace an existing store at --out")
     p.set_defaults(run=_cmd_consolidate)

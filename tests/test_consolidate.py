@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from moeshare.checkpoint import open_checkpoint, write_checkpoint
-from moeshare.consolidate import Options, Store, consolidate, export_variant
+from moeshare.consolidate import Options, Store, consolidate, export_variant, plan
 from moeshare.consolidate.align import align, neuron_matrix
+from moeshare.consolidate.experts import expert_forward
+from moeshare.consolidate.fit import FitData, fit_expert
 from moeshare.errors import MoeshareError
 
 VARIANTS = ["kjv", "fortunes-en", "fortunes-de", "python"]
@@ -175,10 +177,83 @@ def test_threshold_merges_only_closer_experts(tiny_zoo, tmp_path):
 
 def test_output_similarity_and_frequency_merge_with_calibration(tiny_zoo, tmp_path):
     calib = tiny_zoo / "heldout" / "kjv.txt"
-    manifest = consolidate(_variants(tiny_zoo, "mixtral"), tmp_path / "s", Options(budget="0.5", calib=calib))
+    opts = Options(budget="0.5", calib=calib, merge="frequency")
+    manifest = consolidate(_variants(tiny_zoo, "mixtral"), tmp_path / "s", opts)
     assert manifest["made"]["similarity"] == "output" and manifest["made"]["merge"] == "frequency"
     assert manifest["made"]["calib_tokens"] > 0
     assert manifest["bytes"]["experts_after"] <= manifest["made"]["budget_bytes"]
+
+
+def _random_expert(gen: torch.Generator, hidden: int = 16, inner: int = 32) -> dict[str, torch.Tensor]:
+    shapes = {"w1": (inner, hidden), "w3": (inner, hidden), "w2": (hidden, inner)}
+    return {r: torch.randn(*shape, generator=gen) / hidden**0.5 for r, shape in shapes.items()}
+
+
+def test_fit_reproduces_the_member_that_the_tokens_reach():
+    gen = torch.Generator().manual_seed(0)
+    a, b = _random_expert(gen), _random_expert(gen)
+    x = torch.randn(400, 16, generator=gen)  # [T, H]
+    # one expert per variant; variant 1's router never picks its expert, so only member 0 has tokens
+    fit = FitData("mixtral", [x, x], [torch.full((400, 1), 0.5), torch.zeros(400, 1)])
+    fitted = fit_expert(fit, [0, 1], [a, b])
+    average = {r: (a[r] + b[r]) / 2 for r in a}
+    want = expert_forward("mixtral", a, x)
+
+    def error(expert: dict[str, torch.Tensor]) -> float:
+        return float((expert_forward("mixtral", expert, x) - want).norm() / want.norm())
+
+    assert error(fitted) < 0.02 and error(average) > 0.3
+    # no token reaches either member: nothing to fit, the caller falls back to the average
+    assert fit_expert(FitData("mixtral", [x, x], [torch.zeros(400, 1)] * 2), [0, 1], [a, b]) is None
+
+
+def test_fit_on_self_sampled_text_is_the_default_and_beats_averaging(tiny_zoo, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from moeshare.zoo.evaluate import perplexity
+
+    def ppl(path: Path, variant: str) -> float:
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        return perplexity(model, "mixtral", (tiny_zoo / "heldout" / f"{variant}.txt").read_text(), 64, 2048)
+
+    paths = _variants(tiny_zoo, "mixtral")
+    made = plan(paths)
+    fit = consolidate(paths, tmp_path / "fit", Options(budget="0.25"), made)
+    assert fit["made"]["merge"] == "fit" and fit["made"]["self_calib_tokens"] == 4096
+    consolidate(paths, tmp_path / "avg", Options(budget="0.25", merge="average"), made)
+    for src in paths:
+        orig = ppl(src, src.name)
+        fitted = ppl(export_variant(tmp_path / "fit", src.name, tmp_path / f"fit-{src.name}"), src.name)
+        averaged = ppl(export_variant(tmp_path / "avg", src.name, tmp_path / f"avg-{src.name}"), src.name)
+        assert fitted < averaged and fitted / orig < 1.02, (src.name, orig, fitted, averaged)
+
+
+def test_self_calibration_is_reproducible(tiny_zoo):
+    from moeshare.consolidate.calibrate import calibrate
+
+    ckpts = [open_checkpoint(p) for p in _variants(tiny_zoo, "mixtral")[:2]]
+    first, second = calibrate(ckpts, None, max_tokens=256), calibrate(ckpts, None, max_tokens=256)
+    assert first.sampled and first.tokens == 256
+    for layer, xs in first.inputs.items():
+        assert all(torch.equal(a, b) for a, b in zip(xs, second.inputs[layer], strict=True))
+        # each variant samples its own text, so what reaches its MoE layers differs
+        assert not torch.equal(xs[0], xs[1])
+
+
+def test_fit_needs_calibration_where_variants_cannot_sample(tiny_zoo, tmp_path):
+    switch = _variants(tiny_zoo, "switch")
+    assert consolidate(switch, tmp_path / "a", Options(budget="0.5"))["made"]["merge"] == "average"
+    with pytest.raises(MoeshareError, match="--merge fit needs calibration text for switch variants"):
+        consolidate(switch, tmp_path / "b", Options(budget="0.5", merge="fit"))
+    calib = tiny_zoo / "heldout" / "python.txt"
+    made = consolidate(switch, tmp_path / "c", Options(budget="0.5", calib=calib))["made"]
+    assert made["merge"] == "fit" and made["calib_tokens"] > 0 and made["self_calib_tokens"] == 0
+    mixtral = _variants(tiny_zoo, "mixtral")
+    none = consolidate(mixtral, tmp_path / "d", Options(budget="0.5", self_calib=0))["made"]
+    assert none["merge"] == "average" and none["self_calib_tokens"] == 0
+    with pytest.raises(MoeshareError, match="or a --self-calib above 0"):
+        consolidate(mixtral, tmp_path / "e", Options(budget="0.5", merge="fit", self_calib=0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "c", "d"]
 
 
 def test_cli_consolidate_inspect_export(tiny_zoo, tmp_path):
@@ -268,6 +343,16 @@ BAD = {
         lambda z, t: _variants(z, "mixtral"),
         ["--budget", "lots"],
         "give a fraction of expert memory",
+    ),
+    "fit without calibration": (
+        lambda z, t: _variants(z, "switch"),
+        ["--merge", "fit"],
+        "--merge fit needs calibration text for switch variants",
+    ),
+    "negative self-calib": (
+        lambda z, t: _variants(z, "mixtral"),
+        ["--self-calib", "-1"],
+        "--self-calib -1: give a number of tokens",
     ),
     "unreadable calib": (
         lambda z, t: _variants(z, "mixtral"),

@@ -13,6 +13,8 @@ from moeshare.consolidate.align import neuron_matrix
 
 # The bank stores each slot in the fused layout transformers v5 uses.
 BANK_ROLES = {"mixtral": ("w13", "w2"), "switch": ("wi", "wo")}
+# The role that maps the intermediate activations back to the hidden size.
+OUTPUT_ROLE = {"mixtral": "w2", "switch": "wo"}
 
 
 def to_bank(arch: str, expert: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -32,12 +34,16 @@ def bank_key(layer: str, role: str) -> str:
     return f"layer.{layer}.{role}"
 
 
+def expert_hidden(arch: str, expert: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The expert's intermediate activations on hidden states x [T, H] -> [T, I], in float32."""
+    if arch == "mixtral":
+        return F.silu(x @ expert["w1"].float().T) * (x @ expert["w3"].float().T)
+    return F.relu(x @ expert["wi"].float().T)
+
+
 def expert_forward(arch: str, expert: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """The expert's function on hidden states x [T, H] -> [T, H], in float32."""
-    if arch == "mixtral":
-        w1, w3, w2 = (expert[r].float() for r in ("w1", "w3", "w2"))
-        return (F.silu(x @ w1.T) * (x @ w3.T)) @ w2.T
-    return F.relu(x @ expert["wi"].float().T) @ expert["wo"].float().T
+    return expert_hidden(arch, expert, x) @ expert[OUTPUT_ROLE[arch]].float().T
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Merging a slot's members into one expert: `average`, `frequency` (router-weighted) or `medoid`."""
+"""Merging a slot's members into one expert: `average`, `frequency` (router-weighted), `medoid` or `fit`
+(fitted to the members' outputs on calibration tokens, see fit.py)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from moeshare.consolidate.align import relative_distance, split_neuron_matrix
+from moeshare.consolidate.align import neuron_matrix, relative_distance, split_neuron_matrix
+from moeshare.consolidate.fit import FitData, fit_expert
 from moeshare.consolidate.similarity import AlignmentCache
 
-METHODS = ("average", "frequency", "medoid")
+METHODS = ("average", "frequency", "medoid", "fit")
 
 
 @dataclass
@@ -26,14 +28,25 @@ def medoid(members: list[int], dist: np.ndarray) -> int:
 
 
 def merge_slot(
-    members: list[int], cache: AlignmentCache, dist: np.ndarray, method: str, freq: np.ndarray | None
+    members: list[int],
+    cache: AlignmentCache,
+    dist: np.ndarray,
+    method: str,
+    freq: np.ndarray | None,
+    fit: FitData | None = None,
 ) -> MergedSlot:
     lx = cache.lx
     if len(members) == 1:
         return MergedSlot(members, lx.experts[members[0]], [0.0])
     ref = medoid(members, dist)
     aligned = [cache.aligned(ref, m) if m != ref else cache.neurons[ref] for m in members]  # each [I, D']
-    if method == "medoid":
+    if all(torch.equal(x, aligned[0]) for x in aligned[1:]):
+        # identical members: keep the bits, not a float32 round trip
+        return MergedSlot(members, lx.experts[ref], [0.0] * len(members))
+    fitted = _fit(fit, members, aligned, lx.experts[ref], lx.roles) if method == "fit" and fit else None
+    if fitted is not None:
+        expert, merged = fitted
+    elif method == "medoid":
         merged = cache.neurons[ref]
         expert = lx.experts[ref]
     else:
@@ -44,7 +57,21 @@ def merge_slot(
         w = w / w.sum()
         merged = sum(wi * x for wi, x in zip(w, aligned, strict=True))
         expert = split_neuron_matrix(merged, lx.experts[ref], lx.roles)
-        if all(torch.equal(x, aligned[0]) for x in aligned[1:]):
-            expert = lx.experts[ref]  # identical members: keep the bits, not a float32 round trip
     errors = [relative_distance(x, merged) for x in aligned]
     return MergedSlot(members, expert, errors)
+
+
+def _fit(
+    fit: FitData,
+    members: list[int],
+    aligned: list[torch.Tensor],
+    like: dict[str, torch.Tensor],
+    roles: tuple[str, ...],
+) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
+    """The fitted expert in `like`'s dtypes and as a neuron matrix [I, D']; None when no calibration token
+    reached any member."""
+    fitted = fit_expert(fit, members, [split_neuron_matrix(x, like, roles) for x in aligned])
+    if fitted is None:
+        return None
+    expert = {r: fitted[r].to(like[r].dtype).contiguous() for r in roles}
+    return expert, neuron_matrix(expert, roles)

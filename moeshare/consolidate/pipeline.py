@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +19,16 @@ from moeshare.checkpoint import Checkpoint, open_checkpoint
 from moeshare.checkpoint.io import publish
 from moeshare.consolidate.align import Alignment
 from moeshare.consolidate.budget import parse_budget
-from moeshare.consolidate.calibrate import Calibration, calibrate, read_calibration_text
+from moeshare.consolidate.calibrate import (
+    SELF_CALIB_TOKENS,
+    Calibration,
+    calibrate,
+    can_sample,
+    read_calibration_text,
+)
 from moeshare.consolidate.cluster import LayerClustering, allocate, cluster_layer
 from moeshare.consolidate.experts import BANK_ROLES, bank_key, load_layer, to_bank
+from moeshare.consolidate.fit import FitData
 from moeshare.consolidate.merge import METHODS, merge_slot
 from moeshare.consolidate.safetensors_stream import StreamingSafetensorsWriter
 from moeshare.consolidate.similarity import AlignmentCache, output_distances, weight_distances
@@ -43,9 +50,10 @@ class Options:
     budget: str | None = None  # fraction or size; default 1.0 when no threshold
     threshold: float | None = None
     similarity: str | None = None  # weight | output; default output with calib, else weight
-    merge: str | None = None  # average | frequency | medoid; default frequency with calib, else average
+    merge: str | None = None  # average | frequency | medoid | fit; default fit when calibrated, else average
     calib: Path | None = None
     force: bool = False
+    self_calib: int = SELF_CALIB_TOKENS  # without calib, tokens a causal variant samples to calibrate `fit`
 
 
 def _check_variants(paths: list[Path]) -> list[Checkpoint]:
@@ -98,13 +106,40 @@ class Plan:
     clusterings: list[LayerClustering]
     slot_bytes: dict[str, int]
     alignments: dict[str, dict[tuple[int, int], Alignment]]  # layer -> what the merge pass can reuse
+    self_calib: int = SELF_CALIB_TOKENS
+    _sampled: Calibration | None = field(default=None, repr=False)
 
     @property
     def experts_before(self) -> int:
         return sum(self.slot_bytes.values()) * self.ckpts[0].adapter.num_experts * len(self.ckpts)
 
+    @property
+    def can_fit(self) -> bool:
+        return self.calib is not None or (self.self_calib > 0 and all(can_sample(c) for c in self.ckpts))
 
-def plan(paths: list[str | Path], similarity: str | None = None, calib: Path | None = None) -> Plan:
+    def fit_calibration(self) -> Calibration:
+        """What the fit merge learns from: the calibration text's activations, else (sampled once, on first
+        need, so plans for other merges never pay for it) those of text each variant samples from itself."""
+        if self.calib is not None:
+            return self.calib
+        if self.self_calib <= 0:
+            raise MoeshareError("--merge fit needs calibration: pass --calib FILE, or a --self-calib above 0")
+        if not self.can_fit:
+            raise MoeshareError(
+                f"--merge fit needs calibration text for {self.ckpts[0].adapter.name} variants "
+                "(only causal LMs sample their own): pass --calib FILE"
+            )
+        if self._sampled is None:
+            self._sampled = calibrate(self.ckpts, None, max_tokens=self.self_calib)
+        return self._sampled
+
+
+def plan(
+    paths: list[str | Path],
+    similarity: str | None = None,
+    calib: Path | None = None,
+    self_calib: int = SELF_CALIB_TOKENS,
+) -> Plan:
     if similarity == "output" and calib is None:
         raise MoeshareError("--similarity output needs calibration text: pass --calib FILE")
     text = read_calibration_text(calib) if calib is not None else None
@@ -125,7 +160,7 @@ def plan(paths: list[str | Path], similarity: str | None = None, calib: Path | N
         alignments[layer] = cache.done
         clusterings.append(cluster_layer(layer, dist, lx.owner, exact, adapter.num_experts))
     slot_bytes = {layer: _slot_bytes(ckpts[0], layer) for layer in adapter.moe_layers}
-    return Plan(ckpts, similarity, cal, calib, clusterings, slot_bytes, alignments)
+    return Plan(ckpts, similarity, cal, calib, clusterings, slot_bytes, alignments, self_calib)
 
 
 def consolidate(paths: list[str | Path], out: str | Path, opts: Options, made: Plan | None = None) -> dict:
@@ -137,9 +172,15 @@ def consolidate(paths: list[str | Path], out: str | Path, opts: Options, made: P
         raise MoeshareError(f"--merge {opts.merge}: choose one of {', '.join(METHODS)}")
     if opts.threshold is not None and opts.budget is not None:
         raise MoeshareError("give --budget or --threshold, not both")
+    if opts.self_calib < 0:
+        raise MoeshareError(f"--self-calib {opts.self_calib}: give a number of tokens, or 0 for none")
     if made is None:
-        made = plan(paths, opts.similarity, opts.calib)
-    elif opts.similarity not in (None, made.similarity) or opts.calib != made.calib_path:
+        made = plan(paths, opts.similarity, opts.calib, opts.self_calib)
+    elif (
+        opts.similarity not in (None, made.similarity)
+        or opts.calib != made.calib_path
+        or opts.self_calib != made.self_calib
+    ):
         raise ValueError("the plan was made with another similarity or calibration text")
     ckpts, slot_bytes, experts_before = made.ckpts, made.slot_bytes, made.experts_before
     n_experts = ckpts[0].adapter.num_experts
@@ -152,16 +193,17 @@ def consolidate(paths: list[str | Path], out: str | Path, opts: Options, made: P
                 f"--budget {opts.budget} allows {int(budget_bytes)} bytes, below one slot per (layer, local expert): "
                 f"the smallest bank is {smallest} bytes ({smallest / experts_before:.3f} of the experts)"
             )
-    merge = opts.merge or ("frequency" if made.calib else "average")
+    merge = opts.merge or ("fit" if made.can_fit else "average")
     if merge == "frequency" and not made.calib:
         merge = "average"  # frequency weights come from routing calibration text; without it, a plain mean
+    fit_calib = made.fit_calibration() if merge == "fit" else None
     taken = allocate(made.clusterings, slot_bytes, budget_bytes, opts.threshold)
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "variants").mkdir(parents=True)
     try:
-        manifest = _write(tmp, made, taken, merge)
+        manifest = _write(tmp, made, taken, merge, fit_calib)
         sizes = manifest["bytes"]
         sizes["experts_before"] = experts_before
         sizes["total_before"] = sum(ckpt.nbytes(n) for ckpt in ckpts for n in ckpt.names)
@@ -174,6 +216,7 @@ def consolidate(paths: list[str | Path], out: str | Path, opts: Options, made: P
             "threshold": opts.threshold,
             "calib": str(made.calib_path) if made.calib_path else None,
             "calib_tokens": made.calib.tokens if made.calib else 0,
+            "self_calib_tokens": fit_calib.tokens if fit_calib is not None and fit_calib.sampled else 0,
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
@@ -184,7 +227,7 @@ def consolidate(paths: list[str | Path], out: str | Path, opts: Options, made: P
     return manifest
 
 
-def _write(tmp: Path, made: Plan, taken: dict[str, int], merge: str) -> dict:
+def _write(tmp: Path, made: Plan, taken: dict[str, int], merge: str, fit_calib: Calibration | None) -> dict:
     ckpts, clusterings, calib = made.ckpts, made.clusterings, made.calib
     adapter, arch = ckpts[0].adapter, ckpts[0].adapter.name
     n_experts = adapter.num_experts
@@ -208,7 +251,12 @@ def _write(tmp: Path, made: Plan, taken: dict[str, int], merge: str) -> dict:
         lx = load_layer(ckpts, c.layer)
         cache = AlignmentCache(lx, made.alignments[c.layer])
         freq = calib.counts[c.layer].reshape(-1) if calib else None
-        slots = [merge_slot(members, cache, c.dist, merge, freq) for members in c.states[taken[c.layer]]]
+        fit = (
+            FitData(arch, fit_calib.inputs[c.layer], fit_calib.gates[c.layer])
+            if fit_calib is not None
+            else None
+        )
+        slots = [merge_slot(members, cache, c.dist, merge, freq, fit) for members in c.states[taken[c.layer]]]
         for s, slot in enumerate(slots):
             for m in slot.members:
                 tables[names[m // n_experts]].setdefault(c.layer, [0] * n_experts)[m % n_experts] = s
