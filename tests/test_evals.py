@@ -40,7 +40,7 @@ def test_eval_smoke_runs_every_method_and_writes_every_file(tiny_report: Path, a
     methods = {(r["method"], r["similarity"], r["merge"]) for r in report["results"]}
     assert {m[0] for m in methods} == {"original", "moeshare", "same-index-pick", "average", "ties", "base"}
     assert {(s, m) for k, s, m in methods if k == "moeshare"} == {
-        (s, m) for s in ("weight", "output") for m in ("average", "frequency", "medoid")
+        (s, m) for s in ("weight", "output") for m in ("average", "frequency", "medoid", "fit")
     }
     metrics = {r["metric"] for r in report["results"]}
     expected = {"perplexity", "kl", "top1_agreement", "greedy_match"}
@@ -112,7 +112,7 @@ def test_eval_of_owner_variants_skips_what_needs_a_base_or_calibration(
     [
         (["--budgets", "0.1"], "outside [1/2, 1]"),
         (["--budgets", "half"], "give fractions separated by commas"),
-        (["--merge", "mean"], "choose from average,frequency,medoid"),
+        (["--merge", "mean"], "choose from average,frequency,medoid,fit"),
         (["--heldout", "kjv"], "write it as VARIANT=FILE"),
         (["--heldout", "nope=x.txt"], "no variant 'nope'"),
         (["--heldout", "kjv=/no/such/file"], "cannot read /no/such/file"),

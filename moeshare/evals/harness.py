@@ -11,13 +11,14 @@ import gc
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from moeshare.consolidate import Options, consolidate, export_variant, plan
+from moeshare.consolidate import Options, Plan, consolidate, export_variant, plan
+from moeshare.consolidate.calibrate import calibrate, read_calibration_text
 from moeshare.engine.engine import Engine, EngineConfig
 from moeshare.errors import MoeshareError
 from moeshare.evals import baselines
@@ -27,7 +28,7 @@ from moeshare.evals.scorers import EngineScorer, Scorer, TransformersScorer
 
 BUDGETS = (1.0, 0.75, 0.5, 0.375, 0.25)
 SIMILARITIES = ("weight", "output")
-MERGES = ("average", "frequency", "medoid")
+MERGES = ("average", "frequency", "medoid", "fit")
 BASELINES = ("same-index-pick", "average", "ties", "base")
 
 
@@ -192,17 +193,28 @@ class Harness:
             total += sum(ckpt.nbytes(n) for n in ckpt.names if ckpt.adapter.classify(n).kind == "expert")
         return total
 
+    def _plans(self, similarity: str) -> tuple[Plan, Plan]:
+        """The plan `moeshare consolidate` makes for this similarity (calibration text only for output
+        similarity, so fit samples each variant's own text), and the same plan given the calibration text,
+        for the merges that need it (frequency; fit where variants cannot sample their own)."""
+        calib = self.subject.calib
+        made = plan(self.paths, similarity, calib if similarity == "output" else None)
+        if made.calib is not None or calib is None:
+            return made, made
+        return made, replace(
+            made, calib=calibrate(made.ckpts, read_calibration_text(calib)), calib_path=calib
+        )
+
     def moeshare(self, similarity: str, budgets: list[float], merges: list[str], bar: tqdm) -> None:
-        calib = self.subject.calib if (similarity == "output" or "frequency" in merges) else None
-        made = plan(self.paths, similarity, calib)
+        own, given = self._plans(similarity)
         for budget in budgets:
             for merge in merges[:1] if budget == 1.0 else merges:  # budget 1.0 merges nothing: score it once
+                made = given if merge == "frequency" or (merge == "fit" and not own.can_fit) else own
                 method = Method("moeshare", budget, similarity, merge)
                 bar.set_postfix_str(f"moeshare {similarity}/{merge} @ {budget:g}")
                 store = self.work / "store"
-                manifest = consolidate(
-                    self.paths, store, Options(str(budget), None, similarity, merge, calib, force=True), made
-                )
+                opts = Options(str(budget), None, similarity, merge, made.calib_path, force=True)
+                manifest = consolidate(self.paths, store, opts, made)
                 sizes = manifest["bytes"]
                 self.memory(method, sizes["experts_after"] / sizes["experts_before"], sizes["experts_after"])
                 for layer in manifest["bank"]["layers"]:
@@ -284,6 +296,9 @@ def plan_runs(
         if "frequency" in merges:
             skipped.append("moeshare frequency merge: needs calibration text (--calib)")
             merges.remove("frequency")
+        if "fit" in merges and subject.arch != "mixtral":
+            skipped.append("moeshare fit merge: Switch variants cannot sample their own text; needs --calib")
+            merges.remove("fit")
     runs = []
     for i, sim in enumerate(sims):
         budgets = [b for b in config.budgets if b < 1.0 or i == 0]  # budget 1.0 merges nothing: score it once

@@ -139,6 +139,13 @@ def markdown(results: Results, command: str) -> str:
         + ("; ROUGE over the reconstructed spans' tokens (bytes)." if t.denoising else "."),
         "",
     ]
+    lines += [
+        "Stores: weight-similarity stores are made as `moeshare consolidate --budget B --merge M` makes them "
+        "without calibration text (`fit` calibrates on text each Mixtral variant samples from itself); "
+        "`frequency`, and `fit` for Switch, are given the calibration text; output-similarity stores are "
+        f"made with `--calib` ({s['calib'] or 'none given'}).",
+        "",
+    ]
     tg = targets(t)
     if tg:
         lines += [
@@ -162,9 +169,7 @@ def markdown(results: Results, command: str) -> str:
             ]
             lines.append(
                 f"| {name} | {r['perplexity']:.3f} | {orig:.3f} | {_pct(r['perplexity'] / orig - 1)} | "
-                f"{'yes' if r['within'] else 'no'} | "
-                + " | ".join(beats)
-                + " |"
+                f"{'yes' if r['within'] else 'no'} | " + " | ".join(beats) + " |"
             )
         lines.append("")
     lines += [
@@ -258,5 +263,8 @@ def write_report(results: Results, out: Path, command: str) -> list[Path]:
     files = [out / "report.json", out / "report.md"]
     files.append(plot_quality(t, out / "quality_vs_memory.png"))
     if results.merge_error:
-        files.append(plot_merge_error(results, combo or t.combos()[0], out / "merge_error.png"))
+        # the weight distance of members to an averaged slot; fit moves weights far while matching outputs
+        heat = combo or t.combos()[0]
+        heat = (heat[0], "average") if (heat[0], "average") in t.combos() else heat
+        files.append(plot_merge_error(results, heat, out / "merge_error.png"))
     return files
