@@ -71,8 +71,16 @@ def _zero_slot(store: Path, out: Path, layer: str, slot: int) -> Path:
     return out
 
 
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is as fast, and never waits on a busy core
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_thread")
 def test_eval_catches_a_store_with_one_bank_slot_zeroed(tiny_zoo: Path, tmp_path: Path) -> None:
-    torch.set_num_threads(1)
     subject = zoo_subject("tiny", "mixtral", tmp_path / "work")
     store = tmp_path / "store"
     consolidate(list(subject.variants.values()), store, Options(budget="1.0"))

@@ -96,8 +96,6 @@ def _choices(text: str, allowed: tuple[str, ...], flag: str) -> tuple[str, ...]:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from moeshare.evals.report import write_report
-
     if bool(args.zoo) == bool(args.variants):
         raise MoeshareError("give --zoo SIZE or --variants DIR..., one of them")
     config = EvalConfig(
@@ -118,6 +116,21 @@ def run_eval(args: argparse.Namespace) -> int:
             raise MoeshareError(f"{flag} {value}: must be at least {least}")
     if args.max_tokens < config.seq_len:
         raise MoeshareError(f"--max-tokens {args.max_tokens}: must be at least one window ({config.seq_len})")
+    import torch
+
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        _run_all(args, config, command)
+    finally:
+        torch.set_num_threads(threads)
+    return 0
+
+
+def _run_all(args: argparse.Namespace, config: EvalConfig, command: str) -> None:
+    from moeshare.evals.report import write_report
+
     out = Path(args.out)
     archs = (["mixtral", "switch"] if args.arch == "all" else [args.arch]) if args.zoo else [None]
     for arch in archs:
@@ -126,7 +139,6 @@ def run_eval(args: argparse.Namespace) -> int:
             results = run(subject, config, Path(work))
         for f in write_report(results, out / arch if arch else out, command):
             print(f"wrote {f}")
-    return 0
 
 
 def add_eval_parser(sub: argparse._SubParsersAction) -> None:
