@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from moeshare.consolidate.align import neuron_matrix, relative_distance, split_neuron_matrix
+from moeshare.consolidate.experts import expert_forward
 from moeshare.consolidate.fit import FitData, fit_expert
 from moeshare.consolidate.similarity import AlignmentCache
 
@@ -45,8 +46,10 @@ def merge_slot(
         return MergedSlot(members, lx.experts[ref], [0.0] * len(members))
     fitted = _fit(fit, members, aligned, lx.experts[ref], lx.roles) if method == "fit" and fit else None
     if fitted is not None:
-        expert, merged = fitted
-    elif method == "medoid":
+        expert, _ = fitted
+        # fit moves weights far from every member while matching their outputs: judge it by its outputs
+        return MergedSlot(members, expert, [output_error(fit, m, lx.experts[m], expert) for m in members])
+    if method == "medoid":
         merged = cache.neurons[ref]
         expert = lx.experts[ref]
     else:
@@ -59,6 +62,20 @@ def merge_slot(
         expert = split_neuron_matrix(merged, lx.experts[ref], lx.roles)
     errors = [relative_distance(x, merged) for x in aligned]
     return MergedSlot(members, expert, errors)
+
+
+def output_error(
+    fit: FitData, member: int, original: dict[str, torch.Tensor], merged: dict[str, torch.Tensor]
+) -> float:
+    """Relative error of the merged expert's outputs against the member's own, on the calibration tokens
+    the member's router sends it (weighted by gate weight squared, as the fit is)."""
+    x, w = fit.routed(member)  # [T, H], [T]
+    if len(x) == 0:
+        return 0.0
+    want = expert_forward(fit.arch, original, x)  # [T, H]
+    got = expert_forward(fit.arch, merged, x)
+    den = (w[:, None] * want.square()).sum()
+    return float(((w[:, None] * (got - want).square()).sum() / den).sqrt()) if den > 0 else 0.0
 
 
 def _fit(

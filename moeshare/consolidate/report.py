@@ -48,6 +48,12 @@ def format_report(summary: dict) -> str:
             f"{layer['layer']:>12} {layer['slots']:>5} / {layer['slots_before']:<3} {layer['shared_slots']:>7} "
             f"{layer['mean_error']:>9.4f} {layer['max_error']:>8.4f}"
         )
+    what = (
+        "relative output error on the calibration tokens each member is routed"
+        if made.get("merge") == "fit"
+        else "relative weight distance of each member to its slot"
+    )
+    lines.append(f"{'':>12} (err: {what})")
     total_slots = sum(layer["slots"] for layer in summary["layers"])
     total_before = sum(layer["slots_before"] for layer in summary["layers"])
     lines += [
