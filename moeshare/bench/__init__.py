@@ -1,0 +1,1 @@
+"""Serving benchmark: seeded multi-variant workloads, open-loop replay over gRPC, and latency metrics."""

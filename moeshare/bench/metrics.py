@@ -1,0 +1,111 @@
+"""Latency and throughput of one replayed run: per request TTFT, TPOT and turnaround; per run their mean,
+P50 and P99, throughput, and SLO attainment against each variant's latency when served alone."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from moeshare.bench.replay import RequestRecord
+
+
+@dataclass(frozen=True)
+class RequestLatency:
+    """Seconds, measured from the moment the request was sent; None where the request has no such time."""
+
+    variant: str
+    ok: bool
+    tokens_out: int
+    turnaround_s: float
+    ttft_s: float | None
+    tpot_s: float | None  # mean gap between output tokens after the first; needs two tokens
+
+
+def request_latency(r: RequestRecord) -> RequestLatency:
+    ttft = None if r.first_token_s is None else r.first_token_s - r.sent_s
+    tpot = None
+    if r.tokens_out >= 2:
+        tpot = (r.token_times_s[-1] - r.token_times_s[0]) / (r.tokens_out - 1)
+    return RequestLatency(r.variant, r.ok, r.tokens_out, r.finish_s - r.sent_s, ttft, tpot)
+
+
+@dataclass(frozen=True)
+class Stat:
+    mean: float
+    p50: float
+    p99: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Stat:
+        if not values:
+            return cls(math.nan, math.nan, math.nan)
+        a = np.asarray(values, dtype=np.float64)
+        return cls(float(a.mean()), float(np.percentile(a, 50)), float(np.percentile(a, 99)))
+
+
+@dataclass(frozen=True)
+class RunMetrics:
+    """One run. Latency stats cover completed requests only; failed ones count as SLO misses."""
+
+    system: str
+    rate_rps: float  # offered load
+    requests: int
+    failed: int
+    span_s: float  # first send to last finish
+    throughput_rps: float  # completed requests / span
+    tokens_per_s: float  # output tokens of completed requests / span
+    turnaround: Stat
+    ttft: Stat
+    tpot: Stat
+    slo_attainment_5x: float  # fraction of all requests finished within 5x their variant's solo latency
+    slo_attainment_10x: float
+    max_send_lag_s: float  # worst lateness of a send against the schedule: large means the client lagged
+
+    def to_record(self) -> dict[str, str | int | float]:
+        """Flat, for a results table; the caller adds gpu, date and the like."""
+        out: dict[str, str | int | float] = {}
+        for key, value in asdict(self).items():
+            if isinstance(value, dict):
+                out |= {f"{stat}_{key}_s": v for stat, v in value.items()}
+            else:
+                out[key] = value
+        return out
+
+
+def _per_s(n: float, span_s: float) -> float:
+    return n / span_s if span_s > 0 else math.nan
+
+
+def slo_attainment(latencies: Sequence[RequestLatency], solo_s: Mapping[str, float], scale: float) -> float:
+    met = sum(1 for x in latencies if x.ok and x.turnaround_s <= scale * solo_s[x.variant])
+    return met / len(latencies) if latencies else math.nan
+
+
+def summarize(
+    records: Sequence[RequestRecord], solo_s: Mapping[str, float], system: str, rate_rps: float
+) -> RunMetrics:
+    """`solo_s`: each variant's turnaround (seconds) when it is the only request on the server."""
+    missing = sorted({r.variant for r in records} - set(solo_s))
+    if missing:
+        raise ValueError(f"no solo latency for variants {missing}")
+    latencies = [request_latency(r) for r in records]
+    done = [x for x in latencies if x.ok]
+    span = max((r.finish_s for r in records), default=0.0) - min((r.sent_s for r in records), default=0.0)
+    return RunMetrics(
+        system=system,
+        rate_rps=rate_rps,
+        requests=len(records),
+        failed=len(records) - len(done),
+        span_s=span,
+        throughput_rps=_per_s(len(done), span),
+        tokens_per_s=_per_s(sum(x.tokens_out for x in done), span),
+        turnaround=Stat.of([x.turnaround_s for x in done]),
+        ttft=Stat.of([x.ttft_s for x in done if x.ttft_s is not None]),
+        tpot=Stat.of([x.tpot_s for x in done if x.tpot_s is not None]),
+        slo_attainment_5x=slo_attainment(latencies, solo_s, 5),
+        slo_attainment_10x=slo_attainment(latencies, solo_s, 10),
+        max_send_lag_s=max((r.sent_s - r.arrival_s for r in records), default=0.0),
+    )
