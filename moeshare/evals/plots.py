@@ -65,9 +65,12 @@ def plot_quality(t: Table, path: Path) -> Path:
             ax.set_ylabel("perplexity change (%)" if metric == "perplexity" else "ROUGE-1")
             ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
+    legend_rows = -(-len(labels) // 4)
+    legend_in = 0.25 * legend_rows + 0.15  # inches under the plots for the legend
+    fig.set_size_inches(fig.get_size_inches()[0], fig.get_size_inches()[1] + legend_in)
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.suptitle(f"Quality against bank memory: {t.r.subject['label'] or t.r.subject['arch']}", fontsize=11)
-    fig.tight_layout(rect=(0, 0.06 + 0.025 * (len(labels) // 4), 1, 0.96))
+    fig.tight_layout(rect=(0, legend_in / fig.get_size_inches()[1], 1, 0.96))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
