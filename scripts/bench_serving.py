@@ -1,0 +1,312 @@
+"""Serving benchmark: several systems serve the same variants under the same workload, through the real
+gRPC API on loopback (issue 7).
+
+    python scripts/bench_serving.py --zoo tiny --device cpu --quick
+    python scripts/bench_serving.py --store-dir CHECKPOINTS --device cuda --rates 0.5,1,2,4
+
+Systems (moeshare.bench.systems): `moeshare` (one consolidated store, cross-variant batching),
+`reconfig-bs1` (same-index-pick bank, one variant's non-expert tensors resident, batch size 1), `swap`
+(one variant resident at a time), `partition` (one server per variant, equal shares). For each system:
+start its servers, time each variant's request alone, then for each rate replay the seeded workload open
+loop and keep every request's timings. SLO attainment compares each request's turnaround with k times
+its variant's solo latency on the system where that latency is lowest in this run, so every system is
+judged against one reference. Writes records.jsonl, summary.json, solo.json, two PNG plots and a
+README.md with the command and the table into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import math
+import shlex
+import sys
+import tempfile
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from moeshare.bench.metrics import summarize
+from moeshare.bench.replay import RequestRecord, replay
+from moeshare.bench.systems import SYSTEMS, Deployment, ServeLimits, Workspace, deploy
+from moeshare.bench.workload import ZOO_PRINTABLE, Lengths, RequestSpec, WorkloadSpec, generate
+from moeshare.zoo import build_zoo
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "evals" / "results" / "serving"
+TABLE_KEYS = (
+    "mean_turnaround_s",
+    "p99_turnaround_s",
+    "p99_ttft_s",
+    "mean_tpot_s",
+    "slo_attainment_5x",
+    "slo_attainment_10x",
+    "throughput_rps",
+    "tokens_per_s",
+)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument(
+        "--zoo", choices=["tiny", "small"], default="tiny", help="the trained zoo's Mixtral variants"
+    )
+    src.add_argument(
+        "--store-dir", type=Path, help="a directory of variant HF checkpoints, one per subdirectory"
+    )
+    p.add_argument(
+        "--variants", type=int, default=4, help="how many variants (default 4), most popular first"
+    )
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of {', '.join(SYSTEMS)}")
+    p.add_argument("--rates", default="0.5,1,2,4", help="comma list of request rates, requests/s in all")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per rate (default 60)")
+    p.add_argument("--input-len", type=int, default=512, help="median prompt tokens (default 512)")
+    p.add_argument("--output-len", type=int, default=128, help="median output tokens (default 128)")
+    p.add_argument("--fixed-lengths", action="store_true", help="every request exactly the medians")
+    p.add_argument("--zipf-alpha", type=float, default=0.9)
+    p.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of inter-arrival gaps")
+    p.add_argument("--budget", default="0.5", help="bank budget of the moeshare and reconfig-bs1 stores")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step, per system in all")
+    p.add_argument("--kv-blocks", type=int, default=512, help="KV blocks per system in all (default 512)")
+    p.add_argument("--solo-repeats", type=int, default=3, help="timed solo requests per variant (median)")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request fails")
+    p.add_argument("--quick", action="store_true", help="at most 30 s per rate, first and last rate only")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--work-dir", type=Path, help="keep stores and server logs here (default: a temp dir)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    if unknown := [s for s in args.systems if s not in SYSTEMS]:
+        p.error(f"unknown systems {unknown}; choose from {', '.join(SYSTEMS)}")
+    args.rates = [float(r) for r in args.rates.split(",") if r.strip()]
+    if not args.rates or min(args.rates) <= 0:
+        p.error("--rates needs at least one rate > 0")
+    if args.quick:
+        args.duration = min(args.duration, 30.0)
+        args.rates = sorted({args.rates[0], args.rates[-1]})
+        args.solo_repeats = 1
+    return args
+
+
+def variant_checkpoints(directory: Path, n: int) -> dict[str, Path]:
+    found = sorted(p for p in directory.iterdir() if (p / "config.json").is_file() and p.name != "base")
+    if len(found) < n:
+        raise SystemExit(f"bench_serving: {directory} has {len(found)} variant checkpoints, {n} asked for")
+    return {p.name: p for p in found[:n]}
+
+
+def lengths(args: argparse.Namespace, context: int) -> tuple[Lengths, Lengths]:
+    """Prompt and output lengths; lognormal ones are clipped so every request fits the context."""
+    if args.fixed_lengths:
+        return Lengths.fixed(args.input_len), Lengths.fixed(args.output_len)
+    out = Lengths(args.output_len, lo=max(1, args.output_len // 4), hi=2 * args.output_len)
+    hi = min(4 * args.input_len, context - out.hi)
+    return Lengths(args.input_len, lo=max(1, min(args.input_len // 4, hi)), hi=hi), out
+
+
+async def replay_routed(
+    routes: Mapping[str, str], requests: Sequence[RequestSpec], timeout_s: float
+) -> list[RequestRecord]:
+    """One open-loop replay per server, started together; records in arrival order. Each replay keeps its
+    own clock, started within the time it takes to open a channel, so only `span_s` mixes clocks."""
+    by_address: dict[str, list[RequestSpec]] = defaultdict(list)
+    for r in requests:
+        by_address[routes[r.variant]].append(r)
+    parts = await asyncio.gather(
+        *(replay(a, reqs, temperature=0.0, timeout_s=timeout_s) for a, reqs in by_address.items())
+    )
+    return sorted((r for part in parts for r in part), key=lambda r: r.arrival_s)
+
+
+def solo_latencies(
+    routes: Mapping[str, str], prompt_len: int, max_tokens: int, repeats: int, seed: int
+) -> dict[str, float]:
+    """Each variant's turnaround with nothing else on its server: one untimed request first (it makes the
+    variant resident), then the median of `repeats`."""
+    ids = tuple(np.random.default_rng(seed).integers(*ZOO_PRINTABLE, size=prompt_len).tolist())
+    solo = {}
+    for v, address in routes.items():
+        times = []
+        for i in range(repeats + 1):
+            spec = RequestSpec(f"solo-{v}-{i}", v, 0.0, ids, max_tokens)
+            [rec] = asyncio.run(replay(address, [spec], temperature=0.0))
+            if not rec.ok:
+                raise RuntimeError(f"solo request of {v} failed: {rec.error}")
+            times.append(rec.finish_s - rec.sent_s)
+        solo[v] = float(np.median(times[1:]))
+    return solo
+
+
+def gpu_used_bytes(device: str) -> int | None:
+    if device != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info()
+    return total - free
+
+
+@dataclass
+class RateRun:
+    rate_rps: float
+    records: list[RequestRecord]
+    gpu_mem_used_gib: float | None  # the whole device while the system ran, less what was used before
+
+
+@dataclass
+class SystemRun:
+    system: str
+    solo_s: dict[str, float]
+    rates: list[RateRun] = field(default_factory=list)
+
+
+def workload(
+    args: argparse.Namespace, variants: list[str], rate: float, lens: tuple[Lengths, Lengths]
+) -> list[RequestSpec]:
+    spec = WorkloadSpec(
+        variants, rate, args.duration, args.zipf_alpha, args.cv, lens[0], lens[1], seed=args.seed
+    )
+    return generate(spec)
+
+
+def run_system(
+    name: str, ws: Workspace, args: argparse.Namespace, lens: tuple[Lengths, Lengths], bar: tqdm
+) -> SystemRun:
+    limits = ServeLimits(args.device, args.max_num_seqs, args.kv_blocks)
+    specs = SYSTEMS[name].layout(ws, limits, args.budget)
+    bar.set_description(f"{name}: starting {len(specs)} server(s)")
+    baseline = gpu_used_bytes(args.device)
+    with deploy(name, specs, args.device, ws.root / "logs") as d:
+        _check_served(d, ws.variants)
+        bar.set_description(f"{name}: solo latency")
+        run = SystemRun(
+            name, solo_latencies(d.routes, lens[0].median, lens[1].median, args.solo_repeats, args.seed)
+        )
+        for rate in args.rates:
+            bar.set_description(f"{name}: {rate:g} req/s")
+            records = asyncio.run(
+                replay_routed(d.routes, workload(args, ws.variants, rate, lens), args.request_timeout)
+            )
+            used = gpu_used_bytes(args.device)
+            mem = None if used is None or baseline is None else (used - baseline) / 2**30
+            run.rates.append(RateRun(rate, records, mem))
+            bar.update()
+    return run
+
+
+def _check_served(d: Deployment, variants: list[str]) -> None:
+    if missing := sorted(set(variants) - set(d.routes)):
+        raise RuntimeError(f"{d.system} serves no {missing}")
+
+
+def reference_solo(runs: Sequence[SystemRun]) -> dict[str, float]:
+    """Per variant, the lowest solo latency of any system in the run: one SLO for every system."""
+    return {v: min(r.solo_s[v] for r in runs) for v in runs[0].solo_s}
+
+
+def summary_records(runs: Sequence[SystemRun], solo: Mapping[str, float], gpu: str, date: str) -> list[dict]:
+    out = []
+    for run in runs:
+        for rr in run.rates:
+            rec = summarize(rr.records, solo, run.system, rr.rate_rps).to_record()
+            out.append(rec | {"gpu_mem_used_gib": rr.gpu_mem_used_gib, "gpu": gpu, "date": date})
+    return out
+
+
+def plot(summary: Sequence[dict], key: str, ylabel: str, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for system in dict.fromkeys(r["system"] for r in summary):
+        pts = sorted((r["rate_rps"], r[key]) for r in summary if r["system"] == system)
+        x, y = zip(*pts, strict=True)
+        ax.plot(x, y, marker="o", ms=4, lw=1.5, label=system)
+    ax.set_xlabel("request rate (requests/s)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _cell(x: object) -> str:
+    if isinstance(x, float):
+        return "nan" if math.isnan(x) else f"{x:.3g}"
+    return str(x)
+
+
+def table(summary: Sequence[dict]) -> str:
+    head = ["system", "rate_rps", "requests", "failed", *TABLE_KEYS]
+    rows = [head, ["---"] * len(head)] + [[_cell(r[k]) for k in head] for r in summary]
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+def write_results(
+    out: Path,
+    runs: Sequence[SystemRun],
+    summary: list[dict],
+    solo: dict[str, float],
+    command: str,
+    about: str,
+) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "records.jsonl").open("w") as f:
+        for run in runs:
+            for rr in run.rates:
+                for r in rr.records:
+                    f.write(json.dumps({"system": run.system, "rate_rps": rr.rate_rps} | asdict(r)) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    per_system = {r.system: r.solo_s for r in runs}
+    (out / "solo.json").write_text(json.dumps({"reference": solo, "per_system": per_system}, indent=1) + "\n")
+    plot(summary, "mean_turnaround_s", "mean turnaround (s)", out / "turnaround_vs_rate.png")
+    plot(summary, "slo_attainment_5x", "SLO attainment (5x solo)", out / "slo_attainment_vs_rate.png")
+    first = summary[0]
+    (out / "README.md").write_text(
+        f"# Serving benchmark\n\n{first['gpu']}, {first['date']}.\n\n```bash\n{command}\n```\n\n"
+        f"{table(summary)}\n\n![turnaround](turnaround_vs_rate.png)\n![SLO](slo_attainment_vs_rate.png)\n\n"
+        f"SLO: k x each variant's lowest solo latency in this run (`solo.json`).\n\n{about}\n"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_serving: --device cuda but CUDA is not available")
+    source = args.store_dir or build_zoo(args.zoo, "mixtral") / "mixtral"
+    checkpoints = variant_checkpoints(Path(source), args.variants)
+    context = json.loads((next(iter(checkpoints.values())) / "config.json").read_text())[
+        "max_position_embeddings"
+    ]
+    lens = lengths(args, context)
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    date = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+    with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
+        ws = Workspace(checkpoints, args.work_dir or Path(tmp))
+        runs = []
+        with tqdm(total=len(args.systems) * len(args.rates), unit="run") as bar:
+            for name in args.systems:
+                runs.append(run_system(name, ws, args, lens, bar))
+    solo = reference_solo(runs)
+    summary = summary_records(runs, solo, gpu, date)
+    about = "\n".join(f"- `{s}`: {SYSTEMS[s].about}" for s in args.systems)
+    write_results(args.out, runs, summary, solo, f"python scripts/bench_serving.py {shlex.join(argv)}", about)
+    print(table(summary))
+    print(f"bench_serving: wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

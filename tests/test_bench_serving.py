@@ -1,0 +1,88 @@
+"""scripts/bench_serving.py end to end on the tiny zoo: every system started, replayed and summarized."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from moeshare.bench.systems import SYSTEMS, ServeLimits, Workspace, partition_layout
+from moeshare.evals.baselines import same_index_pick
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = 4
+OUT_LEN = 8
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("bench_serving", ROOT / "scripts" / "bench_serving.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def run(tiny_zoo, tmp_path_factory):
+    out, work = tmp_path_factory.mktemp("serving"), tmp_path_factory.mktemp("work")
+    argv = ["--zoo", "tiny", "--rates", "4", "--duration", "2", "--input-len", "16", "--output-len"]
+    argv += [
+        str(OUT_LEN),
+        "--fixed-lengths",
+        "--solo-repeats",
+        "1",
+        "--out",
+        str(out),
+        "--work-dir",
+        str(work),
+    ]
+    assert _script().main(argv) == 0
+    return out, work
+
+
+def test_every_system_has_a_summary_with_finite_metrics(run):
+    out, _ = run
+    for name in ("records.jsonl", "summary.json", "solo.json", "README.md"):
+        assert (out / name).is_file(), name
+    for name in ("turnaround_vs_rate.png", "slo_attainment_vs_rate.png"):
+        assert (out / name).read_bytes().startswith(b"\x89PNG"), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["system"] for r in summary] == list(SYSTEMS)
+    for r in summary:
+        assert r["rate_rps"] == 4.0 and r["requests"] > 0 and r["failed"] == 0, r
+        assert r["gpu"] == "cpu" and r["date"]
+        for key in ("mean_turnaround_s", "p99_turnaround_s", "p99_ttft_s", "mean_tpot_s", "throughput_rps"):
+            assert math.isfinite(r[key]) and r[key] > 0, (r["system"], key)
+        assert 0 <= r["slo_attainment_5x"] <= r["slo_attainment_10x"] <= 1
+    assert "python scripts/bench_serving.py --zoo tiny" in (out / "README.md").read_text()
+
+
+def test_every_replayed_request_completes_with_its_tokens(run):
+    out, _ = run
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert {r["system"] for r in records} == set(SYSTEMS)
+    for r in records:
+        assert r["error"] is None and r["finish_reason"] == "length", r
+        assert len(r["token_times_s"]) == OUT_LEN and r["prompt_tokens"] == 16
+    solo = json.loads((out / "solo.json").read_text())
+    assert set(solo["per_system"]) == set(SYSTEMS) and len(solo["reference"]) == VARIANTS
+
+
+def test_reconfig_store_bank_is_the_same_index_pick_bank(run, tiny_zoo, tmp_path):
+    _, work = run
+    manifest = json.loads((work / "store-same-index-pick-0.5" / "manifest.json").read_text())
+    sizes = manifest["bytes"]
+    paths = [tiny_zoo / "mixtral" / v for v in json.loads((run[0] / "solo.json").read_text())["reference"]]
+    pick = same_index_pick(sorted(paths), tmp_path / "pick", 0.5)
+    assert sizes["experts_after"] / sizes["experts_before"] == pytest.approx(pick.fraction)
+    assert 0 < pick.fraction <= 0.5
+
+
+def test_partition_gives_each_variant_an_equal_share(tiny_zoo, tmp_path):
+    ckpts = {v: tiny_zoo / "mixtral" / v for v in ("kjv", "python", "fortunes-en", "fortunes-de")}
+    specs = partition_layout(Workspace(ckpts, tmp_path), ServeLimits("cpu", 64, 512), "0.5")
+    assert [s.variants for s in specs] == [(v,) for v in ckpts]
+    for s in specs:
+        assert s.options == ("--max-num-seqs", "16", "--kv-blocks", "128")
