@@ -37,7 +37,7 @@ class Completion:
 
 def _request(
     model: str,
-    prompt: str,
+    prompt: str | list[int],
     max_tokens: int = 64,
     temperature: float | None = None,
     top_p: float | None = None,
@@ -46,10 +46,15 @@ def _request(
     stop: list[str] | None = None,
     request_id: str = "",
     logprobs: bool = False,
+    ignore_eos: bool = False,
 ) -> pb.GenerateRequest:
+    """prompt: text, or token ids for a model served without a tokenizer."""
+    ids = not isinstance(prompt, str)
     req = pb.GenerateRequest(
         model=model,
-        prompt=prompt,
+        prompt="" if ids else prompt,
+        prompt_token_ids=list(prompt) if ids else [],
+        ignore_eos=ignore_eos,
         max_tokens=max_tokens,
         top_k=top_k,
         stop=stop or [],
@@ -103,18 +108,22 @@ class Client:
         self.metadata = _metadata(token)
 
     def generate_stream(
-        self, model: str, prompt: str, timeout: float | None = None, **params
+        self, model: str, prompt: str | list[int], timeout: float | None = None, **params
     ) -> Iterator[pb.GenerateResponse]:
         """The raw stream of GenerateResponse messages; cancel it with .cancel() on the returned call."""
         return self.stub.Generate(_request(model, prompt, **params), metadata=self.metadata, timeout=timeout)
 
-    def generate(self, model: str, prompt: str, timeout: float | None = None, **params) -> Iterator[str]:
+    def generate(
+        self, model: str, prompt: str | list[int], timeout: float | None = None, **params
+    ) -> Iterator[str]:
         """Yields the completion's text pieces as they are generated."""
         for r in self.generate_stream(model, prompt, timeout=timeout, **params):
             if r.text:
                 yield r.text
 
-    def complete(self, model: str, prompt: str, timeout: float | None = None, **params) -> Completion:
+    def complete(
+        self, model: str, prompt: str | list[int], timeout: float | None = None, **params
+    ) -> Completion:
         req = _request(model, prompt, **params)
         return _completion(self.stub.Complete(req, metadata=self.metadata, timeout=timeout))
 
@@ -149,13 +158,15 @@ class AsyncClient:
         self.metadata = _metadata(token)
 
     async def generate(
-        self, model: str, prompt: str, timeout: float | None = None, **params
+        self, model: str, prompt: str | list[int], timeout: float | None = None, **params
     ) -> AsyncIterator[pb.GenerateResponse]:
         call = self.stub.Generate(_request(model, prompt, **params), metadata=self.metadata, timeout=timeout)
         async for r in call:
             yield r
 
-    async def complete(self, model: str, prompt: str, timeout: float | None = None, **params) -> Completion:
+    async def complete(
+        self, model: str, prompt: str | list[int], timeout: float | None = None, **params
+    ) -> Completion:
         req = _request(model, prompt, **params)
         return _completion(await self.stub.Complete(req, metadata=self.metadata, timeout=timeout))
 

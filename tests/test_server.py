@@ -109,6 +109,21 @@ def test_complete_and_models(server):
         assert all(m.architecture == "mixtral" and m.context_length > 0 for m in models.values())
 
 
+def test_token_id_prompts_and_ignore_eos(server):
+    """Models served without a tokenizer take token ids; benchmarks run every request to max_tokens."""
+    with Client(server.address) as client:
+        text = client.complete("kjv", PROMPTS["kjv"], max_tokens=12, temperature=0.0)
+        ids = [b + 4 for b in PROMPTS["kjv"].encode()]  # the zoo tokenizer: one token per byte, offset 4
+        by_ids = client.complete("kjv", ids, max_tokens=12, temperature=0.0)
+        assert by_ids.token_ids == text.token_ids and by_ids.prompt_tokens == len(ids)
+        long = client.complete("kjv", ids, max_tokens=200, temperature=1.0, seed=3, ignore_eos=True)
+        assert long.completion_tokens == 200 and long.finish_reason == "length"
+        for bad, message in (([10**6], "token ids outside"), ([], "prompt is empty")):
+            with pytest.raises(grpc.RpcError) as err:
+                client.complete("kjv", bad, max_tokens=4)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.value.details()
+
+
 def test_32_concurrent_streams_finish_and_free_every_block(server):
     async def one(client: AsyncClient, i: int) -> int:
         v = VARIANTS[i % 4]

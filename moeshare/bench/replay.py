@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from moeshare.bench.workload import RequestSpec, byte_text
+from moeshare.bench.workload import RequestSpec
 from moeshare.client import FINISH, AsyncClient
 
 MAX_REQUESTS = 10_000
@@ -60,11 +60,11 @@ def is_loopback(address: str) -> bool:
 async def _one(
     client: AsyncClient,
     req: RequestSpec,
-    prompt: str,
+    prompt: str | list[int],
     seed: int,
     record: RequestRecord,
     clock: Callable[[], float],
-    params: dict[str, float | None],
+    params: dict[str, object],
 ) -> None:
     record.sent_s = clock()
     try:
@@ -90,13 +90,15 @@ async def replay(
     *,
     temperature: float | None = None,
     timeout_s: float | None = None,
-    render: Callable[[Sequence[int]], str] = byte_text,
+    render: Callable[[Sequence[int]], str] | None = None,
+    ignore_eos: bool = True,
     max_requests: int = MAX_REQUESTS,
     allow_remote: bool = False,
 ) -> list[RequestRecord]:
     """Send every request at its arrival_s (open loop) and stream it; returns one record per request,
     in arrival order. `temperature` None: the server's default. Request i gets sampling seed i, so a
-    replay is reproducible. `render` turns prompt ids into the text the API takes."""
+    replay is reproducible. Prompts go as token ids unless `render` turns them into text; `ignore_eos`
+    runs every request to its max_tokens, so output lengths are the workload's."""
     if len(requests) > max_requests:
         raise ValueError(
             f"refusing to replay {len(requests)} requests: more than max_requests={max_requests}"
@@ -104,9 +106,9 @@ async def replay(
     if not allow_remote and not is_loopback(address):
         raise ValueError(f"refusing non-loopback address {address!r}; pass allow_remote=True to send there")
     ordered = sorted(requests, key=lambda r: r.arrival_s)
-    prompts = [render(r.prompt_ids) for r in ordered]  # rendered before the clock starts
+    prompts = [list(r.prompt_ids) if render is None else render(r.prompt_ids) for r in ordered]
     records = [RequestRecord(r.id, r.variant, r.arrival_s, r.prompt_len, r.max_tokens) for r in ordered]
-    params: dict[str, float | None] = {"timeout": timeout_s}
+    params: dict[str, object] = {"timeout": timeout_s, "ignore_eos": ignore_eos}
     if temperature is not None:
         params["temperature"] = temperature
 

@@ -64,7 +64,15 @@ def sampling_params(request: pb.GenerateRequest) -> SamplingParams:
         seed=request.seed if request.HasField("seed") else None,
         stop=tuple(request.stop),
         logprobs=request.logprobs,
+        ignore_eos=request.ignore_eos,
     )
+
+
+def _prompt(request: pb.GenerateRequest) -> str | list[int]:
+    """Token ids when given, else the text; the engine rejects an empty prompt either way."""
+    if request.prompt_token_ids and request.prompt:
+        raise InvalidRequest("give prompt or prompt_token_ids, not both")
+    return list(request.prompt_token_ids) or request.prompt
 
 
 def _usage(seq: Sequence) -> pb.Usage:
@@ -120,7 +128,7 @@ class MoeShareServicer(moeshare_pb2_grpc.MoeShareServicer):
         self._check_ready()
         ticket = Ticket(request.model, asyncio.get_running_loop(), asyncio.Queue())
         future = self.worker.submit(
-            request.model, request.prompt, sampling_params(request), request.request_id, ticket
+            request.model, _prompt(request), sampling_params(request), request.request_id, ticket
         )
         done = False
         try:
