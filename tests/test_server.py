@@ -28,8 +28,8 @@ PROMPTS = {
 
 
 class Server:
-    def __init__(self, store: Path, *extra: str) -> None:
-        cmd = [sys.executable, "-m", "moeshare.cli", "serve", str(store), "--port", "0", *extra]
+    def __init__(self, *args: str | Path) -> None:
+        cmd = [sys.executable, "-m", "moeshare.cli", "serve", *map(str, args), "--port", "0"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.lines: queue.Queue[str] = queue.Queue()
         self.errors: list[str] = []
@@ -122,6 +122,19 @@ def test_token_id_prompts_and_ignore_eos(server):
             with pytest.raises(grpc.RpcError) as err:
                 client.complete("kjv", bad, max_tokens=4)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.value.details()
+
+
+def test_synthetic_variants_serve_token_id_prompts():
+    spec = "variants=2,own=1,layers=1,hidden=64,intermediate=128,experts=4,heads=4,kv_heads=2,vocab=300"
+    s = Server("--synthetic", spec)
+    try:
+        with Client(s.address) as client:
+            assert {m.name for m in client.list_models()} == {"v0", "v1"}
+            for v in ("v0", "v1"):
+                c = client.complete(v, [5, 6, 7, 8], max_tokens=8, temperature=0.0, ignore_eos=True)
+                assert c.completion_tokens == 8 and all(0 <= t < 300 for t in c.token_ids)
+    finally:
+        s.stop()
 
 
 def test_32_concurrent_streams_finish_and_free_every_block(server):
@@ -299,3 +312,19 @@ def test_sigterm_during_streaming_exits_cleanly(store):
         assert ended in ("finished", "CANCELLED", "UNAVAILABLE")
         with pytest.raises(grpc.RpcError):
             client.list_models()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ([], "nothing to serve"),
+        (["/no/such/store"], "no store or checkpoint at /no/such/store"),
+        (["--synthetic", "layers=two"], "--synthetic layers=two: write KEY=N pairs"),
+        (["--synthetic", "variants=0"], "need variants >= 1"),
+    ],
+)
+def test_serve_bad_arguments_are_one_line_before_anything_starts(args, message):
+    cmd = [sys.executable, "-m", "moeshare.cli", "serve", *args, "--port", "0"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stdout == ""
+    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1

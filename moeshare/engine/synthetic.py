@@ -103,3 +103,29 @@ class RandomMixtralSource:
 
     def tokenizer_dir(self, variant: str):
         return None
+
+
+SPEC_KEYS = ("layers", "hidden", "intermediate", "experts", "top_k", "heads", "kv_heads", "vocab", "context")
+
+
+def from_spec(spec: str, device: str, dtype: torch.dtype | None = None) -> RandomMixtralSource:
+    """`moeshare serve --synthetic`: "variants=4,own=2,layers=8" and any mixtral_config size (Mixtral-8x7B
+    layer sizes by default); seed=N picks other weights."""
+    from moeshare.errors import MoeshareError
+
+    values: dict[str, int] = {}
+    for part in filter(None, spec.split(",")):
+        key, sep, value = part.partition("=")
+        if not sep or key not in (*SPEC_KEYS, "variants", "own", "seed") or not value.isdigit():
+            raise MoeshareError(
+                f"--synthetic {spec}: write KEY=N pairs separated by commas, KEY one of "
+                f"variants, own, seed, {', '.join(SPEC_KEYS)}"
+            )
+        values[key] = int(value)
+    variants, own, seed = values.pop("variants", 1), values.pop("own", 2), values.pop("seed", 0)
+    config = mixtral_config(**values)
+    if variants < 1 or not 0 <= own <= config["num_local_experts"]:
+        raise MoeshareError(f"--synthetic {spec}: need variants >= 1 and 0 <= own <= experts")
+    if dtype is None:
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return RandomMixtralSource(config, variants=variants, own=own, device=device, dtype=dtype, seed=seed)

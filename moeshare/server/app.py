@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from moeshare.engine.engine import Engine, EngineConfig
+from moeshare.engine.synthetic import from_spec
 from moeshare.errors import MoeshareError
 from moeshare.server.auth import BearerAuth, read_token
 from moeshare.server.command import build_parser
@@ -35,9 +36,13 @@ def _read(path: str, flag: str) -> bytes:
 
 def check_args(args: argparse.Namespace) -> tuple[str | None, grpc.ServerCredentials | None]:
     """Refuse bad input before anything starts; returns the bearer token and TLS credentials, if any."""
+    if not args.paths and not args.synthetic:
+        raise MoeshareError("nothing to serve: give a store or checkpoint directory (or --synthetic SPEC)")
     for p in args.paths:
         if not Path(p).exists():
             raise MoeshareError(f"no store or checkpoint at {p}")
+    for spec in args.synthetic:
+        from_spec(spec, "meta")  # the spec's errors now, before anything starts
     if args.max_queue < 1:
         raise MoeshareError(f"--max-queue must be at least 1, got {args.max_queue}")
     if args.grace < 0:
@@ -50,6 +55,11 @@ def check_args(args: argparse.Namespace) -> tuple[str | None, grpc.ServerCredent
         pair = (_read(args.tls_key, "--tls-key"), _read(args.tls_cert, "--tls-cert"))
         creds = grpc.ssl_server_credentials([pair])
     return token, creds
+
+
+def _sources(args: argparse.Namespace) -> list:
+    """What to load: the paths, then each synthetic spec's random variants (drawn on the device)."""
+    return [*args.paths, *(from_spec(spec, args.device) for spec in args.synthetic)]
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -113,7 +123,7 @@ async def run_server(args: argparse.Namespace) -> int:
         worker.start()
         engine = worker.engine
         loading = asyncio.ensure_future(
-            asyncio.wrap_future(worker.call(lambda: [v for p in args.paths for v in engine.load(p)]))
+            asyncio.wrap_future(worker.call(lambda: [v for p in _sources(args) for v in engine.load(p)]))
         )
         stopping = asyncio.ensure_future(stop.wait())
         await asyncio.wait([loading, stopping], return_when=asyncio.FIRST_COMPLETED)

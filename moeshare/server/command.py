@@ -9,7 +9,15 @@ from typing import Any
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "paths", nargs="+", metavar="STORE_OR_CHECKPOINT", help="stores or HF checkpoints to serve"
+        "paths", nargs="*", metavar="STORE_OR_CHECKPOINT", help="stores or HF checkpoints to serve"
+    )
+    p.add_argument(
+        "--synthetic",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="also serve random-weight Mixtral variants v0, v1, ... for speed tests, e.g. "
+        "variants=4,own=2,layers=8 (Mixtral-8x7B layer sizes unless given: hidden, intermediate, ...)",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0 picks a free one)")
