@@ -2,19 +2,14 @@
 
 import asyncio
 import math
-import queue
-import signal
-import subprocess
-import sys
-import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from moeshare.bench.metrics import request_latency, summarize
 from moeshare.bench.replay import RequestRecord, is_loopback, replay
+from moeshare.bench.systems import ServerSpec, spawn, stop_all, wait_ready
 from moeshare.bench.workload import (
     ZOO_PRINTABLE,
     Lengths,
@@ -173,40 +168,18 @@ def test_metrics_of_hand_made_records():
 # ---- end to end against a real server ---------------------------------------------------------------------
 
 
-class _Server:
-    """`moeshare serve` on 127.0.0.1, port 0; ready once it prints `moeshare: serving`."""
-
-    def __init__(self, store: Path) -> None:
-        cmd = [sys.executable, "-m", "moeshare.cli", "serve", str(store), "--port", "0"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(x.strip()) for x in self.proc.stdout], daemon=True).start()
-        deadline = time.monotonic() + 120
-        self.address = ""
-        while True:
-            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            if line.startswith("moeshare: listening on "):
-                self.address = line.split()[-1]
-            if line.startswith("moeshare: serving"):
-                break
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
 @pytest.fixture(scope="module")
 def server(tiny_zoo, tmp_path_factory):
     from moeshare.consolidate import Options, consolidate
 
     store = tmp_path_factory.mktemp("bench") / "mixtral"
     consolidate([tiny_zoo / "mixtral" / v for v in VARIANTS], store, Options(budget="0.5", self_calib=0))
-    s = _Server(store)
-    yield s
-    s.stop()
+    s = spawn(ServerSpec((store,), tuple(VARIANTS), ()), "cpu", tmp_path_factory.mktemp("log") / "serve.log")
+    try:
+        wait_ready(s, time.monotonic() + 120)
+        yield s
+    finally:
+        stop_all([s])
 
 
 def test_replay_of_12_requests_completes_each_with_its_token_count(server):
