@@ -93,6 +93,19 @@ def _slot_bytes(ckpt: Checkpoint, layer: str) -> int:
     return sum(t.numel() * t.element_size() for t in ckpt.read_expert(layer, 0).values())
 
 
+def _check_fit(ckpts: list[Checkpoint], calibrated: bool, self_calib: int) -> None:
+    """Refuse `--merge fit` where no calibration can exist: no --calib, and variants that cannot sample."""
+    if calibrated:
+        return
+    if self_calib <= 0:
+        raise MoeshareError("--merge fit needs calibration: pass --calib FILE, or a --self-calib above 0")
+    if not all(can_sample(c) for c in ckpts):
+        raise MoeshareError(
+            f"--merge fit needs calibration text for {ckpts[0].adapter.name} variants "
+            "(only causal LMs sample their own): pass --calib FILE"
+        )
+
+
 @dataclass
 class Plan:
     """What consolidation learns before it picks a budget or a merge: every layer's merge history.
@@ -110,10 +123,6 @@ class Plan:
     _sampled: Calibration | None = field(default=None, repr=False)
 
     @property
-    def experts_before(self) -> int:
-        return sum(self.slot_bytes.values()) * self.ckpts[0].adapter.num_experts * len(self.ckpts)
-
-    @property
     def can_fit(self) -> bool:
         return self.calib is not None or (self.self_calib > 0 and all(can_sample(c) for c in self.ckpts))
 
@@ -122,13 +131,7 @@ class Plan:
         need, so plans for other merges never pay for it) those of text each variant samples from itself."""
         if self.calib is not None:
             return self.calib
-        if self.self_calib <= 0:
-            raise MoeshareError("--merge fit needs calibration: pass --calib FILE, or a --self-calib above 0")
-        if not self.can_fit:
-            raise MoeshareError(
-                f"--merge fit needs calibration text for {self.ckpts[0].adapter.name} variants "
-                "(only causal LMs sample their own): pass --calib FILE"
-            )
+        _check_fit(self.ckpts, False, self.self_calib)
         if self._sampled is None:
             self._sampled = calibrate(self.ckpts, None, max_tokens=self.self_calib)
         return self._sampled
@@ -140,10 +143,24 @@ def plan(
     calib: Path | None = None,
     self_calib: int = SELF_CALIB_TOKENS,
 ) -> Plan:
+    ckpts = _check_variants([Path(p) for p in paths])
+    return _plan(ckpts, _layer_slot_bytes(ckpts), similarity, calib, self_calib)
+
+
+def _layer_slot_bytes(ckpts: list[Checkpoint]) -> dict[str, int]:
+    return {layer: _slot_bytes(ckpts[0], layer) for layer in ckpts[0].adapter.moe_layers}
+
+
+def _plan(
+    ckpts: list[Checkpoint],
+    slot_bytes: dict[str, int],
+    similarity: str | None,
+    calib: Path | None,
+    self_calib: int,
+) -> Plan:
     if similarity == "output" and calib is None:
         raise MoeshareError("--similarity output needs calibration text: pass --calib FILE")
     text = read_calibration_text(calib) if calib is not None else None
-    ckpts = _check_variants([Path(p) for p in paths])
     adapter, arch = ckpts[0].adapter, ckpts[0].adapter.name
     similarity = similarity or ("output" if text else "weight")
     cal: Calibration | None = calibrate(ckpts, text) if text else None
@@ -159,7 +176,6 @@ def plan(
             dist, exact = weight_distances(lx, cache)
         alignments[layer] = cache.done
         clusterings.append(cluster_layer(layer, dist, lx.owner, exact, adapter.num_experts))
-    slot_bytes = {layer: _slot_bytes(ckpts[0], layer) for layer in adapter.moe_layers}
     return Plan(ckpts, similarity, cal, calib, clusterings, slot_bytes, alignments, self_calib)
 
 
@@ -175,15 +191,18 @@ def consolidate(paths: list[str | Path], out: str | Path, opts: Options, made: P
     if opts.self_calib < 0:
         raise MoeshareError(f"--self-calib {opts.self_calib}: give a number of tokens, or 0 for none")
     if made is None:
-        made = plan(paths, opts.similarity, opts.calib, opts.self_calib)
+        ckpts = _check_variants([Path(p) for p in paths])
+        slot_bytes = _layer_slot_bytes(ckpts)
     elif (
         opts.similarity not in (None, made.similarity)
         or opts.calib != made.calib_path
         or opts.self_calib != made.self_calib
     ):
         raise ValueError("the plan was made with another similarity or calibration text")
-    ckpts, slot_bytes, experts_before = made.ckpts, made.slot_bytes, made.experts_before
+    else:
+        ckpts, slot_bytes = made.ckpts, made.slot_bytes
     n_experts = ckpts[0].adapter.num_experts
+    experts_before = sum(slot_bytes.values()) * n_experts * len(ckpts)
     budget_bytes = None
     if opts.threshold is None:
         budget_bytes = parse_budget(opts.budget or "1.0", experts_before)
@@ -193,6 +212,10 @@ def consolidate(paths: list[str | Path], out: str | Path, opts: Options, made: P
                 f"--budget {opts.budget} allows {int(budget_bytes)} bytes, below one slot per (layer, local expert): "
                 f"the smallest bank is {smallest} bytes ({smallest / experts_before:.3f} of the experts)"
             )
+    if opts.merge == "fit":  # refused now, not after the clustering pass
+        _check_fit(ckpts, opts.calib is not None, opts.self_calib)
+    if made is None:
+        made = _plan(ckpts, slot_bytes, opts.similarity, opts.calib, opts.self_calib)
     merge = opts.merge or ("fit" if made.can_fit else "average")
     if merge == "frequency" and not made.calib:
         merge = "average"  # frequency weights come from routing calibration text; without it, a plain mean
