@@ -53,13 +53,12 @@ def _moe_modules(model: torch.nn.Module, arch: str, layers: list[str]) -> dict[s
     return out
 
 
-def _load_model(ckpt: Checkpoint) -> torch.nn.Module:
+def load_model(path: Path, arch: str, device: str = "cpu") -> torch.nn.Module:
+    """A checkpoint in transformers, float32, in eval mode: causal for mixtral, else Switch encoder-decoder."""
     from transformers import AutoModelForCausalLM, SwitchTransformersForConditionalGeneration
 
-    cls = (
-        AutoModelForCausalLM if ckpt.adapter.name == "mixtral" else SwitchTransformersForConditionalGeneration
-    )
-    return cls.from_pretrained(ckpt.path, dtype=torch.float32).eval()
+    cls = AutoModelForCausalLM if arch == "mixtral" else SwitchTransformersForConditionalGeneration
+    return cls.from_pretrained(path, dtype=torch.float32).to(device).eval()
 
 
 def gate_weights(arch: str, logits: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -114,11 +113,11 @@ def calibrate(
     n_tokens = 0
     for v, ckpt in enumerate(tqdm(ckpts, desc="calibrating", unit="variant", leave=False)):
         if text is None:
-            model = _load_model(ckpt)
+            model = load_model(ckpt.path, ckpt.adapter.name)
             batch = _sampled_batch(model, int(ckpt.config["bos_token_id"]), max_tokens, seed=v)
         else:
             batch = _text_batch(ckpt, text, max_tokens, seq_len)
-            model = _load_model(ckpt)
+            model = load_model(ckpt.path, ckpt.adapter.name)
         n_tokens = batch.numel()
         captured: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
         hooks = [

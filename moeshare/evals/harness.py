@@ -12,6 +12,7 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -182,9 +183,11 @@ class Harness:
                         scorers[variant], data, self.config.continuation
                     )
             self.score(Method("original", 1.0), scorers)
-        self.memory(Method("original", 1.0), 1.0, self._expert_bytes())
+        self.memory(Method("original", 1.0), 1.0, self.expert_bytes)
 
-    def _expert_bytes(self) -> int:
+    @cached_property
+    def expert_bytes(self) -> int:
+        """Every variant's expert weights: what bank memory is a fraction of."""
         from moeshare.checkpoint import open_checkpoint
 
         total = 0
@@ -205,33 +208,32 @@ class Harness:
             made, calib=calibrate(made.ckpts, read_calibration_text(calib)), calib_path=calib
         )
 
-    def moeshare(self, similarity: str, budgets: list[float], merges: list[str], bar: tqdm) -> None:
+    def moeshare(self, similarity: str, stores: list[tuple[float, str]], bar: tqdm) -> None:
         own, given = self._plans(similarity)
-        for budget in budgets:
-            for merge in merges[:1] if budget == 1.0 else merges:  # budget 1.0 merges nothing: score it once
-                made = given if merge == "frequency" or (merge == "fit" and not own.can_fit) else own
-                method = Method("moeshare", budget, similarity, merge)
-                bar.set_postfix_str(f"moeshare {similarity}/{merge} @ {budget:g}")
-                store = self.work / "store"
-                opts = Options(str(budget), None, similarity, merge, made.calib_path, force=True)
-                manifest = consolidate(self.paths, store, opts, made)
-                sizes = manifest["bytes"]
-                self.memory(method, sizes["experts_after"] / sizes["experts_before"], sizes["experts_after"])
-                for layer in manifest["bank"]["layers"]:
-                    self.out.merge_error.append(
-                        {
-                            **asdict(method),
-                            "layer": layer["layer"],
-                            "mean_error": layer["mean_error"],
-                            "slots": layer["slots"],
-                        }
-                    )
-                with self.store_scorers(store) as scorers:
-                    got = self.score(method, scorers)
-                if budget == self.config.check_budget and not self.denoising:
-                    self._check(method, store, got)
-                shutil.rmtree(store, ignore_errors=True)
-                bar.update()
+        for budget, merge in stores:
+            made = given if merge == "frequency" or (merge == "fit" and not own.can_fit) else own
+            method = Method("moeshare", budget, similarity, merge)
+            bar.set_postfix_str(f"moeshare {similarity}/{merge} @ {budget:g}")
+            store = self.work / "store"
+            opts = Options(str(budget), None, similarity, merge, made.calib_path, force=True)
+            manifest = consolidate(self.paths, store, opts, made)
+            sizes = manifest["bytes"]
+            self.memory(method, sizes["experts_after"] / sizes["experts_before"], sizes["experts_after"])
+            for layer in manifest["bank"]["layers"]:
+                self.out.merge_error.append(
+                    {
+                        **asdict(method),
+                        "layer": layer["layer"],
+                        "mean_error": layer["mean_error"],
+                        "slots": layer["slots"],
+                    }
+                )
+            with self.store_scorers(store) as scorers:
+                got = self.score(method, scorers)
+            if budget == self.config.check_budget and not self.denoising:
+                self._check(method, store, got)
+            shutil.rmtree(store, ignore_errors=True)
+            bar.update()
 
     def _check(self, method: Method, store: Path, got: dict[tuple[str, str], dict[str, float]]) -> None:
         """The same store's perplexity from transformers on `moeshare export`."""
@@ -258,8 +260,7 @@ class Harness:
         out = self.work / "same-index-pick"
         shutil.rmtree(out, ignore_errors=True)
         picked = baselines.same_index_pick(self.paths, out, budget)
-        experts = self._expert_bytes()
-        self.memory(method, picked.fraction, round(picked.fraction * experts))
+        self.memory(method, picked.fraction, round(picked.fraction * self.expert_bytes))
         with self.checkpoint_scorers(picked.checkpoints) as scorers:
             self.score(method, scorers)
         shutil.rmtree(out, ignore_errors=True)
@@ -275,7 +276,7 @@ class Harness:
         else:
             path = self.subject.base
         n = len(self.paths)
-        self.memory(Method(name), 1 / n, self._expert_bytes() // n)
+        self.memory(Method(name), 1 / n, self.expert_bytes // n)
         with self.checkpoint_scorers({v: path for v in self.subject.variants}) as scorers:
             self.score(Method(name), scorers)
         if path != self.subject.base:
@@ -284,8 +285,8 @@ class Harness:
 
 def plan_runs(
     subject: Subject, config: EvalConfig
-) -> tuple[list[tuple[str, list[float], list[str]]], list[str]]:
-    """(similarity, budgets, merges) runs of moeshare, and what is skipped and why."""
+) -> tuple[list[tuple[str, list[tuple[float, str]]]], list[str]]:
+    """Per similarity, the (budget, merge) stores moeshare is scored at; and what is skipped and why."""
     skipped = []
     sims = list(config.similarities)
     merges = list(config.merges)
@@ -301,8 +302,9 @@ def plan_runs(
             merges.remove("fit")
     runs = []
     for i, sim in enumerate(sims):
-        budgets = [b for b in config.budgets if b < 1.0 or i == 0]  # budget 1.0 merges nothing: score it once
-        runs.append((sim, budgets, merges))
+        # budget 1.0 merges nothing but bitwise-identical experts, whatever the method: score it once
+        stores = [(b, m) for b in config.budgets for m in merges if b < 1.0 or (i == 0 and m == merges[0])]
+        runs.append((sim, stores))
     return runs, skipped
 
 
@@ -323,8 +325,7 @@ def run(subject: Subject, config: EvalConfig, work: Path) -> Results:
                 skipped.append(f"{name}: needs the base model (--base)")
     harness = Harness(subject, config, work)
     harness.out.skipped = skipped
-    total = 1 + len(wanted) - ("same-index-pick" in wanted)
-    total += sum(1 if b == 1.0 else len(m) for _, budgets, m in runs for b in budgets)
+    total = 1 + len(wanted) - ("same-index-pick" in wanted) + sum(len(stores) for _, stores in runs)
     total += len(config.budgets) if "same-index-pick" in wanted else 0
     with tqdm(total=total, desc=f"eval {subject.label or subject.arch}", unit="model") as bar:
         bar.set_postfix_str("original")
@@ -340,6 +341,6 @@ def run(subject: Subject, config: EvalConfig, work: Path) -> Results:
                 bar.set_postfix_str(name)
                 harness.one_model(name)
                 bar.update()
-        for similarity, budgets, merges in runs:
-            harness.moeshare(similarity, budgets, merges, bar)
+        for similarity, stores in runs:
+            harness.moeshare(similarity, stores, bar)
     return harness.out

@@ -25,7 +25,7 @@ def _value(t: Table, key: tuple, pair: tuple[str, str], metric: str) -> float | 
 
 def plot_quality(t: Table, path: Path) -> Path:
     metrics = ["perplexity", "rouge1"] if t.denoising else ["perplexity"]
-    memory = {(m["method"], m["budget"], m["similarity"], m["merge"]): m["bank_fraction"] for m in t.r.memory}
+    memory = t.memory
     cols = len(t.pairs)
     fig, axes = plt.subplots(len(metrics), cols, figsize=(4.2 * cols, 3.6 * len(metrics)), squeeze=False)
     for row, metric in enumerate(metrics):

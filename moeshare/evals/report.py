@@ -15,10 +15,6 @@ ROUGE_LIMIT = 0.03
 BASELINE_ORDER = ("same-index-pick", "average", "ties", "base")
 
 
-def _combo(r: dict) -> str:
-    return f"{r['similarity']}/{r['merge']}"
-
-
 class Table:
     """The results indexed by (method, budget, similarity, merge) -> (variant, domain) -> metric -> value."""
 
@@ -31,6 +27,11 @@ class Table:
             key = (rec["method"], rec["budget"], rec["similarity"], rec["merge"])
             self.index[key][(rec["variant"], rec["domain"])][rec["metric"]] = rec["value"]
         self.pairs = sorted({(r["variant"], r["domain"]) for r in results.results}, key=self._order)
+        # (method, budget, similarity, merge) -> bank memory as a fraction of all variants' experts
+        self.memory = {
+            (m["method"], m["budget"], m["similarity"], m["merge"]): m["bank_fraction"]
+            for m in results.memory
+        }
         self.denoising = results.subject["arch"] != "mixtral"
 
     def _order(self, pair: tuple[str, str]) -> tuple[int, str]:
@@ -186,9 +187,6 @@ def markdown(results: Results, command: str) -> str:
         "| method | budget | bank memory | " + " | ".join(names) + " |",
         "|---" * (len(names) + 3) + "|",
     ]
-    memory = {
-        (m["method"], m["budget"], m["similarity"], m["merge"]): m["bank_fraction"] for m in results.memory
-    }
     row_keys = [("original", 1.0, None, None)]
     row_keys += [
         k
@@ -203,7 +201,7 @@ def markdown(results: Results, command: str) -> str:
             for p in t.pairs
         ]
         lines.append(
-            f"| {label} | {_fmt(k[1], 'g')} | {_fmt(memory.get(k), '.3f')} | " + " | ".join(cells) + " |"
+            f"| {label} | {_fmt(k[1], 'g')} | {_fmt(t.memory.get(k), '.3f')} | " + " | ".join(cells) + " |"
         )
     metrics = ["perplexity", "kl", "top1_agreement", "greedy_match"] + (
         ["rouge1", "rouge2", "rougeL"] if t.denoising else []

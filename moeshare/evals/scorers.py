@@ -8,6 +8,7 @@ from typing import Protocol
 
 import torch
 
+from moeshare.consolidate.calibrate import load_model
 from moeshare.engine.engine import Engine
 from moeshare.engine.request import SamplingParams
 
@@ -53,10 +54,7 @@ class TransformersScorer:
     name = "transformers"
 
     def __init__(self, path: Path, arch: str, device: str = "cpu") -> None:
-        from transformers import AutoModelForCausalLM, SwitchTransformersForConditionalGeneration
-
-        cls = AutoModelForCausalLM if arch == "mixtral" else SwitchTransformersForConditionalGeneration
-        self.model = cls.from_pretrained(path, dtype=torch.float32).to(device).eval()
+        self.model = load_model(path, arch, device)
         self.seq2seq = arch != "mixtral"
         self.device = torch.device(device)
 
