@@ -46,12 +46,11 @@ def test_eval_smoke_runs_every_method_and_writes_every_file(tiny_report: Path, a
     expected = {"perplexity", "kl", "top1_agreement", "greedy_match"}
     assert metrics == (expected | {"rouge1", "rouge2", "rougeL"} if arch == "switch" else expected)
     original = [r for r in report["results"] if r["method"] == "original"]
-    assert {r["metric"]: r["value"] for r in original if r["variant"] == "kjv"} | {} and all(
-        r["value"]
-        == pytest.approx({"kl": 0.0, "top1_agreement": 1.0, "greedy_match": 1.0}[r["metric"]], abs=1e-6)
-        for r in original
-        if r["metric"] in ("kl", "top1_agreement", "greedy_match")
-    )
+    assert any(r["variant"] == "kjv" for r in original)
+    identity = {"kl": 0.0, "top1_agreement": 1.0, "greedy_match": 1.0}  # the original against itself
+    for r in original:
+        if r["metric"] in identity:
+            assert r["value"] == pytest.approx(identity[r["metric"]], abs=1e-6), r
     memory = {(m["method"], m["budget"]): m["bank_fraction"] for m in report["memory"]}
     assert memory[("original", 1.0)] == 1.0 and memory[("average", None)] == pytest.approx(0.25)
     assert memory[("moeshare", 0.5)] <= 0.5 and memory[("same-index-pick", 0.5)] <= 0.5
