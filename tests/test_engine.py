@@ -8,6 +8,7 @@ import torch
 from moeshare.consolidate import Options, consolidate, export_variant
 from moeshare.engine.engine import Engine, EngineConfig
 from moeshare.engine.request import InvalidRequest, RequestTooLarge, SamplingParams, UnknownModel
+from moeshare.errors import MoeshareError
 
 VARIANTS = ["kjv", "fortunes-en", "fortunes-de", "python"]
 PROMPTS = {
@@ -118,6 +119,38 @@ def test_partial_reconfiguration_gives_the_same_outputs(store, alone):
     assert stats["swap_ins"] >= 2 and stats["kv_blocks_used"] == 0
 
 
+def test_memory_limit_streams_the_last_layers_banks_and_keeps_outputs(store, alone):
+    roomy = Engine([store], EngineConfig(memory_limit_bytes=2**40))
+    assert roomy.stats()["offloaded_layers"] == 0
+    full = roomy.groups[0].placed_bytes
+    layers = roomy.groups[0].model.dims.layers
+    engine = Engine([store], EngineConfig(memory_limit_bytes=full - 1))
+    model = engine.groups[0].model
+    # the last layers go first (with one staging bank, offloading one layer of equal ones saves nothing)
+    assert model.offload and model.offload == frozenset(range(layers - len(model.offload), layers))
+    assert engine.groups[0].placed_bytes <= full - 1
+    assert model.bank[layers - 1]["w13"].device.type == "cpu" and model.staging is not None
+    assert _together(engine, 2) == alone
+    assert engine.stats()["kv_blocks_used"] == 0
+
+
+def test_memory_limit_too_small_is_one_line_and_loads_nothing(store):
+    engine = Engine([], EngineConfig(memory_limit_bytes=2**20))
+    with pytest.raises(MoeshareError, match=r"^the memory limit leaves 0.00 GiB, .*raise the limit") as e:
+        engine.load(store)
+    assert "\n" not in str(e.value) and engine.variants == [] and engine.groups == []
+
+
+def test_whole_variant_swaps_copy_experts_and_keep_outputs(store, alone):
+    engine = Engine([store], EngineConfig(max_resident_variants=1, swap_whole_variants=True))
+    model = engine.groups[0].model
+    assert model.bank[0]["w13"].shape[0] == model.dims.experts  # one variant's experts on the device
+    assert _together(engine, 0) == alone
+    assert _together(engine, 3) == alone
+    stats = engine.stats()
+    assert stats["swap_ins"] >= 3 and stats["resident_variants"] != [] and stats["kv_blocks_used"] == 0
+
+
 def test_preemption_when_kv_runs_out_keeps_outputs(store, alone):
     # 20 blocks of 4 tokens: any one sequence fits (about 14 blocks), all four at once do not
     engine = Engine([store], EngineConfig(kv_blocks=20, block_size=4))
@@ -223,3 +256,15 @@ def test_no_variant_starves_behind_a_busy_resident_row(store):
     # bounded: the starvation threshold (8 steps) + one kjv generation (16 tokens) + the swap
     assert waiting.output_ids and steps <= 8 + 16 + 4
     assert engine.stats()["swap_ins"] >= 1
+
+
+def test_synthetic_variant_served_alone_matches_its_family():
+    from moeshare.engine.synthetic import from_spec
+
+    dims = "layers=2,hidden=64,intermediate=128,experts=4,heads=4,kv_heads=2,vocab=256,context=256"
+    family = Engine([from_spec(f"variants=3,own=2,{dims}", "cpu")])
+    alone = Engine([from_spec(f"variants=3,own=2,only=1,{dims}", "cpu")])
+    assert alone.variants == ["v1"] and alone.groups[0].model.bank[0]["w13"].shape[0] == 4
+    prompt = list(range(3, 40))
+    assert alone.generate("v1", prompt, GREEDY)[1] == family.generate("v1", prompt, GREEDY)[1]
+    assert family.generate("v2", prompt, GREEDY)[1] != family.generate("v1", prompt, GREEDY)[1]

@@ -321,6 +321,8 @@ def test_sigterm_during_streaming_exits_cleanly(store):
         (["/no/such/store"], "no store or checkpoint at /no/such/store"),
         (["--synthetic", "layers=two"], "--synthetic layers=two: write KEY=N pairs"),
         (["--synthetic", "variants=0"], "need variants >= 1"),
+        (["--synthetic", "variants=2,only=2"], "only=2 names no variant; variants are 0..1"),
+        (["--synthetic", "variants=2", "--memory-limit", "0"], "--memory-limit must be > 0 GiB"),
     ],
 )
 def test_serve_bad_arguments_are_one_line_before_anything_starts(args, message):

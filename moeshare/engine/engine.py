@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 from moeshare.engine.attention import AttnBatch
 from moeshare.engine.graphs import DecodeGraphs
 from moeshare.engine.models.mixtral import MixtralDims, MultiVariantMixtral, variant_tensor_names
+from moeshare.engine.placement import default_blocks, offload_layers
 from moeshare.engine.request import (
     FinishReason,
     InvalidRequest,
@@ -36,6 +37,12 @@ class EngineConfig:
     dtype: torch.dtype | None = None  # default: float32 on CPU, bfloat16 on CUDA
     max_resident_variants: int | None = None  # default: all variants of a store
     max_resident_bytes: int | None = None
+    # device memory this engine may use (weights, KV, work space); MoE layers' banks beyond it wait in host
+    # memory and stream in per step. On CUDA the caching allocator is also held to it.
+    memory_limit_bytes: int | None = None
+    # temporal multiplexing: each resident variant holds its own copy of its experts, and a swap copies the
+    # whole variant (experts included) from pinned host memory; nothing is shared on the device
+    swap_whole_variants: bool = False
     kv_blocks: int | None = None  # default: from kv_memory_fraction of free GPU memory, 512 on CPU
     kv_memory_fraction: float = 0.5
     block_size: int = 16
@@ -70,6 +77,7 @@ class Group:
     eos: set[int]
     context: int
     graphs: DecodeGraphs | None = None
+    placed_bytes: int = 0  # what the store takes under the memory limit (0 without one)
     texts: dict[int, str] = field(default_factory=dict)
 
 
@@ -104,6 +112,10 @@ class Engine:
         self.variant_group: dict[str, Group] = {}
         self.seqs: dict[int, Sequence] = {}
         self.steps = 0
+        limit = self.config.memory_limit_bytes
+        if limit is not None and self.device.type == "cuda":  # hold the caching allocator to the limit too
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), self.device)
         for path in paths:
             self.load(path)
 
@@ -120,23 +132,51 @@ class Engine:
         dims = MixtralDims.from_config(source.config)
         layers = source.adapter.moe_layers
         names = variant_tensor_names(dims)
+        probe = MultiVariantMixtral(dims, 1, [], self.dtype, torch.device("meta"))
+        row_bytes = probe.row_bytes() + (
+            dims.layers * dims.experts * probe.expert_bytes() if c.swap_whole_variants else 0
+        )
         rows = min(c.max_resident_variants or len(source.variants), len(source.variants))
         if c.max_resident_bytes is not None:
-            row_bytes = MultiVariantMixtral(dims, 1, [], self.dtype, torch.device("meta")).slot_bytes()
             rows = max(1, min(rows, c.max_resident_bytes // row_bytes))
-        model = MultiVariantMixtral(
-            dims, rows, [source.bank_slots(x) for x in layers], self.dtype, self.device
+        if c.swap_whole_variants:
+            slots = [rows * dims.experts] * len(layers)
+        else:
+            slots = [source.bank_slots(x) for x in layers]
+        blocks = c.kv_blocks or default_blocks(c, dims, self.dtype, self.device)
+        left = (
+            None
+            if c.memory_limit_bytes is None
+            else c.memory_limit_bytes - sum(g.placed_bytes for g in self.groups)
         )
+        offload, placed = offload_layers(left, c, dims, self.dtype, rows, slots, blocks)
+        model = MultiVariantMixtral(
+            dims, rows, slots, self.dtype, self.device, offload, c.swap_whole_variants
+        )
+        # the bank: on the device (layers beyond the memory limit in host memory), or with whole-variant
+        # swaps all of it in host memory, a variant's experts moving in with the rest of its weights
+        private = c.swap_whole_variants
+        host = [model._bank(source.bank_slots(x), host=True) for x in layers] if private else []
         for i, layer in enumerate(layers):  # one slot at a time: host memory holds one expert, not the bank
             for slot in range(source.bank_slots(layer)):
-                model.load_slot(i, slot, source.bank_slot(layer, slot))
+                weights = source.bank_slot(layer, slot)
+                if private:
+                    for role, t in weights.items():
+                        host[i][role][slot].copy_(t)
+                else:
+                    model.load_slot(i, slot, weights)
 
         def fetch(v: str) -> tuple[dict, torch.Tensor]:
-            tensors = {k: LazyTensor(source, v, n) for k, n in names.items()}
-            return tensors, torch.tensor([source.table(v, layer) for layer in layers])
+            tensors: dict = {k: LazyTensor(source, v, n) for k, n in names.items()}
+            table = torch.tensor([source.table(v, layer) for layer in layers])
+            if not private:
+                return tensors, table
+            for i in range(len(layers)):
+                for e, slot in enumerate(table[i].tolist()):
+                    tensors |= {f"bank.{i}.{e}.{r}": t[slot] for r, t in host[i].items()}
+            return tensors, torch.arange(dims.experts).expand(len(layers), -1).clone()
 
         residency = Residency(rows, source.variants, fetch, model.load, self.device)
-        blocks = c.kv_blocks or self._default_blocks(dims)
         pool = PagePool(
             blocks, c.block_size, dims.layers, dims.kv_heads, dims.head_dim, self.dtype, self.device
         )
@@ -144,30 +184,24 @@ class Engine:
         tokenizers = {v: _tokenizer(source.tokenizer_dir(v)) for v in source.variants}
         eos = source.config.get("eos_token_id")
         eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        group = Group(source, model, pool, residency, scheduler, tokenizers, eos, dims.max_positions)
-        if self.device.type == "cuda" and c.cuda_graphs:
+        group = Group(
+            source,
+            model,
+            pool,
+            residency,
+            scheduler,
+            tokenizers,
+            eos,
+            dims.max_positions,
+            placed_bytes=placed,
+        )
+        if self.device.type == "cuda" and c.cuda_graphs and not model.offload:
             group.graphs = DecodeGraphs(model, pool, c.max_num_seqs, dims.max_positions)
             group.graphs.capture()
         self.groups.append(group)
         for v in source.variants:
             self.variant_group[v] = group
         return source.variants
-
-    def _default_blocks(self, dims: MixtralDims) -> int:
-        if self.device.type != "cuda":
-            return 512
-        free, _ = torch.cuda.mem_get_info(self.device)
-        return max(
-            1,
-            PagePool.blocks_that_fit(
-                int(free * self.config.kv_memory_fraction),
-                self.config.block_size,
-                dims.layers,
-                dims.kv_heads,
-                dims.head_dim,
-                self.dtype,
-            ),
-        )
 
     def unload(self, variant: str) -> list[str]:
         """Stop serving the store that holds `variant`: cancel its sequences (their KV goes back at once) and
@@ -406,4 +440,5 @@ class Engine:
             "swap_ins": sum(g.residency.swap_ins for g in self.groups),
             "swap_seconds": sum(g.residency.swap_seconds for g in self.groups),
             "preemptions": sum(g.scheduler.preemptions for g in self.groups),
+            "offloaded_layers": sum(len(g.model.offload) for g in self.groups),
         }

@@ -26,6 +26,13 @@ class LazyTensor:
         return self.source.tensor(self.variant, self.name)
 
 
+def _host(t: LazyTensor | torch.Tensor, pin: bool) -> torch.Tensor:
+    """A tensor in host memory, pinned when copies go to a GPU (one already there, e.g. a view of a pinned
+    bank, stays as it is)."""
+    t = (t.read() if isinstance(t, LazyTensor) else t).cpu()
+    return t.pin_memory() if pin and not t.is_pinned() else t
+
+
 @dataclass
 class _Pending:
     row: int
@@ -52,8 +59,7 @@ class Residency:
         for v in variants:
             tensors, table = fetch(v)
             if rows < len(variants):
-                tensors = {k: t.read() for k, t in tensors.items()}
-                tensors = {k: t.pin_memory() if pin and not t.is_cuda else t for k, t in tensors.items()}
+                tensors = {k: _host(t, pin) for k, t in tensors.items()}
             self.host[v] = (tensors, table)
         self.row_of: dict[str, int] = {}
         self.variant_in: list[str | None] = [None] * rows

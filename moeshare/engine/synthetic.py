@@ -55,11 +55,14 @@ class RandomMixtralSource:
         device: str = "cuda",
         dtype: torch.dtype = torch.bfloat16,
         seed: int = 0,
+        only: int | None = None,
     ) -> None:
+        """`only`: serve variant v<only> of the family alone, as its own checkpoint would (its E experts in
+        slots 0..E-1, same weights as in the family)."""
         self.config = config
         self.adapter = MixtralAdapter(config, source=None)  # type: ignore[arg-type]
         self.architecture = "mixtral"
-        self.variants = [f"v{i}" for i in range(variants)]
+        family = [f"v{i}" for i in range(variants)]
         self.path = None
         self.device, self.dtype, self.seed = torch.device(device), dtype, seed
         e = config["num_local_experts"]
@@ -69,8 +72,14 @@ class RandomMixtralSource:
         self.slots = shared + variants * self.own
         self._tables = {
             v: list(range(shared)) + [shared + i * self.own + j for j in range(self.own)]
-            for i, v in enumerate(self.variants)
+            for i, v in enumerate(family)
         }
+        self.variants = family
+        self._slot_of: list[int] | None = None  # this source's slot -> the family's slot
+        if only is not None:
+            self.variants = [family[only]]
+            self._slot_of, self.slots = self._tables[family[only]], e
+            self._tables = {family[only]: list(range(e))}
 
     def _randn(self, shape: tuple[int, ...], key: int, scale: float) -> torch.Tensor:
         g = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + key)
@@ -95,6 +104,8 @@ class RandomMixtralSource:
 
     def bank_slot(self, layer: str, slot: int) -> dict[str, torch.Tensor]:
         h, i = self.config["hidden_size"], self.config["intermediate_size"]
+        if self._slot_of is not None:
+            slot = self._slot_of[slot]
         key = (int(layer) * 1024 + slot) * 2
         return {"w13": self._randn((2 * i, h), key, 0.02), "w2": self._randn((h, i), key + 1, 0.02)}
 
@@ -105,27 +116,33 @@ class RandomMixtralSource:
         return None
 
 
+FAMILY_KEYS = ("variants", "own", "seed", "only")
 SPEC_KEYS = ("layers", "hidden", "intermediate", "experts", "top_k", "heads", "kv_heads", "vocab", "context")
 
 
 def from_spec(spec: str, device: str, dtype: torch.dtype | None = None) -> RandomMixtralSource:
     """`moeshare serve --synthetic`: "variants=4,own=2,layers=8" and any mixtral_config size (Mixtral-8x7B
-    layer sizes by default); seed=N picks other weights."""
+    layer sizes by default); seed=N picks other weights; only=I serves variant vI of the family alone."""
     from moeshare.errors import MoeshareError
 
     values: dict[str, int] = {}
     for part in filter(None, spec.split(",")):
         key, sep, value = part.partition("=")
-        if not sep or key not in (*SPEC_KEYS, "variants", "own", "seed") or not value.isdigit():
+        if not sep or key not in (*SPEC_KEYS, *FAMILY_KEYS) or not value.isdigit():
             raise MoeshareError(
                 f"--synthetic {spec}: write KEY=N pairs separated by commas, KEY one of "
-                f"variants, own, seed, {', '.join(SPEC_KEYS)}"
+                f"{', '.join(FAMILY_KEYS)}, {', '.join(SPEC_KEYS)}"
             )
         values[key] = int(value)
     variants, own, seed = values.pop("variants", 1), values.pop("own", 2), values.pop("seed", 0)
+    only = values.pop("only", None)
     config = mixtral_config(**values)
     if variants < 1 or not 0 <= own <= config["num_local_experts"]:
         raise MoeshareError(f"--synthetic {spec}: need variants >= 1 and 0 <= own <= experts")
+    if only is not None and only >= variants:
+        raise MoeshareError(
+            f"--synthetic {spec}: only={only} names no variant; variants are 0..{variants - 1}"
+        )
     if dtype is None:
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return RandomMixtralSource(config, variants=variants, own=own, device=device, dtype=dtype, seed=seed)
+    return RandomMixtralSource(config, variants, own, device, dtype, seed, only)

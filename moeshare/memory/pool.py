@@ -61,10 +61,12 @@ class PagePool:
         self._free.extend(blocks)
 
     @staticmethod
+    def block_bytes(block_size: int, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """One block: K and V of every layer for block_size tokens."""
+        return 2 * layers * block_size * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    @staticmethod
     def blocks_that_fit(
         bytes_available: int, block_size: int, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype
     ) -> int:
-        per_block = (
-            2 * layers * block_size * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
-        )
-        return bytes_available // per_block
+        return bytes_available // PagePool.block_bytes(block_size, layers, kv_heads, head_dim, dtype)

@@ -43,6 +43,8 @@ def check_args(args: argparse.Namespace) -> tuple[str | None, grpc.ServerCredent
             raise MoeshareError(f"no store or checkpoint at {p}")
     for spec in args.synthetic:
         from_spec(spec, "meta")  # the spec's errors now, before anything starts
+    if args.memory_limit is not None and not args.memory_limit > 0:
+        raise MoeshareError(f"--memory-limit must be > 0 GiB, got {args.memory_limit}")
     if args.max_queue < 1:
         raise MoeshareError(f"--max-queue must be at least 1, got {args.max_queue}")
     if args.grace < 0:
@@ -68,6 +70,8 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         max_resident_variants=args.max_resident_variants,
         kv_blocks=args.kv_blocks,
         max_num_seqs=args.max_num_seqs,
+        memory_limit_bytes=None if args.memory_limit is None else int(args.memory_limit * 2**30),
+        swap_whole_variants=args.swap_whole_variants,
     )
 
 

@@ -37,6 +37,19 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--kv-blocks", type=int, help="KV blocks per store (default: from free device memory)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step (default 64)")
+    p.add_argument(
+        "--memory-limit",
+        type=float,
+        metavar="GIB",
+        help="device memory the server may use for weights, KV and work space; MoE layers beyond it wait "
+        "in pinned host memory and are copied in per step (on CUDA the allocator is held to it too)",
+    )
+    p.add_argument(
+        "--swap-whole-variants",
+        action="store_true",
+        help="no expert sharing on the device: each resident variant holds its own experts, and a swap "
+        "copies the whole variant from pinned host memory (the temporal-multiplexing baseline)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -82,8 +82,14 @@ class MultiVariantMixtral:
         slots: list[int],
         dtype: torch.dtype,
         device: torch.device,
+        offload: frozenset[int] = frozenset(),
+        private_experts: bool = False,
     ) -> None:
+        """`offload`: MoE layers whose bank waits in (pinned) host memory; each step copies in the slots it
+        routes to. `private_experts`: no sharing on the device; row r owns slots [r*E, (r+1)*E) of every
+        layer, and loading a variant copies its experts in with the rest of its weights (whole-model swap)."""
         self.dims, self.dtype, self.device = dims, dtype, device
+        self.offload, self.private_experts = frozenset(offload), private_experts
         d = dims
         shapes = {"embed": (d.vocab, d.hidden), "norm": (d.hidden,), "lm_head": (d.vocab, d.hidden)}
         q, kv = d.heads * d.head_dim, d.kv_heads * d.head_dim
@@ -106,20 +112,33 @@ class MultiVariantMixtral:
             resident, d.layers, d.experts, dtype=torch.int64, device=device
         )  # -> bank slot
         # the shared expert bank, per MoE layer: w13 [S, 2I, H], w2 [S, H, I]
-        self.bank = [
-            {
-                "w13": torch.empty(s, 2 * d.intermediate, d.hidden, dtype=dtype, device=device),
-                "w2": torch.empty(s, d.hidden, d.intermediate, dtype=dtype, device=device),
-            }
-            for s in slots
-        ]
+        self.bank = [self._bank(s, i in self.offload) for i, s in enumerate(slots)]
+        # where an offloaded layer's slots are copied for the step that routes to them
+        held = [slots[i] for i in self.offload]
+        self.staging = self._bank(max(held), False) if held else None
         inv_freq = 1.0 / (d.rope_theta ** (torch.arange(0, d.head_dim, 2, dtype=torch.float32) / d.head_dim))
         self.inv_freq = inv_freq.to(device)
 
-    def slot_bytes(self) -> int:
+    def _bank(self, slots: int, host: bool) -> dict[str, torch.Tensor]:
+        d = self.dims
+        where = (
+            {"device": "cpu", "pin_memory": self.device.type == "cuda"} if host else {"device": self.device}
+        )
+        return {
+            "w13": torch.empty(slots, 2 * d.intermediate, d.hidden, dtype=self.dtype, **where),
+            "w2": torch.empty(slots, d.hidden, d.intermediate, dtype=self.dtype, **where),
+        }
+
+    def row_bytes(self) -> int:
+        """One variant's non-expert weights."""
         return sum(
             t[0].numel() * t.element_size() for k, t in self.w.items() if not k.endswith((".q", ".k", ".v"))
         )
+
+    def expert_bytes(self) -> int:
+        """One expert (bank slot) of one layer."""
+        d = self.dims
+        return 3 * d.intermediate * d.hidden * torch.finfo(self.dtype).bits // 8
 
     def load_slot(self, layer: int, slot: int, weights: dict[str, torch.Tensor]) -> None:
         for role, t in weights.items():
@@ -132,9 +151,18 @@ class MultiVariantMixtral:
         tables: torch.Tensor,
         non_blocking: bool = False,
     ) -> None:
-        """Copy one variant's weights into resident row `row`, one tensor at a time. tables [L, E]"""
+        """Copy one variant's weights into resident row `row`, one tensor at a time. tables [L, E]. With
+        private experts, "bank.<layer>.<expert>.<role>" tensors go to the row's own slots, and `tables` is
+        local (0..E-1), offset here to those slots."""
         for k, t in tensors:
-            self.w[k][row].copy_(t, non_blocking=non_blocking)
+            if k.startswith("bank."):
+                _, layer, expert, role = k.split(".")
+                slot = row * self.dims.experts + int(expert)
+                self.bank[int(layer)][role][slot].copy_(t, non_blocking=non_blocking)
+            else:
+                self.w[k][row].copy_(t, non_blocking=non_blocking)
+        if self.private_experts:
+            tables = tables + row * self.dims.experts
         self.tables[row].copy_(tables, non_blocking=non_blocking)
 
     def forward(
@@ -177,6 +205,12 @@ class MultiVariantMixtral:
         top = top / top.sum(dim=-1, keepdim=True)
         slots = self.tables[rows, layer].gather(1, local)  # each variant's local expert -> its bank slot
         bank = self.bank[layer]
+        if layer in self.offload:  # copy in the slots this step routes to, into the same places
+            assert self.staging is not None
+            for s in torch.unique(slots).tolist():
+                for role, t in bank.items():
+                    self.staging[role][s].copy_(t[s], non_blocking=True)
+            bank = self.staging
         return ops.fused_moe(x, bank["w13"], bank["w2"], slots, top.to(x.dtype))
 
     def logits(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
