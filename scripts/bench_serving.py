@@ -2,16 +2,19 @@
 gRPC API on loopback (issue 7).
 
     python scripts/bench_serving.py --zoo tiny --device cpu --quick
+    python scripts/bench_serving.py --synthetic layers=8 --device cuda --rates 1,2,4,8,16
     python scripts/bench_serving.py --store-dir CHECKPOINTS --device cuda --rates 0.5,1,2,4
 
 Systems (moeshare.bench.systems): `moeshare` (one consolidated store, cross-variant batching),
 `reconfig-bs1` (same-index-pick bank, one variant's non-expert tensors resident, batch size 1), `swap`
-(one variant resident at a time), `partition` (one server per variant, equal shares). For each system:
-start its servers, time each variant's request alone, then for each rate replay the seeded workload open
-loop and keep every request's timings. SLO attainment compares each request's turnaround with k times
-its variant's solo latency on the system where that latency is lowest in this run, so every system is
+(one variant's whole weights resident at a time), `partition` (one server per variant, equal shares of
+memory, KV and batch). For each system: start its servers, warm them up, time each variant's request
+alone at two prompt lengths, then for each rate replay the seeded workload open loop and keep every
+request's timings. A request meets its SLO when its turnaround is within k times its solo latency at its
+own lengths, on the system where that variant's solo latency is lowest in this run, so every system is
 judged against one reference. Writes records.jsonl, summary.json, solo.json, two PNG plots and a
-README.md with the command and the table into --out.
+README.md with the command and the table into --out; with --keep, the systems not run this time keep
+their earlier results there (a sweep can be split over several runs).
 """
 
 from __future__ import annotations
@@ -34,10 +37,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from moeshare.bench.metrics import summarize
+from moeshare.bench.metrics import Solo, summarize
 from moeshare.bench.replay import RequestRecord, replay
-from moeshare.bench.systems import SYSTEMS, Deployment, ServeLimits, Workspace, deploy
+from moeshare.bench.systems import SYSTEMS, Deployment, ServeLimits, SyntheticWorkspace, Workspace, deploy
 from moeshare.bench.workload import ZOO_PRINTABLE, Lengths, RequestSpec, WorkloadSpec, generate
+from moeshare.engine.synthetic import from_spec
+from moeshare.errors import MoeshareError
 from moeshare.zoo import build_zoo
 
 matplotlib.use("Agg")
@@ -66,6 +71,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     src.add_argument(
         "--store-dir", type=Path, help="a directory of variant HF checkpoints, one per subdirectory"
     )
+    src.add_argument(
+        "--synthetic",
+        metavar="SIZES",
+        help="random-weight Mixtral variants at Mixtral-8x7B layer sizes unless SIZES says otherwise, e.g. "
+        "layers=8 (see `moeshare serve --synthetic`)",
+    )
+    p.add_argument(
+        "--own", type=int, default=2, help="with --synthetic: experts per layer each variant keeps"
+    )
     p.add_argument(
         "--variants", type=int, default=4, help="how many variants (default 4), most popular first"
     )
@@ -80,9 +94,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--budget", default="0.5", help="bank budget of the moeshare and reconfig-bs1 stores")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step, per system in all")
     p.add_argument("--kv-blocks", type=int, default=512, help="KV blocks per system in all (default 512)")
+    p.add_argument(
+        "--memory-gib",
+        type=float,
+        help="device memory per system in all (partition splits it); default on CUDA: 90%% of the device",
+    )
     p.add_argument("--solo-repeats", type=int, default=3, help="timed solo requests per variant (median)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request fails")
     p.add_argument("--quick", action="store_true", help="at most 30 s per rate, first and last rate only")
+    p.add_argument("--keep", action="store_true", help="keep --out's results of the systems not run now")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--work-dir", type=Path, help="keep stores and server logs here (default: a temp dir)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -98,6 +118,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.duration = min(args.duration, 30.0)
         args.rates = sorted({args.rates[0], args.rates[-1]})
         args.solo_repeats = 1
+    if args.synthetic is not None:
+        try:
+            from_spec(f"variants={args.variants},own={args.own},{args.synthetic}", "meta")
+        except MoeshareError as e:
+            p.error(str(e))
     return args
 
 
@@ -131,22 +156,46 @@ async def replay_routed(
     return sorted((r for part in parts for r in part), key=lambda r: r.arrival_s)
 
 
+def _prompt(n: int, seed: int) -> tuple[int, ...]:
+    return tuple(np.random.default_rng(seed).integers(*ZOO_PRINTABLE, size=n).tolist())
+
+
+def warm_up(routes: Mapping[str, str], lens: tuple[Lengths, Lengths], seed: int) -> None:
+    """Untimed: every variant at the shortest and the longest prompt, all at once, a few tokens each, so
+    kernels compile and tune for prefill sizes and batch sizes before anything is timed."""
+    requests = [
+        RequestSpec(f"warm-{v}-{n}", v, 0.0, _prompt(n, seed), 4)
+        for v in routes
+        for n in (lens[0].lo, lens[0].hi)
+    ]
+    records = asyncio.run(replay_routed(routes, requests, timeout_s=600.0))
+    if failed := [r for r in records if not r.ok]:
+        raise RuntimeError(f"warm-up request of {failed[0].variant} failed: {failed[0].error}")
+
+
 def solo_latencies(
-    routes: Mapping[str, str], prompt_len: int, max_tokens: int, repeats: int, seed: int
-) -> dict[str, float]:
-    """Each variant's turnaround with nothing else on its server: one untimed request first (it makes the
-    variant resident), then the median of `repeats`."""
-    ids = tuple(np.random.default_rng(seed).integers(*ZOO_PRINTABLE, size=prompt_len).tolist())
+    routes: Mapping[str, str], lens: tuple[Lengths, Lengths], repeats: int, seed: int
+) -> dict[str, Solo]:
+    """Each variant with nothing else on its server: requests of the median output length at two prompt
+    lengths (half and twice the median, within the clipping), one untimed first (it makes the variant
+    resident), `repeats` timed at each length; fitted to `Solo`."""
+    inp, out = lens
+    short, long = max(inp.lo, inp.median // 2), min(inp.hi, inp.median * 2)
     solo = {}
     for v, address in routes.items():
-        times = []
-        for i in range(repeats + 1):
-            spec = RequestSpec(f"solo-{v}-{i}", v, 0.0, ids, max_tokens)
+        specs = [RequestSpec(f"solo-{v}-first", v, 0.0, _prompt(inp.median, seed), out.median)]
+        specs += [
+            RequestSpec(f"solo-{v}-{n}-{i}", v, 0.0, _prompt(n, seed + i), out.median)
+            for i in range(repeats)
+            for n in sorted({short, long})
+        ]
+        records = []
+        for spec in specs:  # one at a time
             [rec] = asyncio.run(replay(address, [spec], temperature=0.0))
             if not rec.ok:
                 raise RuntimeError(f"solo request of {v} failed: {rec.error}")
-            times.append(rec.finish_s - rec.sent_s)
-        solo[v] = float(np.median(times[1:]))
+            records.append(rec)
+        solo[v] = Solo.fit(records[1:])
     return solo
 
 
@@ -167,8 +216,11 @@ class RateRun:
 @dataclass
 class SystemRun:
     system: str
-    solo_s: dict[str, float]
+    solo: dict[str, Solo]
     rates: list[RateRun] = field(default_factory=list)
+    gpu: str = ""
+    date: str = ""
+    command: str = ""
 
 
 def workload(
@@ -181,18 +233,23 @@ def workload(
 
 
 def run_system(
-    name: str, ws: Workspace, args: argparse.Namespace, lens: tuple[Lengths, Lengths], bar: tqdm
+    name: str,
+    ws: Workspace | SyntheticWorkspace,
+    args: argparse.Namespace,
+    lens: tuple[Lengths, Lengths],
+    bar: tqdm,
 ) -> SystemRun:
-    limits = ServeLimits(args.device, args.max_num_seqs, args.kv_blocks)
+    limits = ServeLimits(args.device, args.max_num_seqs, args.kv_blocks, args.memory_gib)
     specs = SYSTEMS[name].layout(ws, limits, args.budget)
     bar.set_description(f"{name}: starting {len(specs)} server(s)")
     baseline = gpu_used_bytes(args.device)
     with deploy(name, specs, args.device, ws.root / "logs") as d:
         _check_served(d, ws.variants)
+        bar.set_description(f"{name}: warm-up")
+        warm_up(d.routes, lens, args.seed)
         bar.set_description(f"{name}: solo latency")
-        run = SystemRun(
-            name, solo_latencies(d.routes, lens[0].median, lens[1].median, args.solo_repeats, args.seed)
-        )
+        solo = solo_latencies(d.routes, lens, args.solo_repeats, args.seed)
+        run = SystemRun(name, solo, [], args.gpu, args.date, args.command)
         for rate in args.rates:
             bar.set_description(f"{name}: {rate:g} req/s")
             records = asyncio.run(
@@ -210,17 +267,22 @@ def _check_served(d: Deployment, variants: list[str]) -> None:
         raise RuntimeError(f"{d.system} serves no {missing}")
 
 
-def reference_solo(runs: Sequence[SystemRun]) -> dict[str, float]:
-    """Per variant, the lowest solo latency of any system in the run: one SLO for every system."""
-    return {v: min(r.solo_s[v] for r in runs) for v in runs[0].solo_s}
+def typical(solo: Solo, lens: tuple[Lengths, Lengths]) -> float:
+    """Solo latency of a request of median lengths."""
+    return solo.latency(lens[0].median, lens[1].median)
 
 
-def summary_records(runs: Sequence[SystemRun], solo: Mapping[str, float], gpu: str, date: str) -> list[dict]:
+def reference_solo(runs: Sequence[SystemRun], lens: tuple[Lengths, Lengths]) -> dict[str, Solo]:
+    """Per variant, the solo latency of the system where it is lowest (at median lengths): one SLO for all."""
+    return {v: min((r.solo[v] for r in runs), key=lambda x: typical(x, lens)) for v in runs[0].solo}
+
+
+def summary_records(runs: Sequence[SystemRun], solo: Mapping[str, Solo]) -> list[dict]:
     out = []
     for run in runs:
         for rr in run.rates:
             rec = summarize(rr.records, solo, run.system, rr.rate_rps).to_record()
-            out.append(rec | {"gpu_mem_used_gib": rr.gpu_mem_used_gib, "gpu": gpu, "date": date})
+            out.append(rec | {"gpu_mem_used_gib": rr.gpu_mem_used_gib, "gpu": run.gpu, "date": run.date})
     return out
 
 
@@ -252,12 +314,49 @@ def table(summary: Sequence[dict]) -> str:
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
+def workload_key(args: argparse.Namespace) -> dict:
+    """What must match for results of separate runs to share one table."""
+    keys = ("zoo", "store_dir", "synthetic", "own", "variants", "input_len", "output_len", "fixed_lengths")
+    keys += ("zipf_alpha", "cv", "duration", "seed", "device")
+    return {k: str(getattr(args, k)) for k in keys}
+
+
+def load_kept(out: Path, skip: Sequence[str], key: dict) -> list[SystemRun]:
+    """The earlier runs in `out` of systems not in `skip`, if their workload matches `key`."""
+    if not (out / "solo.json").is_file():
+        return []
+    saved = json.loads((out / "solo.json").read_text())
+    if saved.get("workload") != key:
+        raise SystemExit(f"bench_serving: --keep: {out} holds results of another workload; use another --out")
+    runs = {
+        name: SystemRun(
+            name,
+            {v: Solo(**x) for v, x in meta["solo"].items()},
+            [],
+            meta["gpu"],
+            meta["date"],
+            meta["command"],
+        )
+        for name, meta in saved["per_system"].items()
+        if name not in skip
+    }
+    by_rate: dict[tuple[str, float], list[RequestRecord]] = defaultdict(list)
+    for line in (out / "records.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["system"] in runs:
+            by_rate[r.pop("system"), r.pop("rate_rps")].append(RequestRecord(**r))
+    for (name, rate), records in by_rate.items():
+        mem = saved["per_system"][name]["gpu_mem_used_gib"].get(str(rate))
+        runs[name].rates.append(RateRun(rate, records, mem))
+    return list(runs.values())
+
+
 def write_results(
     out: Path,
     runs: Sequence[SystemRun],
     summary: list[dict],
-    solo: dict[str, float],
-    command: str,
+    solo: dict[str, Solo],
+    key: dict,
     about: str,
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
@@ -267,16 +366,42 @@ def write_results(
                 for r in rr.records:
                     f.write(json.dumps({"system": run.system, "rate_rps": rr.rate_rps} | asdict(r)) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    per_system = {r.system: r.solo_s for r in runs}
-    (out / "solo.json").write_text(json.dumps({"reference": solo, "per_system": per_system}, indent=1) + "\n")
+    per_system = {
+        r.system: {
+            "solo": {v: asdict(x) for v, x in r.solo.items()},
+            "gpu": r.gpu,
+            "date": r.date,
+            "command": r.command,
+            "gpu_mem_used_gib": {str(rr.rate_rps): rr.gpu_mem_used_gib for rr in r.rates},
+        }
+        for r in runs
+    }
+    reference = {v: asdict(x) for v, x in solo.items()}
+    record = {"workload": key, "reference": reference, "per_system": per_system}
+    (out / "solo.json").write_text(json.dumps(record, indent=1) + "\n")
     plot(summary, "mean_turnaround_s", "mean turnaround (s)", out / "turnaround_vs_rate.png")
     plot(summary, "slo_attainment_5x", "SLO attainment (5x solo)", out / "slo_attainment_vs_rate.png")
-    first = summary[0]
+    commands = "\n".join(dict.fromkeys(r.command for r in runs))
+    when = ", ".join(dict.fromkeys(f"{r.gpu}, {r.date}" for r in runs))
     (out / "README.md").write_text(
-        f"# Serving benchmark\n\n{first['gpu']}, {first['date']}.\n\n```bash\n{command}\n```\n\n"
+        f"# Serving benchmark\n\n{when}.\n\n```bash\n{commands}\n```\n\n"
         f"{table(summary)}\n\n![turnaround](turnaround_vs_rate.png)\n![SLO](slo_attainment_vs_rate.png)\n\n"
-        f"SLO: k x each variant's lowest solo latency in this run (`solo.json`).\n\n{about}\n"
+        "SLO: a request meets it when its turnaround is within k x its solo latency at its own prompt and "
+        "output lengths, on the system where its variant's solo latency is lowest (`solo.json`: TTFT linear "
+        f"in prompt tokens, then a fixed time per output token).\n\n{about}\n"
     )
+
+
+def workspace(args: argparse.Namespace, root: Path) -> tuple[Workspace | SyntheticWorkspace, int]:
+    """The variants to serve and their context length."""
+    if args.synthetic is not None:
+        family = from_spec(f"variants={args.variants},own={args.own},{args.synthetic}", "meta")
+        ws = SyntheticWorkspace(args.variants, args.own, args.synthetic, root)
+        return ws, family.config["max_position_embeddings"]
+    source = args.store_dir or build_zoo(args.zoo, "mixtral") / "mixtral"
+    checkpoints = variant_checkpoints(Path(source), args.variants)
+    config = json.loads((next(iter(checkpoints.values())) / "config.json").read_text())
+    return Workspace(checkpoints, root), config["max_position_embeddings"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -284,25 +409,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_serving: --device cuda but CUDA is not available")
-    source = args.store_dir or build_zoo(args.zoo, "mixtral") / "mixtral"
-    checkpoints = variant_checkpoints(Path(source), args.variants)
-    context = json.loads((next(iter(checkpoints.values())) / "config.json").read_text())[
-        "max_position_embeddings"
-    ]
-    lens = lengths(args, context)
-    gpu = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    date = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    if args.device == "cuda" and args.memory_gib is None:
+        args.memory_gib = 0.9 * torch.cuda.get_device_properties(0).total_memory / 2**30
+    args.gpu = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    args.date = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    args.command = f"python scripts/bench_serving.py {shlex.join(argv)}"
+    key = workload_key(args)
+    kept = load_kept(args.out, args.systems, key) if args.keep else []
 
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
-        ws = Workspace(checkpoints, args.work_dir or Path(tmp))
+        ws, context = workspace(args, args.work_dir or Path(tmp))
+        lens = lengths(args, context)
         runs = []
         with tqdm(total=len(args.systems) * len(args.rates), unit="run") as bar:
             for name in args.systems:
                 runs.append(run_system(name, ws, args, lens, bar))
-    solo = reference_solo(runs)
-    summary = summary_records(runs, solo, gpu, date)
-    about = "\n".join(f"- `{s}`: {SYSTEMS[s].about}" for s in args.systems)
-    write_results(args.out, runs, summary, solo, f"python scripts/bench_serving.py {shlex.join(argv)}", about)
+    order = {name: i for i, name in enumerate(SYSTEMS)}
+    runs = sorted(kept + runs, key=lambda r: order[r.system])
+    solo = reference_solo(runs, lens)
+    summary = summary_records(runs, solo)
+    about = "\n".join(f"- `{s.system}`: {SYSTEMS[s.system].about}" for s in runs)
+    write_results(args.out, runs, summary, solo, key, about)
     print(table(summary))
     print(f"bench_serving: wrote {args.out}")
     return 0

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from moeshare.bench.metrics import request_latency, summarize
+from moeshare.bench.metrics import Solo, request_latency, summarize
 from moeshare.bench.replay import RequestRecord, is_loopback, replay
 from moeshare.bench.systems import ServerSpec, spawn, stop_all, wait_ready
 from moeshare.bench.workload import (
@@ -134,7 +134,9 @@ def test_metrics_of_hand_made_records():
     ]
     assert request_latency(records[0]).tpot_s == pytest.approx(0.2)
     assert request_latency(records[3]).tpot_s is None
-    m = summarize(records, {"a": 0.25, "b": 0.125}, system="moeshare", rate_rps=1.0)
+    # every record asks 3 tokens of a 4-token prompt: solo latency .25 for a, .125 for b
+    solo = {"a": Solo(0.05, 0.025, 0.05), "b": Solo(0.025, 0.0, 0.05)}
+    m = summarize(records, solo, system="moeshare", rate_rps=1.0)
     assert (m.requests, m.failed, m.span_s) == (4, 1, 4.0)
     assert m.throughput_rps == pytest.approx(3 / 4) and m.tokens_per_s == pytest.approx(6 / 4)
     assert (m.turnaround.mean, m.turnaround.p50, m.turnaround.p99) == pytest.approx((0.8, 1.0, 1.0))
@@ -162,7 +164,25 @@ def test_metrics_of_hand_made_records():
         assert key in rec, key
     assert rec["p99_ttft_s"] == pytest.approx(0.496) and rec["system"] == "moeshare"
     with pytest.raises(ValueError, match="no solo latency"):
-        summarize(records, {"a": 1.0}, system="x", rate_rps=1.0)
+        summarize(records, {"a": solo["a"]}, system="x", rate_rps=1.0)
+
+
+def _solo_record(prompt_len: int, ttft: float, tpot: float, n: int = 4) -> RequestRecord:
+    r = RequestRecord("s", "a", 0.0, prompt_len, n, sent_s=0.0, finish_s=ttft + (n - 1) * tpot)
+    r.token_times_s = [ttft + i * tpot for i in range(n)]
+    r.first_token_s, r.finish_reason = ttft, "length"
+    return r
+
+
+def test_solo_fit_is_linear_in_prompt_length_and_never_falls():
+    fit = Solo.fit([_solo_record(100, 0.2, 0.01), _solo_record(300, 0.4, 0.01), _solo_record(300, 0.5, 0.03)])
+    # medians: .2 at 100 and .45 at 300 -> .0725 + .00125 per token; tpot median .01
+    assert (fit.ttft0_s, fit.ttft_per_token_s, fit.tpot_s) == pytest.approx((0.075, 0.00125, 0.01))
+    assert fit.latency(200, 11) == pytest.approx(0.075 + 0.25 + 0.1)
+    flat = Solo.fit([_solo_record(100, 0.3, 0.01), _solo_record(300, 0.2, 0.01)])
+    assert flat.ttft_per_token_s == 0.0 and flat.latency(0, 1) == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="no completed solo request"):
+        Solo.fit([RequestRecord("x", "a", 0.0, 4, 4, error="UNAVAILABLE: down")])
 
 
 # ---- end to end against a real server ---------------------------------------------------------------------
@@ -174,7 +194,9 @@ def server(tiny_zoo, tmp_path_factory):
 
     store = tmp_path_factory.mktemp("bench") / "mixtral"
     consolidate([tiny_zoo / "mixtral" / v for v in VARIANTS], store, Options(budget="0.5", self_calib=0))
-    s = spawn(ServerSpec((store,), tuple(VARIANTS), ()), "cpu", tmp_path_factory.mktemp("log") / "serve.log")
+    s = spawn(
+        ServerSpec((str(store),), tuple(VARIANTS), ()), "cpu", tmp_path_factory.mktemp("log") / "serve.log"
+    )
     try:
         wait_ready(s, time.monotonic() + 120)
         yield s
@@ -189,8 +211,7 @@ def test_replay_of_12_requests_completes_each_with_its_token_count(server):
     solo = {}
     for v in VARIANTS:  # each variant alone on the server, one request
         alone = RequestSpec(f"solo-{v}", v, 0.0, reqs[0].prompt_ids, 8)
-        [rec] = asyncio.run(replay(server.address, [alone], temperature=0.0))
-        solo[v] = rec.finish_s - rec.sent_s
+        solo[v] = Solo.fit(asyncio.run(replay(server.address, [alone], temperature=0.0)))
 
     records = asyncio.run(replay(server.address, reqs, temperature=0.0, timeout_s=60))
     assert [r.id for r in records] == [r.id for r in reqs]

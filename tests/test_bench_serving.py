@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from moeshare.bench.systems import SYSTEMS, ServeLimits, Workspace, partition_layout
+from moeshare.bench.systems import SYSTEMS, ServeLimits, SyntheticWorkspace, Workspace, partition_layout
 from moeshare.evals.baselines import same_index_pick
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +82,46 @@ def test_reconfig_store_bank_is_the_same_index_pick_bank(run, tiny_zoo, tmp_path
 
 def test_partition_gives_each_variant_an_equal_share(tiny_zoo, tmp_path):
     ckpts = {v: tiny_zoo / "mixtral" / v for v in ("kjv", "python", "fortunes-en", "fortunes-de")}
-    specs = partition_layout(Workspace(ckpts, tmp_path), ServeLimits("cpu", 64, 512), "0.5")
+    specs = partition_layout(Workspace(ckpts, tmp_path), ServeLimits("cpu", 64, 512, 80.0), "0.5")
     assert [s.variants for s in specs] == [(v,) for v in ckpts]
+    assert [s.sources for s in specs] == [(str(p),) for p in ckpts.values()]
     for s in specs:
-        assert s.options == ("--max-num-seqs", "16", "--kv-blocks", "128")
+        assert s.options == ("--max-num-seqs", "16", "--kv-blocks", "128", "--memory-limit", "20.000")
+
+
+def test_synthetic_systems_serve_one_family(tmp_path):
+    ws = SyntheticWorkspace(4, 2, "layers=8", tmp_path)
+    limits = ServeLimits("cuda", 64, 4096, 72.0)
+    [moeshare] = SYSTEMS["moeshare"].layout(ws, limits, "0.5")
+    assert moeshare.sources == ("--synthetic", "variants=4,own=2,layers=8")
+    assert moeshare.variants == ("v0", "v1", "v2", "v3")
+    [swap] = SYSTEMS["swap"].layout(ws, limits, "0.5")
+    assert swap.options[-3:] == ("--max-resident-variants", "1", "--swap-whole-variants")
+    parts = SYSTEMS["partition"].layout(ws, limits, "0.5")
+    assert [p.sources[1] for p in parts] == [f"variants=4,own=2,layers=8,only={i}" for i in range(4)]
+    assert parts[0].options[-2:] == ("--memory-limit", "18.000")
+
+
+TINY_FAMILY = "layers=2,hidden=64,intermediate=128,experts=4,heads=4,kv_heads=2,vocab=256,context=256"
+
+
+def test_synthetic_sweep_split_over_two_runs_with_keep(tmp_path):
+    """Synthetic variants on CPU: moeshare alone, then swap and partition with --keep; the second run's
+    table holds all three, judged against one reference, and another workload is refused."""
+    out = tmp_path / "out"
+    common = ["--synthetic", TINY_FAMILY, "--rates", "4", "--duration", "1.5", "--input-len", "16"]
+    common += ["--output-len", "4", "--fixed-lengths", "--solo-repeats", "1", "--memory-gib", "1"]
+    common += ["--out", str(out)]
+    script = _script()
+    assert script.main([*common, "--systems", "moeshare"]) == 0
+    assert script.main([*common, "--systems", "swap,partition", "--keep"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["system"] for r in summary] == ["moeshare", "swap", "partition"]
+    assert all(r["failed"] == 0 and r["requests"] > 0 for r in summary)
+    solo = json.loads((out / "solo.json").read_text())
+    assert set(solo["per_system"]) == {"moeshare", "swap", "partition"}
+    assert set(solo["reference"]) == {"v0", "v1", "v2", "v3"}
+    readme = (out / "README.md").read_text()
+    assert "--systems moeshare" in readme and "--systems swap,partition --keep" in readme
+    with pytest.raises(SystemExit, match="another workload"):
+        script.main([*common, "--systems", "swap", "--keep", "--zipf-alpha", "1.2"])

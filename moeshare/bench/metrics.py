@@ -1,5 +1,6 @@
 """Latency and throughput of one replayed run: per request TTFT, TPOT and turnaround; per run their mean,
-P50 and P99, throughput, and SLO attainment against each variant's latency when served alone."""
+P50 and P99, throughput, and SLO attainment against each variant's latency when served alone, for the
+request's own prompt and output lengths (`Solo`)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ class RequestLatency:
 
     variant: str
     ok: bool
+    prompt_len: int
+    max_tokens: int
     tokens_out: int
     turnaround_s: float
     ttft_s: float | None
@@ -29,7 +32,38 @@ def request_latency(r: RequestRecord) -> RequestLatency:
     tpot = None
     if r.tokens_out >= 2:
         tpot = (r.token_times_s[-1] - r.token_times_s[0]) / (r.tokens_out - 1)
-    return RequestLatency(r.variant, r.ok, r.tokens_out, r.finish_s - r.sent_s, ttft, tpot)
+    return RequestLatency(
+        r.variant, r.ok, r.prompt_len, r.max_tokens, r.tokens_out, r.finish_s - r.sent_s, ttft, tpot
+    )
+
+
+@dataclass(frozen=True)
+class Solo:
+    """A variant's latency with nothing else on its server, by request size: the first token after
+    `ttft0_s + ttft_per_token_s * prompt tokens`, then one token every `tpot_s`."""
+
+    ttft0_s: float
+    ttft_per_token_s: float
+    tpot_s: float
+
+    def latency(self, prompt_len: int, max_tokens: int) -> float:
+        return self.ttft0_s + self.ttft_per_token_s * prompt_len + max(0, max_tokens - 1) * self.tpot_s
+
+    @classmethod
+    def fit(cls, records: Sequence[RequestRecord]) -> Solo:
+        """From solo requests of one or more prompt lengths: TTFT is the line through each length's median
+        (a constant from one length; never falling with length), TPOT the median."""
+        done = [request_latency(r) for r in records if r.ok]
+        if not done:
+            raise ValueError("no completed solo request to fit")
+        lengths = sorted({x.prompt_len for x in done})
+        ttft = [float(np.median([x.ttft_s for x in done if x.prompt_len == n])) for n in lengths]
+        slope = 0.0
+        if len(lengths) > 1:
+            slope = max(0.0, float(np.polyfit(lengths, ttft, 1)[0]))
+        base = float(np.mean(ttft)) - slope * float(np.mean(lengths))
+        tpots = [x.tpot_s for x in done if x.tpot_s is not None]
+        return cls(base, slope, float(np.median(tpots)) if tpots else 0.0)
 
 
 @dataclass(frozen=True)
@@ -60,7 +94,7 @@ class RunMetrics:
     turnaround: Stat
     ttft: Stat
     tpot: Stat
-    slo_attainment_5x: float  # fraction of all requests finished within 5x their variant's solo latency
+    slo_attainment_5x: float  # fraction of all requests finished within 5x their solo latency
     slo_attainment_10x: float
     max_send_lag_s: float  # worst lateness of a send against the schedule: large means the client lagged
 
@@ -79,16 +113,20 @@ def _per_s(n: float, span_s: float) -> float:
     return n / span_s if span_s > 0 else math.nan
 
 
-def slo_attainment(latencies: Sequence[RequestLatency], solo_s: Mapping[str, float], scale: float) -> float:
-    met = sum(1 for x in latencies if x.ok and x.turnaround_s <= scale * solo_s[x.variant])
+def slo_attainment(latencies: Sequence[RequestLatency], solo: Mapping[str, Solo], scale: float) -> float:
+    met = sum(
+        1
+        for x in latencies
+        if x.ok and x.turnaround_s <= scale * solo[x.variant].latency(x.prompt_len, x.max_tokens)
+    )
     return met / len(latencies) if latencies else math.nan
 
 
 def summarize(
-    records: Sequence[RequestRecord], solo_s: Mapping[str, float], system: str, rate_rps: float
+    records: Sequence[RequestRecord], solo: Mapping[str, Solo], system: str, rate_rps: float
 ) -> RunMetrics:
-    """`solo_s`: each variant's turnaround (seconds) when it is the only request on the server."""
-    missing = sorted({r.variant for r in records} - set(solo_s))
+    """`solo`: each variant's latency when its request is the only one on the server."""
+    missing = sorted({r.variant for r in records} - set(solo))
     if missing:
         raise ValueError(f"no solo latency for variants {missing}")
     latencies = [request_latency(r) for r in records]
@@ -105,7 +143,7 @@ def summarize(
         turnaround=Stat.of([x.turnaround_s for x in done]),
         ttft=Stat.of([x.ttft_s for x in done if x.ttft_s is not None]),
         tpot=Stat.of([x.tpot_s for x in done if x.tpot_s is not None]),
-        slo_attainment_5x=slo_attainment(latencies, solo_s, 5),
-        slo_attainment_10x=slo_attainment(latencies, solo_s, 10),
+        slo_attainment_5x=slo_attainment(latencies, solo, 5),
+        slo_attainment_10x=slo_attainment(latencies, solo, 10),
         max_send_lag_s=max((r.sent_s - r.arrival_s for r in records), default=0.0),
     )

@@ -3,7 +3,8 @@
 A `System` lays out the servers for a set of variants (`ServerSpec`: what to serve, with which options);
 `deploy` starts them on 127.0.0.1, port 0, waits until health says SERVING, and returns a `Deployment`
 that knows which address serves each variant and stops the servers. Every system gets the same
-`ServeLimits` (sequences per step, KV blocks) in total; `partition` splits them among its servers.
+`ServeLimits` (sequences per step, KV blocks, device memory) in total; `partition` splits them among its
+servers.
 """
 
 from __future__ import annotations
@@ -36,18 +37,19 @@ class ServeLimits:
     device: str = "cpu"
     max_num_seqs: int = 64
     kv_blocks: int = 512
+    memory_gib: float | None = None  # device memory for weights, KV and work space (None: no limit)
 
 
 @dataclass(frozen=True)
 class ServerSpec:
-    paths: tuple[Path, ...]  # stores or HF checkpoints
+    sources: tuple[str, ...]  # what `moeshare serve` loads: store or checkpoint paths, or --synthetic SPEC
     variants: tuple[str, ...]  # the variants it serves
     options: tuple[str, ...]  # serve options beyond host, port and device
 
 
 class Workspace:
     """The variants' HF checkpoints and a directory for the stores the systems serve; a store already
-    there is reused, so a second run skips consolidation."""
+    there is reused, so a second run skips consolidation. Each method returns what a server loads."""
 
     def __init__(self, checkpoints: Mapping[str, Path], root: Path) -> None:
         names = {v: Path(p).name for v, p in checkpoints.items()}
@@ -64,15 +66,15 @@ class Workspace:
     def _paths(self) -> list[Path]:
         return list(self.checkpoints.values())
 
-    def consolidated(self, budget: str) -> Path:
+    def consolidated(self, budget: str) -> tuple[str, ...]:
         """A store of all variants with its bank at `budget`. No calibration: speed does not depend on it."""
         out = self.root / f"store-{budget}"
         if not is_store(out):
             self._plan = self._plan or plan(self._paths(), None, None, 0)
             consolidate(self._paths(), out, Options(budget=budget, self_calib=0), made=self._plan)
-        return out
+        return (str(out),)
 
-    def same_index_pick_store(self, budget: float) -> Path:
+    def same_index_pick_store(self, budget: float) -> tuple[str, ...]:
         """A store whose bank is exactly the same-index-pick bank at `budget`: the picked checkpoints
         hold bitwise-identical copies of every shared position, which consolidation always merges (and
         merges nothing else at budget 1.0), while each variant keeps its own non-expert tensors."""
@@ -82,52 +84,86 @@ class Workspace:
             if not picked.exists():
                 same_index_pick(self._paths(), picked, budget)
             consolidate([picked / v for v in self.variants], out, Options(budget="1.0", self_calib=0))
-        return out
+        return (str(out),)
+
+    def single(self, variant: str) -> tuple[str, ...]:
+        """One variant on its own: its HF checkpoint."""
+        return (str(self.checkpoints[variant]),)
 
 
-def _one_store(paths: tuple[Path, ...], variants: list[str], limits: ServeLimits, *extra: str) -> ServerSpec:
-    options = ("--max-num-seqs", str(limits.max_num_seqs), "--kv-blocks", str(limits.kv_blocks), *extra)
-    return ServerSpec(paths, tuple(variants), options)
+class SyntheticWorkspace:
+    """Random-weight Mixtral variants at real layer sizes (`moeshare serve --synthetic`): a family of
+    `variants` in which each keeps `own` experts per layer and shares the rest, the way the stores of real
+    fine-tunes come out. Nothing is written; every server draws its weights on the device."""
+
+    def __init__(self, variants: int, own: int, sizes: str, root: Path) -> None:
+        self.root = Path(root)  # server logs
+        self.family = f"variants={variants},own={own}" + (f",{sizes}" if sizes else "")
+        self._variants = [f"v{i}" for i in range(variants)]
+
+    @property
+    def variants(self) -> list[str]:
+        return list(self._variants)
+
+    def consolidated(self, budget: str) -> tuple[str, ...]:
+        """The family itself is the consolidated store (shared slots plus each variant's own), whatever the
+        budget."""
+        return ("--synthetic", self.family)
+
+    def same_index_pick_store(self, budget: float) -> tuple[str, ...]:
+        """The same family: at batch size 1 speed depends on the experts each token reads, not on which
+        expert a shared slot holds."""
+        return ("--synthetic", self.family)
+
+    def single(self, variant: str) -> tuple[str, ...]:
+        return ("--synthetic", f"{self.family},only={self._variants.index(variant)}")
+
+
+def _one_store(sources: tuple[str, ...], variants: list[str], limits: ServeLimits, *extra: str) -> ServerSpec:
+    options = ("--max-num-seqs", str(limits.max_num_seqs), "--kv-blocks", str(limits.kv_blocks))
+    if limits.memory_gib is not None:
+        options += ("--memory-limit", f"{limits.memory_gib:.3f}")
+    return ServerSpec(sources, tuple(variants), (*options, *extra))
 
 
 def moeshare_layout(ws: Workspace, limits: ServeLimits, budget: str) -> list[ServerSpec]:
     """One server on one consolidated store of all variants, every variant resident: requests of all
     variants share each step's batch."""
-    return [_one_store((ws.consolidated(budget),), ws.variants, limits)]
+    return [_one_store(ws.consolidated(budget), ws.variants, limits)]
 
 
 def reconfig_bs1_layout(ws: Workspace, limits: ServeLimits, budget: str) -> list[ServerSpec]:
     """The published system approximated with our parts: the same-index-pick bank at `budget` (every
-    expert stays resident), one variant's non-expert tensors resident (`--max-resident-variants 1`, so a
-    request of another variant swaps them in from pinned host memory) and batch size 1
-    (`--max-num-seqs 1`). The swap runs on our engine's copy path, not theirs, and the order of requests
-    is our scheduler's (FCFS, a resident variant's request admitted first until another has waited 8
-    steps); with one sequence at a time that is close to plain FCFS."""
+    expert stays resident; with synthetic variants, the family's bank), one variant's non-expert tensors
+    resident (`--max-resident-variants 1`, so a request of another variant swaps them in from pinned host
+    memory) and batch size 1 (`--max-num-seqs 1`). The swap runs on our engine's copy path, not theirs,
+    and with one sequence at a time the order is FCFS."""
     store = ws.same_index_pick_store(float(budget))
-    one = ServeLimits(limits.device, 1, limits.kv_blocks)
-    return [_one_store((store,), ws.variants, one, "--max-resident-variants", "1")]
+    one = ServeLimits(limits.device, 1, limits.kv_blocks, limits.memory_gib)
+    return [_one_store(store, ws.variants, one, "--max-resident-variants", "1")]
 
 
 def swap_layout(ws: Workspace, limits: ServeLimits, budget: str) -> list[ServerSpec]:
-    """Temporal multiplexing, approximated: a store at budget 1.0 (no expert shared) with one variant
-    resident (`--max-resident-variants 1`); requests of the resident variant batch together, and another
-    variant's request waits until the resident row drains. The gap: the engine swaps only non-expert
-    tensors; the bank of every variant's experts stays on the device. So a switch here copies far fewer
-    bytes than loading a whole variant from host memory, and the memory used is that of all variants'
-    experts; at sizes where they do not fit together (Mixtral-8x7B, 4 variants on one H100) this system
-    cannot start until the engine can offload bank slots to host memory."""
-    return [_one_store((ws.consolidated("1.0"),), ws.variants, limits, "--max-resident-variants", "1")]
+    """Temporal multiplexing: one variant's full weights on the device (`--max-resident-variants 1
+    --swap-whole-variants`); switching copies the next variant's non-expert tensors and all its experts
+    from pinned host memory. Requests of the resident variant batch together; another variant's request
+    waits until the resident one's running sequences drain (FCFS across variants, with a starvation bound
+    of 8 steps)."""
+    options = ("--max-resident-variants", "1", "--swap-whole-variants")
+    return [_one_store(ws.consolidated("1.0"), ws.variants, limits, *options)]
 
 
 def partition_layout(ws: Workspace, limits: ServeLimits, budget: str) -> list[ServerSpec]:
-    """Static spatial partitioning: one server per variant on its own HF checkpoint, each with an equal
-    share of the sequences per step and of the KV blocks; requests go to their variant's server. The
-    gaps against MIG: the servers share the device's compute (MIG gives each its own SMs) and memory is
-    split only for KV (weights are not bounded per share), and nothing is offloaded to host memory when a
-    variant does not fit its share: at Mixtral-8x7B sizes a server that does not fit fails to start."""
+    """Static spatial partitioning (what MIG gives): one server per variant on its own weights, each with
+    an equal share of the device memory (`--memory-limit`; what does not fit waits in pinned host memory
+    and is copied in per step), of the KV blocks and of the sequences per step; requests go to their
+    variant's server. Unlike MIG, the servers share the device's SMs and copy engines."""
     n = len(ws.variants)
-    share = ServeLimits(limits.device, max(1, limits.max_num_seqs // n), max(1, limits.kv_blocks // n))
-    return [_one_store((ws.checkpoints[v],), [v], share) for v in ws.variants]
+    memory = None if limits.memory_gib is None else limits.memory_gib / n
+    share = ServeLimits(
+        limits.device, max(1, limits.max_num_seqs // n), max(1, limits.kv_blocks // n), memory
+    )
+    return [_one_store(ws.single(v), [v], share) for v in ws.variants]
 
 
 @dataclass(frozen=True)
@@ -172,7 +208,7 @@ class ServerProcess:
 
 
 def spawn(spec: ServerSpec, device: str, log: Path) -> ServerProcess:
-    cmd = [sys.executable, "-m", "moeshare.cli", "serve", *map(str, spec.paths)]
+    cmd = [sys.executable, "-m", "moeshare.cli", "serve", *spec.sources]
     cmd += ["--host", "127.0.0.1", "--port", "0", "--device", device, *spec.options]
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as err:
