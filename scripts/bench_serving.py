@@ -29,7 +29,7 @@ import sys
 import tempfile
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import matplotlib
@@ -39,7 +39,15 @@ from tqdm import tqdm
 
 from moeshare.bench.metrics import Solo, summarize
 from moeshare.bench.replay import RequestRecord, replay
-from moeshare.bench.systems import SYSTEMS, Deployment, ServeLimits, SyntheticWorkspace, Workspace, deploy
+from moeshare.bench.systems import (
+    SYSTEMS,
+    Deployment,
+    Route,
+    ServeLimits,
+    SyntheticWorkspace,
+    Workspace,
+    deploy,
+)
 from moeshare.bench.workload import ZOO_PRINTABLE, Lengths, RequestSpec, WorkloadSpec, generate
 from moeshare.engine.synthetic import from_spec
 from moeshare.errors import MoeshareError
@@ -101,7 +109,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--solo-repeats", type=int, default=3, help="timed solo requests per variant (median)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request fails")
-    p.add_argument("--quick", action="store_true", help="at most 30 s per rate, first and last rate only")
+    p.add_argument(
+        "--drain",
+        type=float,
+        default=60.0,
+        help="seconds after the last arrival before unfinished requests are cancelled and count as failed "
+        "(default 60)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="first and last rate only, at most 20 s of arrivals and 20 s of drain each, one solo length",
+    )
     p.add_argument("--keep", action="store_true", help="keep --out's results of the systems not run now")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--work-dir", type=Path, help="keep stores and server logs here (default: a temp dir)")
@@ -115,7 +134,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if not args.rates or min(args.rates) <= 0:
         p.error("--rates needs at least one rate > 0")
     if args.quick:
-        args.duration = min(args.duration, 30.0)
+        args.duration, args.drain = min(args.duration, 20.0), min(args.drain, 20.0)
         args.rates = sorted({args.rates[0], args.rates[-1]})
         args.solo_repeats = 1
     if args.synthetic is not None:
@@ -143,24 +162,31 @@ def lengths(args: argparse.Namespace, context: int) -> tuple[Lengths, Lengths]:
 
 
 async def replay_routed(
-    routes: Mapping[str, str], requests: Sequence[RequestSpec], timeout_s: float
+    routes: Mapping[str, Route], requests: Sequence[RequestSpec], timeout_s: float, end_s: float | None = None
 ) -> list[RequestRecord]:
-    """One open-loop replay per server, started together; records in arrival order. Each replay keeps its
-    own clock, started within the time it takes to open a channel, so only `span_s` mixes clocks."""
+    """One open-loop replay per server, started together; records in arrival order, under the workload's
+    variant names. Each replay keeps its own clock, started within the time it takes to open a channel, so
+    only `span_s` mixes clocks."""
     by_address: dict[str, list[RequestSpec]] = defaultdict(list)
     for r in requests:
-        by_address[routes[r.variant]].append(r)
+        route = routes[r.variant]
+        by_address[route.address].append(replace(r, variant=route.name))
     parts = await asyncio.gather(
-        *(replay(a, reqs, temperature=0.0, timeout_s=timeout_s) for a, reqs in by_address.items())
+        *(
+            replay(a, reqs, temperature=0.0, timeout_s=timeout_s, end_s=end_s)
+            for a, reqs in by_address.items()
+        )
     )
-    return sorted((r for part in parts for r in part), key=lambda r: r.arrival_s)
+    named = {r.id: r.variant for r in requests}
+    records = [replace(r, variant=named[r.id]) for part in parts for r in part]
+    return sorted(records, key=lambda r: r.arrival_s)
 
 
 def _prompt(n: int, seed: int) -> tuple[int, ...]:
     return tuple(np.random.default_rng(seed).integers(*ZOO_PRINTABLE, size=n).tolist())
 
 
-def warm_up(routes: Mapping[str, str], lens: tuple[Lengths, Lengths], seed: int) -> None:
+def warm_up(routes: Mapping[str, Route], lens: tuple[Lengths, Lengths], seed: int) -> None:
     """Untimed: every variant at the shortest and the longest prompt, all at once, a few tokens each, so
     kernels compile and tune for prefill sizes and batch sizes before anything is timed."""
     requests = [
@@ -174,24 +200,25 @@ def warm_up(routes: Mapping[str, str], lens: tuple[Lengths, Lengths], seed: int)
 
 
 def solo_latencies(
-    routes: Mapping[str, str], lens: tuple[Lengths, Lengths], repeats: int, seed: int
+    routes: Mapping[str, Route], lens: tuple[Lengths, Lengths], repeats: int, seed: int, both: bool = True
 ) -> dict[str, Solo]:
-    """Each variant with nothing else on its server: requests of the median output length at two prompt
-    lengths (half and twice the median, within the clipping), one untimed first (it makes the variant
-    resident), `repeats` timed at each length; fitted to `Solo`."""
+    """Each variant with nothing else on its server: one untimed one-token request first (it makes the
+    variant resident), then `repeats` of the median output length at two prompt lengths (half and twice
+    the median, within the clipping; with both=False the median only), fitted to `Solo`."""
     inp, out = lens
     short, long = max(inp.lo, inp.median // 2), min(inp.hi, inp.median * 2)
     solo = {}
-    for v, address in routes.items():
-        specs = [RequestSpec(f"solo-{v}-first", v, 0.0, _prompt(inp.median, seed), out.median)]
+    for v, route in routes.items():
+        name = route.name
+        specs = [RequestSpec(f"solo-{v}-first", name, 0.0, _prompt(inp.median, seed), 1)]
         specs += [
-            RequestSpec(f"solo-{v}-{n}-{i}", v, 0.0, _prompt(n, seed + i), out.median)
+            RequestSpec(f"solo-{v}-{n}-{i}", name, 0.0, _prompt(n, seed + i), out.median)
             for i in range(repeats)
-            for n in sorted({short, long})
+            for n in (sorted({short, long}) if both else [inp.median])
         ]
         records = []
         for spec in specs:  # one at a time
-            [rec] = asyncio.run(replay(address, [spec], temperature=0.0))
+            [rec] = asyncio.run(replay(route.address, [spec], temperature=0.0))
             if not rec.ok:
                 raise RuntimeError(f"solo request of {v} failed: {rec.error}")
             records.append(rec)
@@ -248,13 +275,13 @@ def run_system(
         bar.set_description(f"{name}: warm-up")
         warm_up(d.routes, lens, args.seed)
         bar.set_description(f"{name}: solo latency")
-        solo = solo_latencies(d.routes, lens, args.solo_repeats, args.seed)
+        solo = solo_latencies(d.routes, lens, args.solo_repeats, args.seed, both=not args.quick)
         run = SystemRun(name, solo, [], args.gpu, args.date, args.command)
         for rate in args.rates:
             bar.set_description(f"{name}: {rate:g} req/s")
-            records = asyncio.run(
-                replay_routed(d.routes, workload(args, ws.variants, rate, lens), args.request_timeout)
-            )
+            requests = workload(args, ws.variants, rate, lens)
+            end = args.duration + args.drain
+            records = asyncio.run(replay_routed(d.routes, requests, args.request_timeout, end))
             used = gpu_used_bytes(args.device)
             mem = None if used is None or baseline is None else (used - baseline) / 2**30
             run.rates.append(RateRun(rate, records, mem))
@@ -273,8 +300,46 @@ def typical(solo: Solo, lens: tuple[Lengths, Lengths]) -> float:
 
 
 def reference_solo(runs: Sequence[SystemRun], lens: tuple[Lengths, Lengths]) -> dict[str, Solo]:
-    """Per variant, the solo latency of the system where it is lowest (at median lengths): one SLO for all."""
-    return {v: min((r.solo[v] for r in runs), key=lambda x: typical(x, lens)) for v in runs[0].solo}
+    """Per variant, the solo latency of the system where it is lowest (at median lengths): one SLO for all.
+    `single` serves one variant in place of all, so it sets no reference unless it ran alone."""
+    serving = [r for r in runs if r.system != "single"] or list(runs)
+    return {v: min((r.solo[v] for r in serving), key=lambda x: typical(x, lens)) for v in serving[0].solo}
+
+
+def _at(summary: Sequence[dict], system: str) -> dict[float, dict]:
+    return {r["rate_rps"]: r for r in summary if r["system"] == system}
+
+
+def targets(summary: Sequence[dict]) -> str:
+    """The issue's targets, read off the table: turnaround against partition and swap, the highest tested
+    rate each system serves at 90% SLO attainment (5x), decode throughput against `single`."""
+    ours = _at(summary, "moeshare")
+    lines = []
+    for other in ("partition", "swap"):
+        theirs = _at(summary, other)
+        cells = [
+            f"{rate:g} rps: {1 - ours[rate]['mean_turnaround_s'] / theirs[rate]['mean_turnaround_s']:+.0%}"
+            for rate in sorted(set(ours) & set(theirs))
+            if ours[rate]["requests"] > ours[rate]["failed"]
+        ]
+        if cells:
+            lines.append(f"- mean turnaround lower than `{other}` by: {', '.join(cells)}")
+    best = {}
+    for system in dict.fromkeys(r["system"] for r in summary):
+        ok = [rate for rate, r in _at(summary, system).items() if r["slo_attainment_5x"] >= 0.9]
+        best[system] = max(ok, default=0.0)
+    if best:
+        cells = ", ".join(f"`{k}` {v:g}" for k, v in best.items())
+        lines.append(f"- highest tested rate at >= 90% SLO attainment (5x), requests/s: {cells}")
+    single = _at(summary, "single")
+    cells = [
+        f"{rate:g} rps: {ours[rate]['tokens_per_s'] / single[rate]['tokens_per_s']:.2f}x tokens/s, "
+        f"{ours[rate]['mean_tpot_s'] / single[rate]['mean_tpot_s']:.2f}x TPOT"
+        for rate in sorted(set(ours) & set(single))
+    ]
+    if cells:
+        lines.append(f"- 4 variants (`moeshare`) against one variant alone (`single`): {'; '.join(cells)}")
+    return "\n".join(lines)
 
 
 def summary_records(runs: Sequence[SystemRun], solo: Mapping[str, Solo]) -> list[dict]:
@@ -317,7 +382,7 @@ def table(summary: Sequence[dict]) -> str:
 def workload_key(args: argparse.Namespace) -> dict:
     """What must match for results of separate runs to share one table."""
     keys = ("zoo", "store_dir", "synthetic", "own", "variants", "input_len", "output_len", "fixed_lengths")
-    keys += ("zipf_alpha", "cv", "duration", "seed", "device")
+    keys += ("zipf_alpha", "cv", "duration", "drain", "seed", "device")
     return {k: str(getattr(args, k)) for k in keys}
 
 
@@ -388,7 +453,7 @@ def write_results(
         f"{table(summary)}\n\n![turnaround](turnaround_vs_rate.png)\n![SLO](slo_attainment_vs_rate.png)\n\n"
         "SLO: a request meets it when its turnaround is within k x its solo latency at its own prompt and "
         "output lengths, on the system where its variant's solo latency is lowest (`solo.json`: TTFT linear "
-        f"in prompt tokens, then a fixed time per output token).\n\n{about}\n"
+        f"in prompt tokens, then a fixed time per output token).\n\n{targets(summary)}\n\n{about}\n"
     )
 
 

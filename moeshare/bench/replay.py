@@ -65,11 +65,22 @@ async def _one(
     record: RequestRecord,
     clock: Callable[[], float],
     params: dict[str, object],
+    timeout_s: float | None,
+    end_s: float | None,
 ) -> None:
     record.sent_s = clock()
+    if end_s is not None:  # the run's end cancels whatever is still running then
+        left = max(1e-3, end_s - record.sent_s)
+        timeout_s = left if timeout_s is None else min(timeout_s, left)
     try:
         async for r in client.generate(
-            req.variant, prompt, max_tokens=req.max_tokens, request_id=req.id, seed=seed, **params
+            req.variant,
+            prompt,
+            max_tokens=req.max_tokens,
+            request_id=req.id,
+            seed=seed,
+            timeout=timeout_s,
+            **params,
         ):
             now = clock()
             if r.token_ids and record.first_token_s is None:
@@ -90,6 +101,7 @@ async def replay(
     *,
     temperature: float | None = None,
     timeout_s: float | None = None,
+    end_s: float | None = None,
     render: Callable[[Sequence[int]], str] | None = None,
     ignore_eos: bool = True,
     max_requests: int = MAX_REQUESTS,
@@ -98,7 +110,9 @@ async def replay(
     """Send every request at its arrival_s (open loop) and stream it; returns one record per request,
     in arrival order. `temperature` None: the server's default. Request i gets sampling seed i, so a
     replay is reproducible. Prompts go as token ids unless `render` turns them into text; `ignore_eos`
-    runs every request to its max_tokens, so output lengths are the workload's."""
+    runs every request to its max_tokens, so output lengths are the workload's. A request fails
+    (DEADLINE_EXCEEDED) after `timeout_s`, or at `end_s` seconds after the replay started, whichever is
+    first."""
     if len(requests) > max_requests:
         raise ValueError(
             f"refusing to replay {len(requests)} requests: more than max_requests={max_requests}"
@@ -108,7 +122,7 @@ async def replay(
     ordered = sorted(requests, key=lambda r: r.arrival_s)
     prompts = [list(r.prompt_ids) if render is None else render(r.prompt_ids) for r in ordered]
     records = [RequestRecord(r.id, r.variant, r.arrival_s, r.prompt_len, r.max_tokens) for r in ordered]
-    params: dict[str, object] = {"timeout": timeout_s, "ignore_eos": ignore_eos}
+    params: dict[str, object] = {"ignore_eos": ignore_eos}
     if temperature is not None:
         params["temperature"] = temperature
 
@@ -123,6 +137,8 @@ async def replay(
             delay = req.arrival_s - clock()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(_one(client, req, prompt, i, record, clock, params)))
+            tasks.append(
+                asyncio.create_task(_one(client, req, prompt, i, record, clock, params, timeout_s, end_s))
+            )
         await asyncio.gather(*tasks)
     return records

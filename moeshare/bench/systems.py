@@ -45,6 +45,13 @@ class ServerSpec:
     sources: tuple[str, ...]  # what `moeshare serve` loads: store or checkpoint paths, or --synthetic SPEC
     variants: tuple[str, ...]  # the variants it serves
     options: tuple[str, ...]  # serve options beyond host, port and device
+    send_as: str | None = None  # every request goes to this served variant, whatever it names
+
+
+@dataclass(frozen=True)
+class Route:
+    address: str  # host:port
+    name: str  # the variant name the server knows
 
 
 class Workspace:
@@ -90,6 +97,10 @@ class Workspace:
         """One variant on its own: its HF checkpoint."""
         return (str(self.checkpoints[variant]),)
 
+    def alone(self) -> tuple[tuple[str, ...], str]:
+        """The most popular variant's checkpoint, and the name it is served under."""
+        return self.single(self.variants[0]), self.variants[0]
+
 
 class SyntheticWorkspace:
     """Random-weight Mixtral variants at real layer sizes (`moeshare serve --synthetic`): a family of
@@ -117,6 +128,9 @@ class SyntheticWorkspace:
 
     def single(self, variant: str) -> tuple[str, ...]:
         return ("--synthetic", f"{self.family},only={self._variants.index(variant)}")
+
+    def alone(self) -> tuple[tuple[str, ...], str]:
+        return self.single(self._variants[0]), self._variants[0]
 
 
 def _one_store(sources: tuple[str, ...], variants: list[str], limits: ServeLimits, *extra: str) -> ServerSpec:
@@ -166,6 +180,14 @@ def partition_layout(ws: Workspace, limits: ServeLimits, budget: str) -> list[Se
     return [_one_store(ws.single(v), [v], share) for v in ws.variants]
 
 
+def single_layout(ws: Workspace, limits: ServeLimits, budget: str) -> list[ServerSpec]:
+    """Not a way to serve many variants: the reference for what they cost. The most popular variant
+    alone on one server, and every request of the workload goes to it (same arrivals, same lengths)."""
+    sources, name = ws.alone()
+    spec = _one_store(sources, ws.variants, limits)
+    return [ServerSpec(spec.sources, spec.variants, spec.options, send_as=name)]
+
+
 @dataclass(frozen=True)
 class System:
     name: str
@@ -183,6 +205,7 @@ SYSTEMS = {
         System("reconfig-bs1", reconfig_bs1_layout),
         System("swap", swap_layout),
         System("partition", partition_layout),
+        System("single", single_layout),
     )
 }
 
@@ -271,8 +294,8 @@ class Deployment:
     servers: list[ServerProcess]
 
     @property
-    def routes(self) -> dict[str, str]:  # variant -> host:port
-        return {v: s.address for s in self.servers for v in s.spec.variants}
+    def routes(self) -> dict[str, Route]:  # workload variant -> where its requests go
+        return {v: Route(s.address, s.spec.send_as or v) for s in self.servers for v in s.spec.variants}
 
     def stop(self) -> None:
         stop_all(self.servers)
