@@ -70,7 +70,10 @@ def align_rows_ref(ids: torch.Tensor, num_groups: int, block_m: int) -> tuple[to
     return sorted_rows, tile_group.int()
 
 
-@triton.jit
+# Triton compiles a kernel again for every new value of a constexpr and for every change in whether an int
+# argument is 1 or a multiple of 16; arguments that change from step to step are kept out of both, so a
+# server compiles each kernel a few times at start, not again whenever a batch has a new size.
+@triton.jit(do_not_specialize=["n", "num_tiles"])
 def _align_kernel(
     ids_ptr, sorted_ptr, tile_group_ptr, n, num_groups, num_tiles,
     BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, CHUNK: tl.constexpr,
@@ -117,7 +120,7 @@ def align_rows(ids: torch.Tensor, num_groups: int, block_m: int) -> tuple[torch.
     sorted_rows = torch.empty(tiles * block_m, dtype=torch.int32, device=ids.device)
     tile_group = torch.empty(tiles, dtype=torch.int32, device=ids.device)
     block_g = max(2, triton.next_power_of_2(num_groups))
-    chunk = max(16, min(triton.next_power_of_2(n), 8192 // block_g))
+    chunk = max(16, 8192 // block_g)  # one value per group count: see the note above _align_kernel
     _align_kernel[(1,)](
         ids.reshape(-1),
         sorted_rows,
@@ -132,7 +135,7 @@ def align_rows(ids: torch.Tensor, num_groups: int, block_m: int) -> tuple[torch.
     return sorted_rows, tile_group
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])
 def _grouped_gemm_kernel(
     a_ptr,
     w_ptr,

@@ -71,7 +71,9 @@ def _chunk_rows(seq, ci, q_lo, q_len, kvh, context_lens_ptr,
     return q_lo + qi, kvh * GROUP + hg, pos, row_ok, kv_end
 
 
-@triton.jit
+# num_seqs changes every step: not specialized on (see grouped_gemm.py's note); BLOCK_S and SPLITS take
+# powers of two only, so the kernels compile for a handful of values.
+@triton.jit(do_not_specialize=["num_seqs"])
 def _paged_attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
     block_tables_ptr, context_lens_ptr, query_start_ptr, num_seqs, num_kv_heads, qk_scale,
@@ -141,7 +143,7 @@ def _paged_attention_kernel(
         tl.store(part_acc_ptr + part.to(tl.int64)[:, None] * BLOCK_D + d[None, :], acc)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs"])
 def _merge_splits_kernel(
     out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
     context_lens_ptr, query_start_ptr, num_seqs, num_kv_heads, stride_ot, stride_oh, stride_od,
@@ -215,6 +217,7 @@ def paged_attention(
     if num_splits is None:
         max_tiles = triton.cdiv(block_tables.shape[1] * page, block_n)
         num_splits = max(1, min(16, _num_sms(q.device) // (chunks * num_kv_heads), max_tiles // 2))
+        num_splits = 1 << (num_splits.bit_length() - 1)  # a power of two: fewer compiled variants
     part_m = part_l = part_acc = out  # unused when there is one split
     if num_splits > 1:
         rows = chunks * num_kv_heads * num_splits * block_m
@@ -226,7 +229,7 @@ def paged_attention(
         GROUP_PAD=group_pad,
         BLOCK_Q=block_q,
         BLOCK_M=block_m,
-        BLOCK_S=triton.next_power_of_2(num_seqs),
+        BLOCK_S=max(16, triton.next_power_of_2(num_seqs)),
     )
     _paged_attention_kernel[(chunks, num_kv_heads, num_splits)](
         q, k_cache, v_cache, out, part_m, part_l, part_acc,

@@ -107,6 +107,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=float,
         help="device memory per system in all (partition splits it); default on CUDA: 90%% of the device",
     )
+    p.add_argument(
+        "--warmup", type=float, default=10.0, help="untimed seconds of load before each system's solo runs"
+    )
     p.add_argument("--solo-repeats", type=int, default=3, help="timed solo requests per variant (median)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request fails")
     p.add_argument(
@@ -119,7 +122,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="first and last rate only, at most 20 s of arrivals and 20 s of drain each, one solo length",
+        help="first and last rate only, at most 15 s of arrivals and 15 s of drain each, 5 s of warm-up "
+        "load, one solo length",
     )
     p.add_argument("--keep", action="store_true", help="keep --out's results of the systems not run now")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -134,7 +138,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if not args.rates or min(args.rates) <= 0:
         p.error("--rates needs at least one rate > 0")
     if args.quick:
-        args.duration, args.drain = min(args.duration, 20.0), min(args.drain, 20.0)
+        args.duration, args.drain = min(args.duration, 15.0), min(args.drain, 15.0)
+        args.warmup = min(args.warmup, 5.0)
         args.rates = sorted({args.rates[0], args.rates[-1]})
         args.solo_repeats = 1
     if args.synthetic is not None:
@@ -186,17 +191,23 @@ def _prompt(n: int, seed: int) -> tuple[int, ...]:
     return tuple(np.random.default_rng(seed).integers(*ZOO_PRINTABLE, size=n).tolist())
 
 
-def warm_up(routes: Mapping[str, Route], lens: tuple[Lengths, Lengths], seed: int) -> None:
-    """Untimed: every variant at the shortest and the longest prompt, all at once, a few tokens each, so
-    kernels compile and tune for prefill sizes and batch sizes before anything is timed."""
+def warm_up(routes: Mapping[str, Route], args: argparse.Namespace, lens: tuple[Lengths, Lengths]) -> None:
+    """Untimed: every variant at the shortest and the longest prompt, all at once, then `--warmup` seconds
+    of the workload (another seed) at the highest rate, so kernels compile for the prefill and batch sizes
+    the measured runs will see before anything is timed."""
     requests = [
-        RequestSpec(f"warm-{v}-{n}", v, 0.0, _prompt(n, seed), 4)
+        RequestSpec(f"warm-{v}-{n}", v, 0.0, _prompt(n, args.seed), 4)
         for v in routes
         for n in (lens[0].lo, lens[0].hi)
     ]
     records = asyncio.run(replay_routed(routes, requests, timeout_s=600.0))
     if failed := [r for r in records if not r.ok]:
         raise RuntimeError(f"warm-up request of {failed[0].variant} failed: {failed[0].error}")
+    if args.warmup > 0:
+        spec = WorkloadSpec(
+            list(routes), max(args.rates), args.warmup, args.zipf_alpha, args.cv, *lens, seed=args.seed + 1
+        )
+        asyncio.run(replay_routed(routes, generate(spec), args.request_timeout, end_s=2 * args.warmup))
 
 
 def solo_latencies(
@@ -273,7 +284,7 @@ def run_system(
     with deploy(name, specs, args.device, ws.root / "logs") as d:
         _check_served(d, ws.variants)
         bar.set_description(f"{name}: warm-up")
-        warm_up(d.routes, lens, args.seed)
+        warm_up(d.routes, args, lens)
         bar.set_description(f"{name}: solo latency")
         solo = solo_latencies(d.routes, lens, args.solo_repeats, args.seed, both=not args.quick)
         run = SystemRun(name, solo, [], args.gpu, args.date, args.command)

@@ -27,7 +27,8 @@ def _script():
 @pytest.fixture(scope="module")
 def run(tiny_zoo, tmp_path_factory):
     out, work = tmp_path_factory.mktemp("serving"), tmp_path_factory.mktemp("work")
-    argv = ["--zoo", "tiny", "--rates", "4", "--duration", "2", "--input-len", "16", "--output-len"]
+    argv = ["--zoo", "tiny", "--rates", "4", "--duration", "2", "--warmup", "1", "--input-len", "16"]
+    argv += ["--output-len"]
     argv += [
         str(OUT_LEN),
         "--fixed-lengths",
@@ -109,7 +110,8 @@ def test_synthetic_sweep_split_over_two_runs_with_keep(tmp_path):
     """Synthetic variants on CPU: moeshare alone, then swap and partition with --keep; the second run's
     table holds all three, judged against one reference, and another workload is refused."""
     out = tmp_path / "out"
-    common = ["--synthetic", TINY_FAMILY, "--rates", "4", "--duration", "1.5", "--input-len", "16"]
+    common = ["--synthetic", TINY_FAMILY, "--rates", "4", "--duration", "1.5", "--warmup", "0"]
+    common += ["--input-len", "16"]
     common += ["--output-len", "4", "--fixed-lengths", "--solo-repeats", "1", "--memory-gib", "1"]
     common += ["--out", str(out)]
     script = _script()

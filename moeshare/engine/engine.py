@@ -114,8 +114,9 @@ class Engine:
         self.steps = 0
         limit = self.config.memory_limit_bytes
         if limit is not None and self.device.type == "cuda":  # hold the caching allocator to the limit too
-            total = torch.cuda.get_device_properties(self.device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), self.device)
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            total = torch.cuda.get_device_properties(index).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), index)
         for path in paths:
             self.load(path)
 
