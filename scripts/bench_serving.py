@@ -123,7 +123,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--quick",
         action="store_true",
         help="first and last rate only, at most 15 s of arrivals and 15 s of drain each, 5 s of warm-up "
-        "load, one solo length",
+        "load, solo at one prompt length and at most 32 output tokens",
     )
     p.add_argument("--keep", action="store_true", help="keep --out's results of the systems not run now")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -211,19 +211,21 @@ def warm_up(routes: Mapping[str, Route], args: argparse.Namespace, lens: tuple[L
 
 
 def solo_latencies(
-    routes: Mapping[str, Route], lens: tuple[Lengths, Lengths], repeats: int, seed: int, both: bool = True
+    routes: Mapping[str, Route], lens: tuple[Lengths, Lengths], repeats: int, seed: int, quick: bool = False
 ) -> dict[str, Solo]:
     """Each variant with nothing else on its server: one untimed one-token request first (it makes the
     variant resident), then `repeats` of the median output length at two prompt lengths (half and twice
-    the median, within the clipping; with both=False the median only), fitted to `Solo`."""
+    the median, within the clipping), fitted to `Solo`. quick: the median prompt only, and at most 32
+    output tokens (TPOT needs no more)."""
     inp, out = lens
+    both, tokens = not quick, min(out.median, 32) if quick else out.median
     short, long = max(inp.lo, inp.median // 2), min(inp.hi, inp.median * 2)
     solo = {}
     for v, route in routes.items():
         name = route.name
         specs = [RequestSpec(f"solo-{v}-first", name, 0.0, _prompt(inp.median, seed), 1)]
         specs += [
-            RequestSpec(f"solo-{v}-{n}-{i}", name, 0.0, _prompt(n, seed + i), out.median)
+            RequestSpec(f"solo-{v}-{n}-{i}", name, 0.0, _prompt(n, seed + i), tokens)
             for i in range(repeats)
             for n in (sorted({short, long}) if both else [inp.median])
         ]
@@ -286,7 +288,7 @@ def run_system(
         bar.set_description(f"{name}: warm-up")
         warm_up(d.routes, args, lens)
         bar.set_description(f"{name}: solo latency")
-        solo = solo_latencies(d.routes, lens, args.solo_repeats, args.seed, both=not args.quick)
+        solo = solo_latencies(d.routes, lens, args.solo_repeats, args.seed, quick=args.quick)
         run = SystemRun(name, solo, [], args.gpu, args.date, args.command)
         for rate in args.rates:
             bar.set_description(f"{name}: {rate:g} req/s")
