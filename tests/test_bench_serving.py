@@ -125,5 +125,9 @@ def test_synthetic_sweep_split_over_two_runs_with_keep(tmp_path):
     assert set(solo["reference"]) == {"v0", "v1", "v2", "v3"}
     readme = (out / "README.md").read_text()
     assert "--systems moeshare" in readme and "--systems swap,partition --keep" in readme
+    before = (out / "summary.json").read_text()
+    assert script.main([*common, "--systems", "", "--keep"]) == 0  # re-summarize only
+    assert (out / "summary.json").read_text() == before
+    assert all(r["mean_turnaround_all_s"] >= r["mean_turnaround_s"] * 0.999 for r in summary)
     with pytest.raises(SystemExit, match="another workload"):
         script.main([*common, "--systems", "swap", "--keep", "--zipf-alpha", "1.2"])

@@ -92,6 +92,9 @@ class RunMetrics:
     throughput_rps: float  # completed requests / span
     tokens_per_s: float  # output tokens of completed requests / span
     turnaround: Stat
+    # mean over every request, a failed one counted until it failed: where requests were cancelled
+    # unfinished, a lower bound on what the system's mean turnaround would be
+    mean_turnaround_all_s: float
     ttft: Stat
     tpot: Stat
     slo_attainment_5x: float  # fraction of all requests finished within 5x their solo latency
@@ -141,6 +144,7 @@ def summarize(
         throughput_rps=_per_s(len(done), span),
         tokens_per_s=_per_s(sum(x.tokens_out for x in done), span),
         turnaround=Stat.of([x.turnaround_s for x in done]),
+        mean_turnaround_all_s=float(np.mean([x.turnaround_s for x in latencies])) if latencies else math.nan,
         ttft=Stat.of([x.ttft_s for x in done if x.ttft_s is not None]),
         tpot=Stat.of([x.tpot_s for x in done if x.tpot_s is not None]),
         slo_attainment_5x=slo_attainment(latencies, solo, 5),
