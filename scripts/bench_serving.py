@@ -49,7 +49,6 @@ from moeshare.bench.systems import (
     deploy,
 )
 from moeshare.bench.workload import ZOO_PRINTABLE, Lengths, RequestSpec, WorkloadSpec, generate
-from moeshare.engine.synthetic import from_spec
 from moeshare.errors import MoeshareError
 from moeshare.zoo import build_zoo
 
@@ -151,7 +150,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.solo_repeats = 1
     if args.synthetic is not None:
         try:
-            from_spec(f"variants={args.variants},own={args.own},{args.synthetic}", "meta")
+            SyntheticWorkspace(args.variants, args.own, args.synthetic, Path())
         except MoeshareError as e:
             p.error(str(e))
     return args
@@ -484,9 +483,8 @@ def write_results(
 def workspace(args: argparse.Namespace, root: Path) -> tuple[Workspace | SyntheticWorkspace, int]:
     """The variants to serve and their context length."""
     if args.synthetic is not None:
-        family = from_spec(f"variants={args.variants},own={args.own},{args.synthetic}", "meta")
         ws = SyntheticWorkspace(args.variants, args.own, args.synthetic, root)
-        return ws, family.config["max_position_embeddings"]
+        return ws, ws.context
     source = args.store_dir or build_zoo(args.zoo, "mixtral") / "mixtral"
     checkpoints = variant_checkpoints(Path(source), args.variants)
     config = json.loads((next(iter(checkpoints.values())) / "config.json").read_text())

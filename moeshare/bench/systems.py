@@ -23,6 +23,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moeshare.consolidate import Options, Plan, consolidate, is_store, plan
+from moeshare.engine.synthetic import from_spec
 from moeshare.evals.baselines import same_index_pick
 
 LISTENING = "moeshare: listening on "
@@ -105,12 +106,14 @@ class Workspace:
 class SyntheticWorkspace:
     """Random-weight Mixtral variants at real layer sizes (`moeshare serve --synthetic`): a family of
     `variants` in which each keeps `own` experts per layer and shares the rest, the way the stores of real
-    fine-tunes come out. Nothing is written; every server draws its weights on the device."""
+    fine-tunes come out. Nothing is written; every server draws its weights on the device. A bad spec
+    raises MoeshareError here, before any server starts."""
 
     def __init__(self, variants: int, own: int, sizes: str, root: Path) -> None:
         self.root = Path(root)  # server logs
         self.family = f"variants={variants},own={own}" + (f",{sizes}" if sizes else "")
         self._variants = [f"v{i}" for i in range(variants)]
+        self.context: int = from_spec(self.family, "meta").config["max_position_embeddings"]
 
     @property
     def variants(self) -> list[str]:

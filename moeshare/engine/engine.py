@@ -150,14 +150,15 @@ class Engine:
             if c.memory_limit_bytes is None
             else c.memory_limit_bytes - sum(g.placed_bytes for g in self.groups)
         )
-        offload, placed = offload_layers(left, c, dims, self.dtype, rows, slots, blocks)
+        sizes = (probe.row_bytes(), probe.expert_bytes())
+        offload, placed = offload_layers(left, c, dims, self.dtype, rows, slots, blocks, *sizes)
         model = MultiVariantMixtral(
             dims, rows, slots, self.dtype, self.device, offload, c.swap_whole_variants
         )
         # the bank: on the device (layers beyond the memory limit in host memory), or with whole-variant
         # swaps all of it in host memory, a variant's experts moving in with the rest of its weights
         private = c.swap_whole_variants
-        host = [model._bank(source.bank_slots(x), host=True) for x in layers] if private else []
+        host = [model.empty_bank(source.bank_slots(x), host=True) for x in layers] if private else []
         for i, layer in enumerate(layers):  # one slot at a time: host memory holds one expert, not the bank
             for slot in range(source.bank_slots(layer)):
                 weights = source.bank_slot(layer, slot)

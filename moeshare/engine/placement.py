@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from moeshare.engine.models.mixtral import MixtralDims, MultiVariantMixtral
+from moeshare.engine.models.mixtral import MixtralDims
 from moeshare.errors import MoeshareError
 from moeshare.memory.pool import PagePool
 
@@ -17,14 +17,10 @@ if TYPE_CHECKING:
 GIB = 2**30
 
 
-def _elem(dtype: torch.dtype) -> int:
-    return torch.finfo(dtype).bits // 8
-
-
 def work_bytes(c: EngineConfig, dims: MixtralDims, dtype: torch.dtype) -> int:
     """Room for one step's activations at the largest batch, and the logits of the largest decode."""
     per_token = dims.top_k * 3 * dims.intermediate + 8 * dims.hidden + dims.vocab
-    return c.max_batched_tokens * per_token * _elem(dtype) + 2 * c.max_num_seqs * dims.vocab * 4
+    return c.max_batched_tokens * per_token * dtype.itemsize + 2 * c.max_num_seqs * dims.vocab * 4
 
 
 def block_bytes(c: EngineConfig, dims: MixtralDims, dtype: torch.dtype) -> int:
@@ -39,22 +35,23 @@ def offload_layers(
     rows: int,
     slots: list[int],
     blocks: int,
+    row_bytes: int,
+    slot_bytes: int,
 ) -> tuple[frozenset[int], int]:
     """The MoE layers whose banks must wait in host memory for the store to fit `limit` bytes (what is left
     of the memory limit; None: no limit): the last ones first, until resident rows + resident banks + one
-    staging bank + KV (and its scratch block) + work space fit. Also returns the bytes the store takes."""
+    staging bank + KV (and its scratch block) + work space fit; `row_bytes` is one variant's non-expert
+    weights, `slot_bytes` one expert. Also returns the bytes the store takes."""
     if limit is None:
         return frozenset(), 0
-    probe = MultiVariantMixtral(dims, 1, [], dtype, torch.device("meta"))
-    slot = probe.expert_bytes()
-    fixed = rows * probe.row_bytes() + block_bytes(c, dims, dtype) * (blocks + 1) + work_bytes(c, dims, dtype)
+    fixed = rows * row_bytes + block_bytes(c, dims, dtype) * (blocks + 1) + work_bytes(c, dims, dtype)
     for n in range(len(slots) + 1):
         offload = range(len(slots) - n, len(slots))
-        staging = max((slots[i] for i in offload), default=0) * slot
-        resident = sum(slots[: len(slots) - n]) * slot
+        staging = max((slots[i] for i in offload), default=0) * slot_bytes
+        resident = sum(slots[: len(slots) - n]) * slot_bytes
         if fixed + resident + staging <= limit:
             return frozenset(offload), fixed + resident + staging
-    need = fixed + max(slots, default=0) * slot
+    need = fixed + max(slots, default=0) * slot_bytes
     raise MoeshareError(
         f"the memory limit leaves {limit / GIB:.2f} GiB, which cannot hold {rows} resident variant row(s), "
         f"{blocks} KV blocks and one staged layer ({need / GIB:.2f} GiB): raise the limit or lower "

@@ -63,7 +63,7 @@ class PagePool:
     @staticmethod
     def block_bytes(block_size: int, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         """One block: K and V of every layer for block_size tokens."""
-        return 2 * layers * block_size * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+        return 2 * layers * block_size * kv_heads * head_dim * dtype.itemsize
 
     @staticmethod
     def blocks_that_fit(

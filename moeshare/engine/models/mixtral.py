@@ -112,14 +112,15 @@ class MultiVariantMixtral:
             resident, d.layers, d.experts, dtype=torch.int64, device=device
         )  # -> bank slot
         # the shared expert bank, per MoE layer: w13 [S, 2I, H], w2 [S, H, I]
-        self.bank = [self._bank(s, i in self.offload) for i, s in enumerate(slots)]
+        self.bank = [self.empty_bank(s, i in self.offload) for i, s in enumerate(slots)]
         # where an offloaded layer's slots are copied for the step that routes to them
         held = [slots[i] for i in self.offload]
-        self.staging = self._bank(max(held), False) if held else None
+        self.staging = self.empty_bank(max(held), False) if held else None
         inv_freq = 1.0 / (d.rope_theta ** (torch.arange(0, d.head_dim, 2, dtype=torch.float32) / d.head_dim))
         self.inv_freq = inv_freq.to(device)
 
-    def _bank(self, slots: int, host: bool) -> dict[str, torch.Tensor]:
+    def empty_bank(self, slots: int, host: bool) -> dict[str, torch.Tensor]:
+        """Uninitialised w13/w2 for `slots` experts: on the device, or in (pinned, on CUDA) host memory."""
         d = self.dims
         where = (
             {"device": "cpu", "pin_memory": self.device.type == "cuda"} if host else {"device": self.device}
@@ -138,7 +139,7 @@ class MultiVariantMixtral:
     def expert_bytes(self) -> int:
         """One expert (bank slot) of one layer."""
         d = self.dims
-        return 3 * d.intermediate * d.hidden * torch.finfo(self.dtype).bits // 8
+        return 3 * d.intermediate * d.hidden * self.dtype.itemsize
 
     def load_slot(self, layer: int, slot: int, weights: dict[str, torch.Tensor]) -> None:
         for role, t in weights.items():
