@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,10 +22,37 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
     return zoo.main(argv)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so the cleanup that Ctrl-C gets runs for it too."""
+
+
+def _terminable(run: Command) -> Command:
+    """A command that writes files: SIGTERM removes what it wrote so far, like Ctrl-C, and exits 143."""
+
+    def wrapped(args: argparse.Namespace) -> int:
+        import signal
+
+        def terminate(signum: int, frame: object) -> None:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the cleanup short
+            raise _Terminated
+
+        previous = signal.signal(signal.SIGTERM, terminate)
+        try:
+            return run(args)
+        except _Terminated:
+            print(f"moeshare: terminated; {args.out} was not written", file=sys.stderr)
+            return 128 + signal.SIGTERM
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    return wrapped
+
+
 def _cmd_consolidate(args: argparse.Namespace) -> int:
     from moeshare.consolidate import Options, consolidate, format_report, summarize
 
     opts = Options(args.budget, args.threshold, args.similarity, args.merge, args.calib, args.force)
+    opts.force_merge = args.force_merge
     if args.self_calib is not None:
         opts.self_calib = args.self_calib
     manifest = consolidate(args.variants, args.out, opts)
@@ -47,9 +75,15 @@ def _grpc_errors(run: Command) -> Command:
     def wrapped(args: argparse.Namespace) -> int:
         import grpc
 
+        if not (math.isfinite(args.timeout) and args.timeout > 0):
+            raise MoeshareError(f"--timeout must be a number of seconds > 0, got {args.timeout}")
         try:
             return run(args)
         except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise MoeshareError(
+                    f"DEADLINE_EXCEEDED: no answer from {args.address} within --timeout {args.timeout:g} s"
+                ) from None
             raise MoeshareError(f"{e.code().name}: {e.details()}") from None
 
     return wrapped
@@ -68,6 +102,12 @@ def _client(args: argparse.Namespace):
 def _cmd_generate(args: argparse.Namespace) -> int:
     import time
 
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise MoeshareError(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
+    if not 1 <= args.max_tokens < 2**31:
+        raise MoeshareError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    if not 0 <= args.top_k < 2**31:
+        raise MoeshareError(f"--top-k must be >= 0 (0 turns it off), got {args.top_k}")
     params = {
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
@@ -99,7 +139,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_models(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        models = client.list_models()
+        models = client.list_models(timeout=args.timeout)
     if args.json:
         print(
             json.dumps(
@@ -128,8 +168,13 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def _inspect_store(args: argparse.Namespace) -> int:
     from moeshare.consolidate import Store, format_report, summarize
 
-    summary = summarize(Store(args.path).manifest)
+    store = Store(args.path)  # checks that every file is there and whole
+    summary = summarize(store.manifest)
+    if args.verify:
+        summary["verified_files"] = store.verify()
     print(json.dumps(summary, indent=2) if args.json else format_report(summary))
+    if args.verify and not args.json:
+        print(f"verified: the sha256 of all {summary['verified_files']} files match the manifest")
     return 0
 
 
@@ -139,6 +184,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     if is_store(args.path):
         return _inspect_store(args)
+    if args.verify:
+        raise MoeshareError(f"{args.path}: --verify checks a store (it records sha256s); this is not one")
 
     with open_checkpoint(args.path) as ckpt:
         kinds: dict[str, int] = {}
@@ -211,15 +258,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="without --calib, tokens each causal (Mixtral) variant samples from itself to calibrate the fit "
         "merge (default 4096; 0: none, so the merge defaults to average)",
     )
-    p.add_argument("--force", action="store_true", help="replace an existing store at --out")
-    p.set_defaults(run=_cmd_consolidate)
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a store (or an empty directory) at --out; anything else is refused",
+    )
+    p.add_argument(
+        "--force-merge",
+        action="store_true",
+        help="share the experts of a variant that is far from all others (refused by default: probably "
+        "not a fine-tune of the same base)",
+    )
+    p.set_defaults(run=_terminable(_cmd_consolidate))
 
     p = sub.add_parser("export", help="write one variant of a store as an ordinary HF checkpoint")
     p.add_argument("store")
     p.add_argument("--variant", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--force", action="store_true", help="replace an existing directory at --out")
-    p.set_defaults(run=_cmd_export)
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a checkpoint moeshare exported (or an empty directory) at --out; anything else is refused",
+    )
+    p.set_defaults(run=_terminable(_cmd_export))
 
     def client_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--address", default="127.0.0.1:50051", help="the server (default 127.0.0.1:50051)")
@@ -234,12 +295,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
-    p.add_argument("--timeout", type=float, help="deadline in seconds")
+    p.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds the whole completion may take (default 300)"
+    )
     client_args(p)
     p.set_defaults(run=_grpc_errors(_cmd_generate))
 
     p = sub.add_parser("models", help="list the models a running server serves")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the server (default 30)")
     client_args(p)
     p.set_defaults(run=_grpc_errors(_cmd_models))
 
@@ -254,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="describe a store (bank, errors, sizes) or a checkpoint directory")
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--verify", action="store_true", help="also check each store file's sha256 against the manifest"
+    )
     p.set_defaults(run=_cmd_inspect)
     return parser
 

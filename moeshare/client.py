@@ -92,7 +92,8 @@ def read_token(path: str | Path | None) -> str | None:
 
 
 class Client:
-    """Blocking client. `token`: the server's bearer token, if it has one."""
+    """Blocking client. `token`: the server's bearer token, if it has one; or its admin token, which is good
+    for every call and the only one load_store / unload_model accept."""
 
     def __init__(
         self,
@@ -127,11 +128,12 @@ class Client:
         req = _request(model, prompt, **params)
         return _completion(self.stub.Complete(req, metadata=self.metadata, timeout=timeout))
 
-    def list_models(self) -> list[pb.ModelInfo]:
-        return list(self.stub.ListModels(pb.ListModelsRequest(), metadata=self.metadata).models)
+    def list_models(self, timeout: float | None = None) -> list[pb.ModelInfo]:
+        reply = self.stub.ListModels(pb.ListModelsRequest(), metadata=self.metadata, timeout=timeout)
+        return list(reply.models)
 
-    def stats(self) -> pb.StatsResponse:
-        return self.stub.GetStats(pb.GetStatsRequest(), metadata=self.metadata)
+    def stats(self, timeout: float | None = None) -> pb.StatsResponse:
+        return self.stub.GetStats(pb.GetStatsRequest(), metadata=self.metadata, timeout=timeout)
 
     def load_store(self, path: str) -> list[str]:
         return list(self.stub.LoadStore(pb.LoadStoreRequest(path=path), metadata=self.metadata).models)

@@ -17,6 +17,7 @@ import datetime
 import gc
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -202,7 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--gen", type=int, default=128)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", type=Path, default=Path("evals/results/engine"))
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="directory for the results (default: a new scratch directory, printed); the committed results "
+        "are in evals/results/engine",
+    )
     p.add_argument(
         "--load-check-layers", type=int, default=2, help="layers of the on-disk loading check (0: skip)"
     )
@@ -213,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.quick:
         args.batches, args.hf_batches, args.gen = "1,32", "1", 32
+    if args.out is None:  # never the committed results unless named
+        args.out = Path(tempfile.mkdtemp(prefix="bench-engine-out-"))
+        print(f"bench_engine: results go to {args.out} (--out names another directory)", flush=True)
     batches = [int(x) for x in args.batches.split(",")]
     cfg = mixtral_config(layers=args.layers)
     gpu = torch.cuda.get_device_name()

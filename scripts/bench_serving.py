@@ -13,8 +13,10 @@ alone at two prompt lengths, then for each rate replay the seeded workload open 
 request's timings. A request meets its SLO when its turnaround is within k times its solo latency at its
 own lengths, on the system where that variant's solo latency is lowest in this run, so every system is
 judged against one reference. Writes records.jsonl, summary.json, solo.json, two PNG plots and a
-README.md with the command and the table into --out; with --keep, the systems not run this time keep
-their earlier results there (a sweep can be split over several runs).
+README.md with the command and the table into --out (default: a new scratch directory, printed); with
+--keep, the systems not run this time keep their earlier results there (a sweep can be split over several
+runs). A system that fails (a server that does not start, a failed warm-up or solo request) is recorded
+with its error and the others still run; the exit code is then 1.
 """
 
 from __future__ import annotations
@@ -55,8 +57,7 @@ from moeshare.zoo import build_zoo
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = ROOT / "evals" / "results" / "serving"
+INTERRUPTED = "interrupted (Ctrl-C)"
 TABLE_KEYS = (
     "mean_turnaround_s",
     "mean_turnaround_all_s",
@@ -130,7 +131,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="keep --out's results of the systems not run now (with --systems '' only re-summarize them)",
     )
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="directory for the results (default: a new scratch directory, printed); the committed results "
+        "are in evals/results/serving",
+    )
     p.add_argument("--work-dir", type=Path, help="keep stores and server logs here (default: a temp dir)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -138,6 +144,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     if not args.systems and not args.keep:
         p.error("--systems is empty: name at least one (an empty list only re-summarizes --out with --keep)")
+    if args.keep and args.out is None:
+        p.error("--keep adds to the results of earlier runs: name their directory with --out")
     if unknown := [s for s in args.systems if s not in SYSTEMS]:
         p.error(f"unknown systems {unknown}; choose from {', '.join(SYSTEMS)}")
     args.rates = [float(r) for r in args.rates.split(",") if r.strip()]
@@ -267,6 +275,7 @@ class SystemRun:
     gpu: str = ""
     date: str = ""
     command: str = ""
+    error: str = ""  # why the system stopped short: its rates so far are kept
 
 
 def workload(
@@ -285,6 +294,29 @@ def run_system(
     lens: tuple[Lengths, Lengths],
     bar: tqdm,
 ) -> SystemRun:
+    """One system's run; an error (its store, a server, a request the solo runs need) ends it early and is
+    recorded in `error`, so the systems after it still run and the results are still written."""
+    run = SystemRun(name, {}, [], args.gpu, args.date, args.command)
+    try:
+        _measure(run, ws, args, lens, bar)
+    except KeyboardInterrupt:  # the caller stops here, and writes what ran
+        run.error = INTERRUPTED
+    except Exception as e:
+        run.error = " ".join(f"{type(e).__name__}: {e}".split())
+        tqdm.write(f"bench_serving: {name} failed: {run.error}")
+    finally:
+        bar.update(len(args.rates) - len(run.rates))
+    return run
+
+
+def _measure(
+    run: SystemRun,
+    ws: Workspace | SyntheticWorkspace,
+    args: argparse.Namespace,
+    lens: tuple[Lengths, Lengths],
+    bar: tqdm,
+) -> None:
+    name = run.system
     limits = ServeLimits(args.device, args.max_num_seqs, args.kv_blocks, args.memory_gib)
     specs = SYSTEMS[name].layout(ws, limits, args.budget)
     bar.set_description(f"{name}: starting {len(specs)} server(s)")
@@ -294,8 +326,7 @@ def run_system(
         bar.set_description(f"{name}: warm-up")
         warm_up(d.routes, args, lens)
         bar.set_description(f"{name}: solo latency")
-        solo = solo_latencies(d.routes, lens, args.solo_repeats, args.seed, quick=args.quick)
-        run = SystemRun(name, solo, [], args.gpu, args.date, args.command)
+        run.solo = solo_latencies(d.routes, lens, args.solo_repeats, args.seed, quick=args.quick)
         for rate in args.rates:
             bar.set_description(f"{name}: {rate:g} req/s")
             requests = workload(args, ws.variants, rate, lens)
@@ -305,7 +336,6 @@ def run_system(
             mem = None if used is None or baseline is None else (used - baseline) / 2**30
             run.rates.append(RateRun(rate, records, mem))
             bar.update()
-    return run
 
 
 def _check_served(d: Deployment, variants: list[str]) -> None:
@@ -320,9 +350,18 @@ def typical(solo: Solo, lens: tuple[Lengths, Lengths]) -> float:
 
 def reference_solo(runs: Sequence[SystemRun], lens: tuple[Lengths, Lengths]) -> dict[str, Solo]:
     """Per variant, the solo latency of the system where it is lowest (at median lengths): one SLO for all.
-    `single` serves one variant in place of all, so it sets no reference unless it ran alone."""
-    serving = [r for r in runs if r.system != "single"] or list(runs)
+    `single` serves one variant in place of all, so it sets no reference unless it ran alone; a system that
+    failed before its solo runs sets none."""
+    timed = [r for r in runs if r.solo]
+    serving = [r for r in timed if r.system != "single"] or timed
+    if not serving:
+        return {}
     return {v: min((r.solo[v] for r in serving), key=lambda x: typical(x, lens)) for v in serving[0].solo}
+
+
+def measured(summary: Sequence[dict]) -> list[dict]:
+    """The summary's rows of measured rates, without the rows that record a system's failure."""
+    return [r for r in summary if "error" not in r]
 
 
 def _at(summary: Sequence[dict], system: str) -> dict[float, dict]:
@@ -332,6 +371,7 @@ def _at(summary: Sequence[dict], system: str) -> dict[float, dict]:
 def targets(summary: Sequence[dict]) -> str:
     """The issue's targets, read off the table: turnaround against partition and swap, the highest tested
     rate each system serves at 90% SLO attainment (5x), decode throughput against `single`."""
+    summary = measured(summary)
     ours = _at(summary, "moeshare")
     lines = []
     key = "mean_turnaround_all_s"  # failed requests counted until they failed: a bound where they were cut
@@ -366,16 +406,20 @@ def targets(summary: Sequence[dict]) -> str:
 
 
 def summary_records(runs: Sequence[SystemRun], solo: Mapping[str, Solo]) -> list[dict]:
+    """A row per system and measured rate, and a row {system, error, gpu, date} per system that failed."""
     out = []
     for run in runs:
         for rr in run.rates:
             rec = summarize(rr.records, solo, run.system, rr.rate_rps).to_record()
             out.append(rec | {"gpu_mem_used_gib": rr.gpu_mem_used_gib, "gpu": run.gpu, "date": run.date})
+        if run.error:
+            out.append({"system": run.system, "error": run.error, "gpu": run.gpu, "date": run.date})
     return out
 
 
 def plot(summary: Sequence[dict], key: str, ylabel: str, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    summary = measured(summary)
     for system in dict.fromkeys(r["system"] for r in summary):
         pts = sorted((r["rate_rps"], r[key]) for r in summary if r["system"] == system)
         x, y = zip(*pts, strict=True)
@@ -398,8 +442,10 @@ def _cell(x: object) -> str:
 
 def table(summary: Sequence[dict]) -> str:
     head = ["system", "rate_rps", "requests", "failed", *TABLE_KEYS]
-    rows = [head, ["---"] * len(head)] + [[_cell(r[k]) for k in head] for r in summary]
-    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+    rows = [head, ["---"] * len(head)] + [[_cell(r[k]) for k in head] for r in measured(summary)]
+    lines = ["| " + " | ".join(row) + " |" for row in rows]
+    failed = [f"- `{r['system']}` failed: {r['error']}" for r in summary if "error" in r]
+    return "\n".join(lines + ([""] + failed if failed else []))
 
 
 def workload_key(args: argparse.Namespace) -> dict:
@@ -424,6 +470,7 @@ def load_kept(out: Path, skip: Sequence[str], key: dict) -> list[SystemRun]:
             meta["gpu"],
             meta["date"],
             meta["command"],
+            meta.get("error", ""),
         )
         for name, meta in saved["per_system"].items()
         if name not in skip
@@ -462,6 +509,7 @@ def write_results(
             "command": r.command,
             "gpu_mem_used_gib": {str(rr.rate_rps): rr.gpu_mem_used_gib for rr in r.rates},
         }
+        | ({"error": r.error} if r.error else {})
         for r in runs
     }
     reference = {v: asdict(x) for v, x in solo.items()}
@@ -501,16 +549,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.gpu = torch.cuda.get_device_name() if args.device == "cuda" and args.systems else "cpu"
     args.date = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     args.command = f"python scripts/bench_serving.py {shlex.join(argv)}"
+    if args.out is None:  # never the committed results unless named
+        args.out = Path(tempfile.mkdtemp(prefix="bench-serving-out-"))
+        print(f"bench_serving: results go to {args.out} (--out names another directory)", flush=True)
     key = workload_key(args)
     kept = load_kept(args.out, args.systems, key) if args.keep else []
 
+    runs: list[SystemRun] = []
+    interrupted = False
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         ws, context = workspace(args, args.work_dir or Path(tmp))
         lens = lengths(args, context)
-        runs = []
         with tqdm(total=len(args.systems) * len(args.rates), unit="run") as bar:
             for name in args.systems:
                 runs.append(run_system(name, ws, args, lens, bar))
+                if interrupted := runs[-1].error == INTERRUPTED:
+                    break
     order = {name: i for i, name in enumerate(SYSTEMS)}
     runs = sorted(kept + runs, key=lambda r: order[r.system])
     solo = reference_solo(runs, lens)
@@ -519,6 +573,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_results(args.out, runs, summary, solo, key, about)
     print(table(summary))
     print(f"bench_serving: wrote {args.out}")
+    if interrupted:
+        return 130
+    if failed := [r.system for r in runs if r.error]:
+        print(f"bench_serving: {', '.join(failed)} failed (see {args.out / 'summary.json'})", file=sys.stderr)
+        return 1
     return 0
 
 

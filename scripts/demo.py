@@ -7,6 +7,7 @@ from each variant, prints them with the server's stats, and stops the server.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -23,11 +24,15 @@ from moeshare.zoo import format_report as zoo_report
 VARIANTS = ["kjv", "fortunes-en", "fortunes-de", "python"]
 PROMPTS = ["And God said unto Moses,", "A man who has", "Wer nicht wagt,", "def __init__(self,"]
 OUT = Path("build/demo")
+# The tiny models run as fast on one CPU thread as on several, and one thread never waits at a barrier on a core
+# another process holds: the demo (and the server it starts) stays about as fast on a busy machine.
+THREADS = "1"
 
 
 def _serve(store: Path, device: str) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "moeshare.cli", "serve", str(store), "--port", "0", "--device", device]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", THREADS)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     address = ""
     for line in proc.stdout:
         print(line.rstrip(), flush=True)
@@ -40,6 +45,7 @@ def _serve(store: Path, device: str) -> tuple[subprocess.Popen, str]:
 
 def main() -> int:
     t0 = time.perf_counter()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", THREADS)))
     zoo = build_zoo("tiny", "all")
     print(zoo_report(load_zoo(zoo)))
     stores = {}
@@ -55,6 +61,12 @@ def main() -> int:
     proc, address = _serve(stores["mixtral"], device)
     try:
         with Client(address) as client:
+            print(
+                "\nEach variant continues a prompt from its own domain. These are 2-layer models (hidden size 64)"
+                "\ntrained for under a minute on a CPU: expect the look of the domain (its words, spelling and"
+                "\npunctuation), not sense. The zoo report above shows each variant is best on its own domain.",
+                flush=True,
+            )
             for i, (v, prompt) in enumerate(zip(VARIANTS, PROMPTS, strict=True)):
                 print(f"\n[{v}] {prompt}", end="", flush=True)
                 for piece in client.generate(v, prompt, max_tokens=48, temperature=0.7, seed=i):

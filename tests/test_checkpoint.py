@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moeshare.checkpoint import open_checkpoint, write_checkpoint
-from moeshare.errors import CheckpointError
+from moeshare.errors import CheckpointError, MoeshareError
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
@@ -187,7 +187,7 @@ def test_write_refuses_existing_dir_and_leaves_it_alone(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(CheckpointError, match="already exists; choose another path or pass --force"):
+    with pytest.raises(MoeshareError, match="already exists; choose another --out or pass --force"):
         write_checkpoint(out, {"model_type": "llama"}, [("x", torch.ones(3))])
     assert _snapshot(tmp_path) == {"out/keep.txt": b"mine"}
 
@@ -198,6 +198,6 @@ def test_failed_write_leaves_nothing(tmp_path):
         yield "b", torch.ones(1000)
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(MoeshareError, match="no space left on the device"):
         write_checkpoint(tmp_path / "out", {"model_type": "llama"}, tensors(), max_shard_bytes=4000)
     assert list(tmp_path.iterdir()) == []

@@ -62,6 +62,11 @@ def test_layout_and_zoo_json_record_how_it_was_built(tiny_zoo):
             assert {"config.json", "model.safetensors", "tokenizer.json"} <= files
 
 
+def test_tiny_zoo_trains_on_one_thread_so_a_busy_machine_slows_it_little(tiny_zoo):
+    # two threads, with one core held by another process, made the tiny build 20x slower (issue 12)
+    assert load_zoo(tiny_zoo)["built"]["threads"] == 1
+
+
 def test_every_checkpoint_loads_with_transformers(tiny_zoo):
     zoo = load_zoo(tiny_zoo)
     for arch in ARCHS:

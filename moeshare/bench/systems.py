@@ -223,14 +223,21 @@ class ServerProcess:
     lines: queue.Queue[str] = field(default_factory=queue.Queue)
     address: str = ""
 
-    def log_tail(self, n: int = 20) -> str:
+    def last_log_line(self) -> str:
+        """The server's last word: its one-line error, or the last line of a traceback."""
         try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+            lines = [x.strip() for x in self.log.read_text(errors="replace").splitlines() if x.strip()]
         except OSError:
             return ""
+        return lines[-1] if lines else ""
 
     def fail(self, why: str) -> RuntimeError:
-        return RuntimeError(f"server for {', '.join(self.spec.variants)} {why}; its log:\n{self.log_tail()}")
+        said = self.last_log_line()
+        return RuntimeError(
+            f"server for {', '.join(self.spec.variants)} {why}"
+            + (f": {said}" if said else "")
+            + f" (log: {self.log})"
+        )
 
 
 def spawn(spec: ServerSpec, device: str, log: Path) -> ServerProcess:

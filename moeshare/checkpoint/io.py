@@ -3,58 +3,26 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import struct
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from moeshare.checkpoint.adapters import Adapter, adapter_for
+from moeshare.checkpoint.output import publish as publish  # re-exported: writers of other directories use it
+from moeshare.checkpoint.output import writing
+from moeshare.checkpoint.safetensors_file import read_safetensors_header, write_safetensors
 from moeshare.errors import CheckpointError
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_MAX_HEADER = 100 * 1024 * 1024
-
-
-def read_safetensors_header(path: Path) -> dict[str, dict]:
-    """Tensor name -> {dtype, shape, data_offsets}, after checking the file is whole."""
-
-    def corrupt(why: str) -> CheckpointError:
-        return CheckpointError(
-            f"{path}: corrupt or truncated safetensors file ({why}); save or copy it again"
-        )
-
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise corrupt(f"{size} bytes, shorter than the 8-byte header length")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, _MAX_HEADER):
-            raise corrupt(f"header length {n} does not fit in {size} bytes")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise corrupt("header is not valid JSON") from None
-    if not isinstance(header, dict):
-        raise corrupt("header is not a JSON object")
-    header.pop("__metadata__", None)
-    end = 0
-    for name, entry in header.items():
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2):
-            raise corrupt(f"tensor {name} has no data_offsets")
-        end = max(end, offsets[1])
-    if 8 + n + end != size:
-        raise corrupt(f"data should end at byte {8 + n + end}, the file has {size}")
-    return header
+# Beside every checkpoint moeshare writes: what made it, and what `--force` may replace.
+MARKER = "moeshare-checkpoint.json"
+MARKER_FORMAT = "moeshare-checkpoint"
 
 
 class Checkpoint:
@@ -166,12 +134,12 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(path, config, adapter, where, headers)
 
 
-def _own_storage(t: torch.Tensor) -> torch.Tensor:
-    """safetensors refuses tensors that share memory, so views of a larger tensor get their own copy."""
-    t = t.detach().contiguous()
-    if t.untyped_storage().nbytes() != t.numel() * t.element_size():
-        t = t.clone()
-    return t
+def written_by_moeshare(path: Path) -> bool:
+    """Whether `path` is a checkpoint directory that write_checkpoint made (its marker file says so)."""
+    try:
+        return json.loads((Path(path) / MARKER).read_text()).get("format") == MARKER_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def write_checkpoint(
@@ -182,30 +150,28 @@ def write_checkpoint(
     max_shard_bytes: int | None = None,
     copy_files: Iterable[Path] = (),
     force: bool = False,
+    inputs: Iterable[Path] = (),
+    about: dict | None = None,
 ) -> Path:
     """Write config + safetensors (sharded past `max_shard_bytes`) to a temporary directory, then rename.
 
-    An error part-way (disk full, a bad tensor, an interrupt) leaves no directory at `out`.
+    An error part-way (disk full, a bad tensor, an interrupt) leaves no directory at `out`. `force` replaces only
+    a checkpoint this function wrote, or an empty directory, and never one of `inputs`. `about` goes into the
+    marker file (e.g. the store and variant it was exported from).
     """
-    out = Path(out)
-    if out.exists() and not force:
-        raise CheckpointError(f"{out}: already exists; choose another path or pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with writing(
+        out, force=force, ours=written_by_moeshare, what="a checkpoint moeshare wrote", inputs=inputs
+    ) as tmp:
         shards: list[list[str]] = []
         batch: dict[str, torch.Tensor] = {}
         batch_bytes = total = 0
 
         def flush() -> None:
-            save_file(batch, str(tmp / f"shard-{len(shards)}.tmp"), metadata={"format": "pt"})
+            write_safetensors(tmp / f"shard-{len(shards)}.tmp", batch)
             shards.append(list(batch))
             batch.clear()
 
         for name, t in tensors:
-            t = _own_storage(t)
             n = t.numel() * t.element_size()
             if max_shard_bytes and batch and batch_bytes + n > max_shard_bytes:
                 flush()
@@ -227,20 +193,6 @@ def write_checkpoint(
             (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for file in copy_files:
-            shutil.copy2(file, tmp / Path(file).name)
-        publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def publish(tmp: Path, out: Path) -> None:
-    """Move a finished temporary directory to `out`, replacing what was there only once it is complete."""
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
+            shutil.copyfile(file, tmp / Path(file).name)  # content only: the mode follows the umask
+        (tmp / MARKER).write_text(json.dumps({"format": MARKER_FORMAT, **(about or {})}, indent=1) + "\n")
+    return Path(out)

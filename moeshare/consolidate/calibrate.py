@@ -16,6 +16,8 @@ from moeshare.errors import MoeshareError
 # Without calibration text, a causal variant samples this many tokens from itself, in sequences of SAMPLE_LEN.
 SELF_CALIB_TOKENS = 4096
 SAMPLE_LEN = 128
+CALIB_TOKENS = 4096  # of --calib text, the tokens each variant runs
+MAX_CALIB_BYTES = 64 << 20  # --calib is read up to this
 
 
 @dataclass
@@ -35,9 +37,16 @@ def can_sample(ckpt: Checkpoint) -> bool:
 
 def read_calibration_text(path: Path) -> str:
     try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        with Path(path).open("rb") as f:
+            raw = f.read(MAX_CALIB_BYTES + 1)  # bounded: --calib /dev/zero or a pipe must not fill memory
     except OSError as e:
         raise MoeshareError(f"--calib {path}: cannot read it ({e.strerror or e})") from None
+    if len(raw) > MAX_CALIB_BYTES:
+        raise MoeshareError(
+            f"--calib {path}: more than {MAX_CALIB_BYTES >> 20} MiB, the cap on calibration text "
+            f"(only its first {CALIB_TOKENS} tokens are used): give a shorter file"
+        )
+    text = raw.decode("utf-8", errors="replace")
     if not text.strip():
         raise MoeshareError(f"--calib {path}: the file is empty; give some text in the variants' domains")
     return text
@@ -101,7 +110,7 @@ def _sampled_batch(model: torch.nn.Module, bos: int, max_tokens: int, seed: int)
 
 
 def calibrate(
-    ckpts: list[Checkpoint], text: str | None, max_tokens: int = 4096, seq_len: int = 256
+    ckpts: list[Checkpoint], text: str | None, max_tokens: int = CALIB_TOKENS, seq_len: int = 256
 ) -> Calibration:
     """text None: each variant samples max_tokens of its own (see can_sample)."""
     adapter = ckpts[0].adapter

@@ -117,3 +117,29 @@ def allocate(
         best = min(open_layers, key=lambda c: (c.costs[taken[c.layer]], -slot_bytes[c.layer]))
         taken[best.layer] += 1
     return taken
+
+
+# A variant whose experts are this far from every other variant's is not a fine-tune of the same base. Distances
+# are RMS-relative (align.relative_distance): 1.0 is a cosine of 0.5 between equal-norm weights; unrelated weights
+# sit near sqrt(2) = 1.41, fine-tunes of one base well below 1 (0.07-0.34 in the zoo).
+UNRELATED = 1.0
+
+
+def distance_to_others(layers: list[LayerClustering], n_variants: int) -> np.ndarray:
+    """[V] per variant, the median over its experts (every layer) of the distance to the nearest expert of
+    another variant."""
+    nearest: list[list[float]] = [[] for _ in range(n_variants)]
+    for c in layers:
+        for i, v in enumerate(c.owner):
+            others = c.dist[i][c.owner != v]
+            nearest[int(v)].append(float(others.min()) if len(others) else 0.0)
+    return np.array([float(np.median(d)) if d else 0.0 for d in nearest])
+
+
+def shares_a_slot(layers: list[LayerClustering], taken: dict[str, int], variant: int) -> bool:
+    """Whether the allocation puts any expert of `variant` in a slot with another variant's."""
+    return any(
+        len(cluster) > 1 and variant in c.owner[cluster]
+        for c in layers
+        for cluster in c.states[taken[c.layer]]
+    )

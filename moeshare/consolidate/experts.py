@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from moeshare.checkpoint import Checkpoint
 from moeshare.consolidate.align import neuron_matrix
+from moeshare.errors import MoeshareError
 
 # The bank stores each slot in the fused layout transformers v5 uses.
 BANK_ROLES = {"mixtral": ("w13", "w2"), "switch": ("wi", "wo")}
@@ -60,11 +61,24 @@ class LayerExperts:
         return [neuron_matrix(e, self.roles) for e in self.experts]
 
 
+def require_finite(ckpt: Checkpoint, name: str, t: torch.Tensor) -> None:
+    """Refuse a NaN or infinite weight: merged into a shared slot it would poison every variant using it."""
+    if t.is_floating_point() and not (finite := torch.isfinite(t)).all():
+        raise MoeshareError(
+            f"{ckpt.path}: tensor {name} has {int((~finite).sum())} NaN or infinite values; a variant with "
+            f"non-finite weights would poison the experts it shares: repair {ckpt.path.name} or leave it out"
+        )
+
+
 def load_layer(ckpts: list[Checkpoint], layer: str) -> LayerExperts:
     adapter = ckpts[0].adapter
     experts, owner = [], []
     for v, ckpt in enumerate(ckpts):
         for e in range(adapter.num_experts):
-            experts.append(ckpt.read_expert(layer, e))
+            expert = ckpt.read_expert(layer, e)
+            for role, t in expert.items():
+                key = adapter.expert_key(layer, e, role)
+                require_finite(ckpt, key if key in ckpt.names else f"{role} of layer {layer} expert {e}", t)
+            experts.append(expert)
             owner.append(v)
     return LayerExperts(layer, adapter.expert_roles, experts, np.array(owner))

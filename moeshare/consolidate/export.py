@@ -37,4 +37,13 @@ def export_variant(store_path: str | Path, name: str, out: str | Path, force: bo
     variant = store.variant(name)
     tokenizer = store.tokenizer_dir(name)
     extra = sorted(tokenizer.iterdir()) if tokenizer.is_dir() else []
-    return write_checkpoint(out, variant.config, variant_tensors(store, name), copy_files=extra, force=force)
+    about = {"store": str(store.path.resolve()), "variant": name}
+    return write_checkpoint(
+        out,
+        variant.config,
+        variant_tensors(store, name),
+        copy_files=extra,
+        force=force,
+        inputs=[store.path],
+        about=about,
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
+import math
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from moeshare.checkpoint import Checkpoint, open_checkpoint
-from moeshare.checkpoint.io import publish
+from moeshare.checkpoint.output import writing
+from moeshare.checkpoint.safetensors_file import StreamingSafetensorsWriter, write_safetensors
 from moeshare.consolidate.align import Alignment
 from moeshare.consolidate.budget import parse_budget
 from moeshare.consolidate.calibrate import (
@@ -26,11 +26,17 @@ from moeshare.consolidate.calibrate import (
     can_sample,
     read_calibration_text,
 )
-from moeshare.consolidate.cluster import LayerClustering, allocate, cluster_layer
-from moeshare.consolidate.experts import BANK_ROLES, bank_key, load_layer, to_bank
+from moeshare.consolidate.cluster import (
+    UNRELATED,
+    LayerClustering,
+    allocate,
+    cluster_layer,
+    distance_to_others,
+    shares_a_slot,
+)
+from moeshare.consolidate.experts import BANK_ROLES, bank_key, load_layer, require_finite, to_bank
 from moeshare.consolidate.fit import FitData
 from moeshare.consolidate.merge import METHODS, merge_slot
-from moeshare.consolidate.safetensors_stream import StreamingSafetensorsWriter
 from moeshare.consolidate.similarity import AlignmentCache, output_distances, weight_distances
 from moeshare.consolidate.store import (
     BANK,
@@ -39,6 +45,7 @@ from moeshare.consolidate.store import (
     SHARED,
     TOKENIZER_FILES,
     VERSION,
+    is_moeshare_store,
     sha256_file,
     sha256_tensor,
 )
@@ -54,6 +61,8 @@ class Options:
     calib: Path | None = None
     force: bool = False
     self_calib: int = SELF_CALIB_TOKENS  # without calib, tokens a causal variant samples to calibrate `fit`
+    # share the experts of a variant that is far from all others (see cluster.UNRELATED)
+    force_merge: bool = False
 
 
 def _check_variants(paths: list[Path]) -> list[Checkpoint]:
@@ -161,6 +170,7 @@ def _plan(
     if similarity == "output" and calib is None:
         raise MoeshareError("--similarity output needs calibration text: pass --calib FILE")
     text = read_calibration_text(calib) if calib is not None else None
+    _check_finite_others(ckpts)
     adapter, arch = ckpts[0].adapter, ckpts[0].adapter.name
     similarity = similarity or ("output" if text else "weight")
     cal: Calibration | None = calibrate(ckpts, text) if text else None
@@ -179,17 +189,38 @@ def _plan(
     return Plan(ckpts, similarity, cal, calib, clusterings, slot_bytes, alignments, self_calib)
 
 
-def consolidate(paths: list[str | Path], out: str | Path, opts: Options, made: Plan | None = None) -> dict:
-    """Write a store of the variants at `paths`; `made`: a plan of the same variants to reuse."""
-    out = Path(out)
-    if out.exists() and not opts.force:
-        raise MoeshareError(f"{out}: already exists; choose another --out or pass --force to replace it")
+def _check_options(opts: Options) -> None:
     if opts.merge is not None and opts.merge not in METHODS:
         raise MoeshareError(f"--merge {opts.merge}: choose one of {', '.join(METHODS)}")
     if opts.threshold is not None and opts.budget is not None:
         raise MoeshareError("give --budget or --threshold, not both")
+    if opts.threshold is not None and not (math.isfinite(opts.threshold) and opts.threshold >= 0):
+        raise MoeshareError(
+            f"--threshold {opts.threshold}: give a distance of 0 or more (0 merges only identical experts)"
+        )
     if opts.self_calib < 0:
         raise MoeshareError(f"--self-calib {opts.self_calib}: give a number of tokens, or 0 for none")
+
+
+def _check_related(made: Plan, taken: dict[str, int]) -> None:
+    """Refuse to share the experts of a variant that is far from every other (not a fine-tune of their base)."""
+    names = [c.path.name for c in made.ckpts]
+    distances = distance_to_others(made.clusterings, len(names))
+    far = [v for v, d in enumerate(distances) if d > UNRELATED and shares_a_slot(made.clusterings, taken, v)]
+    if far:
+        which = ", ".join(f"{names[v]} ({distances[v]:.2f})" for v in far)
+        raise MoeshareError(
+            f"far from every other variant: {which}; the median {made.similarity} distance of its experts to the "
+            f"nearest other variant's is above {UNRELATED} (unrelated weights sit near 1.41, fine-tunes of one "
+            "base well below 1), so it is probably not a fine-tune of the same base: leave it out, "
+            "or pass --force-merge to share its experts anyway"
+        )
+
+
+def consolidate(paths: list[str | Path], out: str | Path, opts: Options, made: Plan | None = None) -> dict:
+    """Write a store of the variants at `paths`; `made`: a plan of the same variants to reuse."""
+    out = Path(out)
+    _check_options(opts)
     if made is None:
         ckpts = _check_variants([Path(p) for p in paths])
         slot_bytes = _layer_slot_bytes(ckpts)
@@ -203,29 +234,33 @@ def consolidate(paths: list[str | Path], out: str | Path, opts: Options, made: P
         ckpts, slot_bytes = made.ckpts, made.slot_bytes
     n_experts = ckpts[0].adapter.num_experts
     experts_before = sum(slot_bytes.values()) * n_experts * len(ckpts)
+    budget = opts.budget if opts.budget is not None or opts.threshold is not None else "1.0"
     budget_bytes = None
-    if opts.threshold is None:
-        budget_bytes = parse_budget(opts.budget or "1.0", experts_before)
+    if budget is not None:
+        budget_bytes = parse_budget(budget, experts_before)
         smallest = sum(slot_bytes.values()) * n_experts
         if budget_bytes < smallest:
             raise MoeshareError(
-                f"--budget {opts.budget} allows {int(budget_bytes)} bytes, below one slot per (layer, local expert): "
+                f"--budget {budget} allows {int(budget_bytes)} bytes, below one slot per (layer, local expert): "
                 f"the smallest bank is {smallest} bytes ({smallest / experts_before:.3f} of the experts)"
             )
     if opts.merge == "fit":  # refused now, not after the clustering pass
         _check_fit(ckpts, opts.calib is not None, opts.self_calib)
-    if made is None:
-        made = _plan(ckpts, slot_bytes, opts.similarity, opts.calib, opts.self_calib)
-    merge = opts.merge or ("fit" if made.can_fit else "average")
-    if merge == "frequency" and not made.calib:
-        merge = "average"  # frequency weights come from routing calibration text; without it, a plain mean
-    fit_calib = made.fit_calibration() if merge == "fit" else None
-    taken = allocate(made.clusterings, slot_bytes, budget_bytes, opts.threshold)
-
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "variants").mkdir(parents=True)
-    try:
+    inputs = [c.path for c in ckpts] + ([opts.calib] if opts.calib is not None else [])
+    with writing(
+        out, force=opts.force, ours=is_moeshare_store, what="a moeshare store", inputs=inputs
+    ) as tmp:
+        if made is None:
+            made = _plan(ckpts, slot_bytes, opts.similarity, opts.calib, opts.self_calib)
+        taken = allocate(made.clusterings, slot_bytes, budget_bytes, opts.threshold)
+        if not opts.force_merge:
+            _check_related(made, taken)
+        merge = opts.merge or ("fit" if made.can_fit else "average")
+        if merge == "frequency" and not made.calib:
+            # frequency weights come from routing calibration text; without it, a plain mean
+            merge = "average"
+        fit_calib = made.fit_calibration() if merge == "fit" else None
+        (tmp / "variants").mkdir()
         manifest = _write(tmp, made, taken, merge, fit_calib)
         sizes = manifest["bytes"]
         sizes["experts_before"] = experts_before
@@ -234,7 +269,7 @@ def consolidate(paths: list[str | Path], out: str | Path, opts: Options, made: P
         manifest["made"] = {
             "similarity": made.similarity,
             "merge": merge,
-            "budget": opts.budget or (None if opts.threshold else "1.0"),
+            "budget": budget,
             "budget_bytes": budget_bytes,
             "threshold": opts.threshold,
             "calib": str(made.calib_path) if made.calib_path else None,
@@ -243,10 +278,6 @@ def consolidate(paths: list[str | Path], out: str | Path, opts: Options, made: P
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
@@ -299,15 +330,16 @@ def _write(tmp: Path, made: Plan, taken: dict[str, int], merge: str, fit_calib: 
                 "merge_costs": [round(x, 6) for x in c.costs[: taken[c.layer]]],
             }
         )
-    writer.close()
-    variants = _write_variant_tensors(tmp, ckpts, names)
+    files = {BANK: writer.close()}  # path in the store -> sha256
+    variants = _write_variant_tensors(tmp, ckpts, names, files)
     for name, ckpt, entry in zip(names, ckpts, variants, strict=True):
         entry["tables"] = tables[name]
         tok = tmp / "tokenizers" / name
         tok.mkdir(parents=True)
         for f in TOKENIZER_FILES:
             if (ckpt.path / f).is_file():
-                shutil.copy2(ckpt.path / f, tok / f)
+                shutil.copyfile(ckpt.path / f, tok / f)  # content only: the mode follows the umask
+                files[f"tokenizers/{name}/{f}"] = sha256_file(tok / f)
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -316,11 +348,25 @@ def _write(tmp: Path, made: Plan, taken: dict[str, int], merge: str, fit_calib: 
         "variants": variants,
         "bank": {"roles": list(BANK_ROLES[arch]), "experts_per_variant": n_experts, "layers": bank_layers},
         "bytes": {"experts_after": experts_after},
+        "files": {
+            rel: {"bytes": (tmp / rel).stat().st_size, "sha256": h} for rel, h in sorted(files.items())
+        },
     }
 
 
-def _write_variant_tensors(tmp: Path, ckpts: list[Checkpoint], names: list[str]) -> list[dict]:
-    """Non-expert tensors: those that occur bitwise-identical more than once go to shared.safetensors."""
+def _check_finite_others(ckpts: list[Checkpoint]) -> None:
+    """Non-expert weights, before calibration runs them; experts are checked as each layer is loaded."""
+    for ckpt in ckpts:
+        for name in ckpt.names:
+            if ckpt.adapter.classify(name).kind != "expert":
+                require_finite(ckpt, name, ckpt.tensor(name))
+
+
+def _write_variant_tensors(
+    tmp: Path, ckpts: list[Checkpoint], names: list[str], files: dict[str, str]
+) -> list[dict]:
+    """Non-expert tensors: those that occur bitwise-identical more than once go to shared.safetensors.
+    Records each file's sha256 in `files`."""
     hashes = [
         {n: sha256_tensor(c.tensor(n)) for n in c.names if c.adapter.classify(n).kind != "expert"}
         for c in ckpts
@@ -338,7 +384,8 @@ def _write_variant_tensors(tmp: Path, ckpts: list[Checkpoint], names: list[str])
             else:
                 own[key] = ckpt.tensor(key)
                 tensors[key] = [f"variants/{name}.safetensors", key]
-        save_file(own, str(tmp / "variants" / f"{name}.safetensors"), metadata={"format": "pt"})
+        rel = f"variants/{name}.safetensors"
+        files[rel] = write_safetensors(tmp / rel, own)
         entries.append(
             {
                 "name": name,
@@ -351,5 +398,5 @@ def _write_variant_tensors(tmp: Path, ckpts: list[Checkpoint], names: list[str])
             }
         )
     if shared:
-        save_file(shared, str(tmp / SHARED), metadata={"format": "pt"})
+        files[SHARED] = write_safetensors(tmp / SHARED, shared)
     return entries

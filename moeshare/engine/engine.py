@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from transformers import AutoTokenizer
 from moeshare.engine.attention import AttnBatch
 from moeshare.engine.graphs import DecodeGraphs
 from moeshare.engine.models.mixtral import MixtralDims, MultiVariantMixtral, variant_tensor_names
-from moeshare.engine.placement import default_blocks, offload_layers
+from moeshare.engine.placement import Placement, default_blocks, out_of_memory, place
 from moeshare.engine.request import (
     FinishReason,
     InvalidRequest,
@@ -22,6 +23,7 @@ from moeshare.engine.request import (
     Sequence,
     Status,
     UnknownModel,
+    clip,
 )
 from moeshare.engine.residency import LazyTensor, Residency
 from moeshare.engine.sampling import SamplingBatch, sample
@@ -29,6 +31,12 @@ from moeshare.engine.scheduler import Scheduled, Scheduler
 from moeshare.engine.source import Source
 from moeshare.errors import MoeshareError
 from moeshare.memory.pool import PagePool
+
+log = logging.getLogger(__name__)
+
+
+class EngineFailed(MoeshareError):
+    """The engine cannot go on (a device error that every later step would hit too)."""
 
 
 @dataclass
@@ -51,6 +59,23 @@ class EngineConfig:
     max_tokens_limit: int = 4096
     cuda_graphs: bool = True  # capture decode steps per batch size (CUDA only)
 
+    def validate(self) -> None:
+        """Refuse settings under which requests could never run (the scheduler would spin forever)."""
+        at_least_one = {
+            "max_num_seqs": self.max_num_seqs,
+            "max_batched_tokens": self.max_batched_tokens,
+            "max_tokens_limit": self.max_tokens_limit,
+            "block_size": self.block_size,
+            "max_resident_variants": self.max_resident_variants,
+            "max_resident_bytes": self.max_resident_bytes,
+            "kv_blocks": self.kv_blocks,
+        }
+        for name, value in at_least_one.items():
+            if value is not None and value < 1:
+                raise MoeshareError(f"{name} must be at least 1, got {value}")
+        if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
+            raise MoeshareError(f"device {self.device}: no CUDA device is available here; use cpu")
+
 
 @dataclass
 class TokenEvent:
@@ -62,6 +87,7 @@ class TokenEvent:
     logprob: float
     finished: bool
     finish_reason: FinishReason | None
+    error: str = ""  # with FinishReason.ERROR: what went wrong
 
 
 @dataclass
@@ -76,6 +102,7 @@ class Group:
     tokenizers: dict
     eos: set[int]
     context: int
+    token_chars: dict[str, int]  # per variant: the most characters one token stands for
     graphs: DecodeGraphs | None = None
     placed_bytes: int = 0  # what the store takes under the memory limit (0 without one)
     texts: dict[int, str] = field(default_factory=dict)
@@ -88,6 +115,12 @@ def _tokenizer(directory: Path | None):
     ):
         return None
     return AutoTokenizer.from_pretrained(directory)
+
+
+def _token_chars(tokenizer) -> int:
+    """An upper bound on the characters one token covers, so a prompt too long for the context is refused
+    before it is tokenized."""
+    return max((len(t) for t in tokenizer.get_vocab()), default=1) if tokenizer is not None else 1
 
 
 def _settled(text: str, stops: tuple[str, ...]) -> str:
@@ -106,6 +139,7 @@ def _settled(text: str, stops: tuple[str, ...]) -> str:
 class Engine:
     def __init__(self, paths: list[str | Path], config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
+        self.config.validate()
         self.device = torch.device(self.config.device)
         self.dtype = self.config.dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.groups: list[Group] = []
@@ -132,7 +166,6 @@ class Engine:
         c = self.config
         dims = MixtralDims.from_config(source.config)
         layers = source.adapter.moe_layers
-        names = variant_tensor_names(dims)
         probe = MultiVariantMixtral(dims, 1, [], self.dtype, torch.device("meta"))
         row_bytes = probe.row_bytes() + (
             dims.layers * dims.experts * probe.expert_bytes() if c.swap_whole_variants else 0
@@ -144,16 +177,61 @@ class Engine:
             slots = [rows * dims.experts] * len(layers)
         else:
             slots = [source.bank_slots(x) for x in layers]
-        blocks = c.kv_blocks or default_blocks(c, dims, self.dtype, self.device)
         left = (
             None
             if c.memory_limit_bytes is None
             else c.memory_limit_bytes - sum(g.placed_bytes for g in self.groups)
         )
+        blocks = c.kv_blocks or default_blocks(c, dims, self.dtype, self.device, left)
         sizes = (probe.row_bytes(), probe.expert_bytes())
-        offload, placed = offload_layers(left, c, dims, self.dtype, rows, slots, blocks, *sizes)
+        placement = place(left, c, dims, self.dtype, self.device, rows, slots, blocks, *sizes)
+        oom, graphs = "", None
+        try:
+            pool, model, residency = self._allocate(source, placement, rows, slots, blocks)
+            if self.device.type == "cuda" and c.cuda_graphs and not model.offload:
+                graphs = DecodeGraphs(model, pool, c.max_num_seqs, dims.max_positions)
+                graphs.capture()
+        except torch.OutOfMemoryError as e:  # kept outside the handler, so nothing holds what was allocated
+            oom = str(e).split("\n")[0]
+        if oom:
+            torch.cuda.empty_cache()
+            raise MoeshareError(out_of_memory(path, placement, left, oom))
+        placed = placement.total if left is not None else 0
+        scheduler = Scheduler(pool, residency, c.max_num_seqs, c.max_batched_tokens)
+        tokenizers = {v: _tokenizer(source.tokenizer_dir(v)) for v in source.variants}
+        eos = source.config.get("eos_token_id")
+        eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        group = Group(
+            source,
+            model,
+            pool,
+            residency,
+            scheduler,
+            tokenizers,
+            eos,
+            dims.max_positions,
+            {v: _token_chars(t) for v, t in tokenizers.items()},
+            graphs=graphs,
+            placed_bytes=placed,
+        )
+        self.groups.append(group)
+        for v in source.variants:
+            self.variant_group[v] = group
+        return source.variants
+
+    def _allocate(
+        self, source: Source, placement: Placement, rows: int, slots: list[int], blocks: int
+    ) -> tuple[PagePool, MultiVariantMixtral, Residency]:
+        """The KV pool first, then the model, then the weights read into it: in the order `place` reserved
+        them, so what its arithmetic misses is weights that do not fit, never a KV pool."""
+        c, layers = self.config, source.adapter.moe_layers
+        dims = MixtralDims.from_config(source.config)
+        names = variant_tensor_names(dims)
+        pool = PagePool(
+            blocks, c.block_size, dims.layers, dims.kv_heads, dims.head_dim, self.dtype, self.device
+        )
         model = MultiVariantMixtral(
-            dims, rows, slots, self.dtype, self.device, offload, c.swap_whole_variants
+            dims, rows, slots, self.dtype, self.device, placement.offload, c.swap_whole_variants
         )
         # the bank: on the device (layers beyond the memory limit in host memory), or with whole-variant
         # swaps all of it in host memory, a variant's experts moving in with the rest of its weights
@@ -178,32 +256,7 @@ class Engine:
                     tensors |= {f"bank.{i}.{e}.{r}": t[slot] for r, t in host[i].items()}
             return tensors, torch.arange(dims.experts).expand(len(layers), -1).clone()
 
-        residency = Residency(rows, source.variants, fetch, model.load, self.device)
-        pool = PagePool(
-            blocks, c.block_size, dims.layers, dims.kv_heads, dims.head_dim, self.dtype, self.device
-        )
-        scheduler = Scheduler(pool, residency, c.max_num_seqs, c.max_batched_tokens)
-        tokenizers = {v: _tokenizer(source.tokenizer_dir(v)) for v in source.variants}
-        eos = source.config.get("eos_token_id")
-        eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        group = Group(
-            source,
-            model,
-            pool,
-            residency,
-            scheduler,
-            tokenizers,
-            eos,
-            dims.max_positions,
-            placed_bytes=placed,
-        )
-        if self.device.type == "cuda" and c.cuda_graphs and not model.offload:
-            group.graphs = DecodeGraphs(model, pool, c.max_num_seqs, dims.max_positions)
-            group.graphs.capture()
-        self.groups.append(group)
-        for v in source.variants:
-            self.variant_group[v] = group
-        return source.variants
+        return pool, model, Residency(rows, source.variants, fetch, model.load, self.device)
 
     def unload(self, variant: str) -> list[str]:
         """Stop serving the store that holds `variant`: cancel its sequences (their KV goes back at once) and
@@ -221,37 +274,40 @@ class Engine:
     def variants(self) -> list[str]:
         return list(self.variant_group)
 
+    def serves(self, variant: str) -> bool:
+        """Whether a loaded store has `variant` (safe from any thread)."""
+        return variant in self.variant_group
+
     def tokenizer(self, variant: str):
         return self._group(variant).tokenizers[variant]
 
     def _group(self, variant: str) -> Group:
         if variant not in self.variant_group:
             raise UnknownModel(
-                f"unknown model {variant!r}; served models: {', '.join(self.variant_group) or 'none'}"
+                f"unknown model {clip(variant)}; served models: {', '.join(self.variant_group) or 'none'}"
             )
         return self.variant_group[variant]
 
     # ---- requests ----------------------------------------------------------------------------------------
 
-    def add_request(
-        self,
-        variant: str,
-        prompt: str | list[int],
-        params: SamplingParams | None = None,
-        request_id: str = "",
-    ) -> Sequence:
-        """Validate and queue; raises before anything is touched if the request is bad."""
-        params = params or SamplingParams()
+    def prepare(self, variant: str, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """Validate a request and tokenize its prompt; returns the prompt's token ids. Touches nothing, so
+        any thread may call it (the server tokenizes long prompts off the engine thread)."""
         group = self._group(variant)
         params.validate(self.config.max_tokens_limit)
-        tokenizer = group.tokenizers[variant]
-        if isinstance(prompt, str) and tokenizer is None:
-            raise InvalidRequest(f"{variant} has no tokenizer: send token ids")
-        ids = (
-            tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            if isinstance(prompt, str)
-            else list(prompt)
-        )
+        if isinstance(prompt, str):
+            tokenizer = group.tokenizers[variant]
+            if tokenizer is None:
+                raise InvalidRequest(f"{variant} has no tokenizer: send token ids")
+            most = (group.context - 1) * group.token_chars[variant]
+            if len(prompt) > most:
+                raise RequestTooLarge(
+                    f"prompt is {len(prompt)} characters; {variant} takes at most {group.context - 1} "
+                    f"tokens (at most {most} characters)"
+                )
+            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        else:
+            ids = list(prompt)
         if not ids:
             raise InvalidRequest("prompt is empty")
         if len(ids) >= group.context:
@@ -264,6 +320,19 @@ class Engine:
                 f"prompt + max_tokens = {total} tokens needs {group.pool.blocks_for(total)} KV blocks; "
                 f"the pool has {group.pool.num_blocks}: lower max_tokens or shorten the prompt"
             )
+        return ids
+
+    def add_request(
+        self,
+        variant: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str = "",
+    ) -> Sequence:
+        """Validate and queue; raises before anything is touched if the request is bad."""
+        params = params or SamplingParams()
+        ids = self.prepare(variant, prompt, params)
+        group = self._group(variant)
         if params.seed is None:
             params = SamplingParams(**{**params.__dict__, "seed": int.from_bytes(os.urandom(6), "little")})
         seq = Sequence(variant, ids, params, request_id=request_id, arrival=time.perf_counter())
@@ -290,12 +359,44 @@ class Engine:
     # ---- stepping ----------------------------------------------------------------------------------------
 
     def step(self) -> list[TokenEvent]:
+        """One batch per store. A batch that fails ends its own sequences with FinishReason.ERROR (their KV
+        goes back) and the engine serves on; raises EngineFailed only if the device itself is broken."""
         events: list[TokenEvent] = []
         for group in self.groups:
             batch = group.scheduler.schedule()
-            if batch:
+            if not batch:
+                continue
+            try:
                 events += self._run(group, batch)
+            except Exception as e:
+                events += self._fail(group, batch, e)
         self.steps += 1
+        return events
+
+    def _fail(self, group: Group, batch: list[Scheduled], error: Exception) -> list[TokenEvent]:
+        log.error(
+            "a step of %s failed; its %d request(s) end with an error",
+            group.source.path,
+            len(batch),
+            exc_info=error,
+        )
+        what = (f"{type(error).__name__}: {error}".splitlines() or [""])[0][:200]
+        message = f"the engine step running this request failed ({what})"
+        events = []
+        for s in batch:
+            if not s.seq.finished:  # one that finished before the failure lost its last event: tell it too
+                self._finish(group, s.seq, FinishReason.ERROR)
+            seq = s.seq
+            events.append(
+                TokenEvent(
+                    seq.seq_id, seq.request_id, seq.variant, -1, "", 0.0, True, FinishReason.ERROR, message
+                )
+            )
+        if self.device.type == "cuda":
+            try:  # an error on the device itself is sticky: every later step would fail the same way
+                torch.cuda.synchronize(self.device)
+            except Exception as e:
+                raise EngineFailed(f"the device failed: {type(e).__name__}: {e}") from e
         return events
 
     @torch.inference_mode()
@@ -405,6 +506,8 @@ class Engine:
             for ev in self.step():
                 if ev.seq_id == seq.seq_id:
                     pieces.append(ev.text)
+                    if ev.error:
+                        raise MoeshareError(ev.error)
         return "".join(pieces), list(seq.output_ids)
 
     @torch.inference_mode()

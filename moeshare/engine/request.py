@@ -21,6 +21,18 @@ class UnknownModel(MoeshareError):
     """A variant name no loaded store has (NOT_FOUND)."""
 
 
+MAX_SEED = 2**63 - 1  # seeds travel as int64 tensors
+MAX_STOPS = 16
+MAX_STOP_CHARS = 256
+ECHO_CHARS = 64  # client-supplied text quoted back in an error message
+
+
+def clip(text: str, limit: int = ECHO_CHARS) -> str:
+    """A client's string as an error message quotes it: repr, cut to `limit` characters (a huge model name
+    must not make the error itself too large to send)."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 64
@@ -44,6 +56,15 @@ class SamplingParams:
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise InvalidRequest(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise InvalidRequest(f"seed must be between 0 and 2**63 - 1, got {self.seed}")
+        if len(self.stop) > MAX_STOPS:
+            raise InvalidRequest(f"at most {MAX_STOPS} stop strings, got {len(self.stop)}")
+        for stop in self.stop:
+            if not 0 < len(stop) <= MAX_STOP_CHARS:
+                raise InvalidRequest(
+                    f"a stop string must have 1 to {MAX_STOP_CHARS} characters, got {clip(stop)}"
+                )
 
 
 class Status(enum.Enum):
@@ -57,6 +78,7 @@ class FinishReason(enum.Enum):
     STOP = "stop"  # eos, a stop token or a stop string
     CANCELLED = "cancelled"
     CONTEXT = "context"  # the model's context is full
+    ERROR = "error"  # the step that ran the sequence failed; the event carries the message
 
 
 _ids = itertools.count()

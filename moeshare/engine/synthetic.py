@@ -83,8 +83,11 @@ class RandomMixtralSource:
 
     def _randn(self, shape: tuple[int, ...], key: int, scale: float) -> torch.Tensor:
         g = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + key)
-        return (torch.randn(shape, generator=g, device=self.device, dtype=torch.float32) * scale).to(
-            self.dtype
+        # scaled in place: loading holds one float32 copy beside the cast one (placement.load_bytes)
+        return (
+            torch.randn(shape, generator=g, device=self.device, dtype=torch.float32)
+            .mul_(scale)
+            .to(self.dtype)
         )
 
     def variant_config(self, variant: str) -> dict:

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import tempfile
 from pathlib import Path
 
 from moeshare.errors import MoeshareError
-from moeshare.evals.harness import BASELINES, BUDGETS, MERGES, SIMILARITIES, EvalConfig, Subject, run
+from moeshare.evals.config import BASELINES, BUDGETS, MERGES, SIMILARITIES, EvalConfig, Subject
 
 CALIB_CHUNK = 256  # bytes; the domains take turns so every variant's text reaches the calibration
 CALIB_PER_DOMAIN = 2048
+EVAL_ARCHS = ("mixtral", "switch")  # checkpoint adapters' names, as Subject.arch takes them
 
 
 def zoo_subject(size: str, arch: str, work: Path) -> Subject:
@@ -68,15 +70,18 @@ def variants_subject(args: argparse.Namespace) -> Subject:
     variants = {Path(p).name: Path(p) for p in args.variants}
     if len(variants) < len(args.variants):
         raise MoeshareError("two variants share a directory name; a variant is named after its directory")
-    arch = open_checkpoint(args.variants[0]).adapter.name
-    if arch not in ("mixtral", "switch_transformers"):
+    archs = {p: open_checkpoint(p).adapter.name for p in args.variants}
+    arch = archs[args.variants[0]]
+    if arch not in EVAL_ARCHS:
+        raise MoeshareError(f"{args.variants[0]}: eval scores {' and '.join(EVAL_ARCHS)} models, not {arch}")
+    if other := next((p for p, a in archs.items() if a != arch), None):
         raise MoeshareError(
-            f"{args.variants[0]}: eval scores mixtral and switch_transformers models, not {arch}"
+            f"{other} is {archs[other]} but {args.variants[0]} is {arch}: judge variants of one architecture"
         )
+    if args.base is not None and (base := open_checkpoint(args.base).adapter.name) != arch:
+        raise MoeshareError(f"--base {args.base} is {base} but the variants are {arch}: give their own base")
     heldout = _heldout(args.heldout, variants)
-    return Subject(
-        "mixtral" if arch == "mixtral" else "switch", variants, heldout, args.base, args.calib, "variants"
-    )
+    return Subject(arch, variants, heldout, args.base, args.calib, "variants")
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -93,6 +98,28 @@ def _choices(text: str, allowed: tuple[str, ...], flag: str) -> tuple[str, ...]:
     if bad := [x for x in got if x not in allowed]:
         raise MoeshareError(f"{flag} {bad[0]}: choose from {','.join(allowed)}")
     return got
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an --out that could not be written, before hours of scoring (nothing is created here)."""
+    if out.exists() and not out.is_dir():
+        raise MoeshareError(f"--out {out}: is a file; name a directory")
+    parent = next(p for p in out.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise MoeshareError(f"--out {out}: {parent} is a file; name a directory")
+    if not os.access(out if out.exists() else parent, os.W_OK):
+        raise MoeshareError(f"--out {out}: not writable here; name another directory")
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise MoeshareError(f"--device {device}: name cpu or cuda (cuda:N)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise MoeshareError(f"--device {device}: no CUDA device is available here; use cpu")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -116,6 +143,10 @@ def run_eval(args: argparse.Namespace) -> int:
             raise MoeshareError(f"{flag} {value}: must be at least {least}")
     if args.max_tokens < config.seq_len:
         raise MoeshareError(f"--max-tokens {args.max_tokens}: must be at least one window ({config.seq_len})")
+    if args.threads is not None and args.threads < 1:
+        raise MoeshareError(f"--threads {args.threads}: must be at least 1")
+    _check_out(Path(args.out))
+    _check_device(args.device)
     import torch
 
     threads = torch.get_num_threads()
@@ -129,6 +160,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _run_all(args: argparse.Namespace, config: EvalConfig, command: str) -> None:
+    from moeshare.evals.harness import run
     from moeshare.evals.report import write_report
 
     out = Path(args.out)

@@ -23,40 +23,10 @@ from moeshare.consolidate.calibrate import calibrate, read_calibration_text
 from moeshare.engine.engine import Engine, EngineConfig
 from moeshare.errors import MoeshareError
 from moeshare.evals import baselines
+from moeshare.evals.config import EvalConfig, Subject
 from moeshare.evals.data import EvalSet, causal_set, denoising_set
 from moeshare.evals.metrics import Reference, perplexity, quality, reference
 from moeshare.evals.scorers import EngineScorer, Scorer, TransformersScorer
-
-BUDGETS = (1.0, 0.75, 0.5, 0.375, 0.25)
-SIMILARITIES = ("weight", "output")
-MERGES = ("average", "frequency", "medoid", "fit")
-BASELINES = ("same-index-pick", "average", "ties", "base")
-
-
-@dataclass
-class EvalConfig:
-    budgets: tuple[float, ...] = BUDGETS
-    similarities: tuple[str, ...] = SIMILARITIES
-    merges: tuple[str, ...] = MERGES
-    baselines: tuple[str, ...] = BASELINES
-    seq_len: int = 128
-    max_tokens: int = 8192  # held-out tokens scored per domain
-    prompts: int = 32
-    continuation: int = 64
-    check_budget: float = 0.5  # Mixtral stores at this budget are also scored with transformers
-    device: str = "cpu"
-
-
-@dataclass
-class Subject:
-    """The variants to judge, their held-out text, and what the baselines need."""
-
-    arch: str
-    variants: dict[str, Path]
-    heldout: dict[str, dict[str, str]]  # variant -> domain -> text
-    base: Path | None = None
-    calib: Path | None = None  # calibration text: output similarity and frequency merge need it
-    label: str = ""
 
 
 @dataclass

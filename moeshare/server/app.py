@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import signal
 import sys
 from pathlib import Path
@@ -13,10 +14,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from moeshare.engine.engine import Engine, EngineConfig
+from moeshare.engine.engine import Engine, EngineConfig, EngineFailed
 from moeshare.engine.synthetic import from_spec
 from moeshare.errors import MoeshareError
-from moeshare.server.auth import BearerAuth, read_token
+from moeshare.server.auth import Access, BearerAuth, is_loopback, load_dirs, read_token
+from moeshare.server.bind import SERVER_OPTIONS, check_port, probe, tls_credentials
 from moeshare.server.command import build_parser
 from moeshare.server.metrics import Metrics
 from moeshare.server.servicer import MoeShareServicer
@@ -25,13 +27,33 @@ from moeshare.v1 import moeshare_pb2, moeshare_pb2_grpc
 
 SERVICE = moeshare_pb2.DESCRIPTOR.services_by_name["MoeShare"].full_name
 METRICS_REFRESH_S = 1.0
+CLOSE_MARGIN_S = 1.0  # at shutdown, streams are cancelled this long before the grace period ends
 
 
-def _read(path: str, flag: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as e:
-        raise MoeshareError(f"cannot read {flag} {path}: {e.strerror or e}") from None
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Settings under which the server would start but never answer (or not start with a traceback)."""
+    if args.memory_limit is not None and not (math.isfinite(args.memory_limit) and args.memory_limit > 0):
+        raise MoeshareError(f"--memory-limit must be > 0 GiB, got {args.memory_limit}")
+    for flag, value in (
+        ("--max-queue", args.max_queue),
+        ("--max-num-seqs", args.max_num_seqs),
+        ("--max-resident-variants", args.max_resident_variants),
+        ("--kv-blocks", args.kv_blocks),
+    ):
+        if value is not None and value < 1:
+            raise MoeshareError(f"{flag} must be at least 1, got {value}")
+    if not (math.isfinite(args.grace) and args.grace >= 0):
+        raise MoeshareError(f"--grace must be a number of seconds >= 0, got {args.grace}")
+    check_port("--port", args.port)
+    if args.metrics_port is not None:
+        check_port("--metrics-port", args.metrics_port)
+        if args.metrics_port == args.port != 0:
+            raise MoeshareError(f"--metrics-port and --port are both {args.port}: give them different ports")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise MoeshareError("--device cuda: no CUDA device is available here; use --device cpu")
 
 
 def check_args(args: argparse.Namespace) -> tuple[str | None, grpc.ServerCredentials | None]:
@@ -43,20 +65,34 @@ def check_args(args: argparse.Namespace) -> tuple[str | None, grpc.ServerCredent
             raise MoeshareError(f"no store or checkpoint at {p}")
     for spec in args.synthetic:
         from_spec(spec, "meta")  # the spec's errors now, before anything starts
-    if args.memory_limit is not None and not args.memory_limit > 0:
-        raise MoeshareError(f"--memory-limit must be > 0 GiB, got {args.memory_limit}")
-    if args.max_queue < 1:
-        raise MoeshareError(f"--max-queue must be at least 1, got {args.max_queue}")
-    if args.grace < 0:
-        raise MoeshareError(f"--grace must be >= 0 seconds, got {args.grace}")
+    _check_numbers(args)
     token = read_token(args.auth_token_file) if args.auth_token_file else None
     if bool(args.tls_cert) != bool(args.tls_key):
         raise MoeshareError("--tls-cert and --tls-key go together: give both or neither")
-    creds = None
-    if args.tls_cert:
-        pair = (_read(args.tls_key, "--tls-key"), _read(args.tls_cert, "--tls-cert"))
-        creds = grpc.ssl_server_credentials([pair])
+    creds = tls_credentials(args.tls_cert, args.tls_key) if args.tls_cert else None
+    probe(args.host, args.port, "--port")
+    if args.metrics_port is not None:
+        probe(args.host, args.metrics_port, "--metrics-port")
     return token, creds
+
+
+def check_admin_args(args: argparse.Namespace, token: str | None) -> tuple[Access, tuple[Path, ...]]:
+    """Who may make the admin calls, and the directories LoadStore may load from."""
+    if args.admin_token_file and args.allow_admin_without_token:
+        raise MoeshareError("give --admin-token-file or --allow-admin-without-token, not both")
+    if args.allow_admin_without_token and not is_loopback(args.host):
+        raise MoeshareError(
+            f"--allow-admin-without-token needs a loopback --host (127.0.0.1, ::1, localhost), not "
+            f"{args.host}; give --admin-token-file FILE instead"
+        )
+    if args.allow_load_dir and not (args.admin_token_file or args.allow_admin_without_token):
+        raise MoeshareError(
+            "--allow-load-dir is for LoadStore, an admin call: give --admin-token-file FILE too "
+            "(or --allow-admin-without-token on a loopback --host)"
+        )
+    admin_token = read_token(args.admin_token_file, "--admin-token-file") if args.admin_token_file else None
+    access = Access(token, admin_token, args.allow_admin_without_token)
+    return access, load_dirs(args.allow_load_dir)
 
 
 def _sources(args: argparse.Namespace) -> list:
@@ -77,19 +113,45 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
 
 async def _refresh_metrics(worker: EngineWorker, metrics: Metrics) -> None:
     while True:
-        snap = await asyncio.wrap_future(worker.call(worker.snapshot))
+        try:
+            snap = await asyncio.wrap_future(worker.call(worker.snapshot))
+        except EngineFailed:
+            return  # the server is going down
         metrics.update(snap.engine, sum(m.queue_depth for m in snap.models))
         await asyncio.sleep(METRICS_REFRESH_S)
 
 
-async def run_server(args: argparse.Namespace) -> int:
+async def _shutdown(server: grpc.aio.Server, worker: EngineWorker, grace: float) -> None:
+    """Stop accepting calls; streams still running near the end of the grace period are cancelled, so each
+    gets a final message marked CANCELLED instead of being cut off."""
+    stopped = asyncio.ensure_future(server.stop(grace))
+    done, _ = await asyncio.wait([stopped], timeout=max(0.0, grace - min(CLOSE_MARGIN_S, grace / 2)))
+    if not done and worker.alive:
+        with contextlib.suppress(EngineFailed):
+            await asyncio.wrap_future(worker.call(worker.cancel_all))
+    await stopped
+
+
+async def run_server(args: argparse.Namespace, engine: Engine | None = None) -> int:
+    """Serve until SIGINT/SIGTERM (returns 0) or until the engine thread dies (returns 1). `engine`: load
+    `args`' stores into this one instead of a new one (tests in-process reach its state)."""
     token, creds = check_args(args)
+    access, allowed_load_dirs = check_admin_args(args, token)
     metrics = Metrics() if args.metrics_port is not None else None
+    loop = asyncio.get_running_loop()
+    failed: asyncio.Future[str] = loop.create_future()
+
+    def on_fatal(message: str) -> None:  # on the engine thread
+        loop.call_soon_threadsafe(lambda: failed.done() or failed.set_result(message))
+
     worker = EngineWorker(
-        Engine([], _engine_config(args)), args.max_queue, metrics.observe if metrics else None
+        engine or Engine([], _engine_config(args)),
+        args.max_queue,
+        metrics.observe if metrics else None,
+        on_fatal,
     )
-    servicer = MoeShareServicer(worker, metrics)
-    server = grpc.aio.server(interceptors=[BearerAuth(token)] if token else [])
+    servicer = MoeShareServicer(worker, metrics, allowed_load_dirs)
+    server = grpc.aio.server(interceptors=[BearerAuth(access)], options=SERVER_OPTIONS)
     moeshare_pb2_grpc.add_MoeShareServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -111,7 +173,6 @@ async def run_server(args: argparse.Namespace) -> int:
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"moeshare: listening on {host}:{port}", flush=True)
 
-    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -130,15 +191,19 @@ async def run_server(args: argparse.Namespace) -> int:
             asyncio.wrap_future(worker.call(lambda: [v for p in _sources(args) for v in engine.load(p)]))
         )
         stopping = asyncio.ensure_future(stop.wait())
-        await asyncio.wait([loading, stopping], return_when=asyncio.FIRST_COMPLETED)
-        if not stop.is_set():
+        await asyncio.wait([loading, stopping, failed], return_when=asyncio.FIRST_COMPLETED)
+        if not stop.is_set() and not failed.done():
             models = loading.result()  # raises the load's error
             servicer.ready = True
             await set_health(health_pb2.HealthCheckResponse.SERVING)
             print(f"moeshare: serving {', '.join(models)}", flush=True)
             if metrics:
                 tasks.append(asyncio.ensure_future(_refresh_metrics(worker, metrics)))
-            await stopping
+            await asyncio.wait([stopping, failed], return_when=asyncio.FIRST_COMPLETED)
+        if failed.done():
+            await set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            print(f"moeshare: error: {failed.result()}", file=sys.stderr, flush=True)
+            return 1
         return 0
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -150,7 +215,7 @@ async def run_server(args: argparse.Namespace) -> int:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await server.stop(args.grace)  # stop accepting; in-flight streams get `grace` seconds, then cancelled
+        await _shutdown(server, worker, args.grace)
         await asyncio.to_thread(worker.stop)
         if metrics:
             metrics.close()

@@ -29,6 +29,23 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--max-queue", type=int, default=256, help="waiting requests before RESOURCE_EXHAUSTED (default 256)"
     )
     p.add_argument("--auth-token-file", help="file holding a bearer token every MoeShare call must send")
+    p.add_argument(
+        "--admin-token-file",
+        help="file holding the token the admin calls (LoadStore, UnloadModel) must send; it is good for every "
+        "other call too. Without it (or --allow-admin-without-token) the admin calls are off",
+    )
+    p.add_argument(
+        "--allow-admin-without-token",
+        action="store_true",
+        help="admin calls need no admin token (only with a loopback --host)",
+    )
+    p.add_argument(
+        "--allow-load-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="LoadStore may load stores and checkpoints under DIR (repeatable; default: none, LoadStore is off)",
+    )
     p.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key) to serve TLS")
     p.add_argument("--tls-key", help="PEM private key (with --tls-cert)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics over HTTP on this port")

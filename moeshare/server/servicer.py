@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any, NoReturn
 
 import grpc
 
-from moeshare.engine.engine import TokenEvent
+from moeshare.engine.engine import EngineFailed, TokenEvent
 from moeshare.engine.request import (
     FinishReason,
     InvalidRequest,
@@ -18,15 +19,22 @@ from moeshare.engine.request import (
     SamplingParams,
     Sequence,
     UnknownModel,
+    clip,
 )
 from moeshare.errors import MoeshareError
+from moeshare.server.auth import LOAD_OFF, PATH_CHARS, confine, outside
 from moeshare.server.metrics import Metrics
 from moeshare.server.worker import EngineWorker, QueueFull, Snapshot, Ticket
 from moeshare.v1 import moeshare_pb2 as pb
 from moeshare.v1 import moeshare_pb2_grpc
 
+log = logging.getLogger(__name__)
+
 DEFAULT_MAX_TOKENS = 64
 LOADING = "loading, retry shortly"
+MAX_REQUEST_ID = 256  # characters; the id is echoed in every streamed message
+MAX_MESSAGE = 1024  # characters of an error message (the echoed input is clipped before that)
+UNKNOWN = "unknown"  # the metrics label of every name that is not a served model
 
 FINISH = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
@@ -39,6 +47,7 @@ ERRORS: list[tuple[type[Exception], grpc.StatusCode]] = [
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (RequestTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (EngineFailed, grpc.StatusCode.INTERNAL),
     (MoeshareError, grpc.StatusCode.FAILED_PRECONDITION),
 ]
 
@@ -52,7 +61,8 @@ def _status(e: Exception) -> tuple[grpc.StatusCode, str]:
     for kind, code in ERRORS:
         if isinstance(e, kind):
             return code, str(e)
-    raise e
+    log.error("internal error in a call", exc_info=e)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}".splitlines()[0]
 
 
 def sampling_params(request: pb.GenerateRequest) -> SamplingParams:
@@ -72,6 +82,10 @@ def _prompt(request: pb.GenerateRequest) -> str | list[int]:
     """Token ids when given, else the text; the engine rejects an empty prompt either way."""
     if request.prompt_token_ids and request.prompt:
         raise InvalidRequest("give prompt or prompt_token_ids, not both")
+    if len(request.request_id) > MAX_REQUEST_ID:
+        raise InvalidRequest(
+            f"request_id is {len(request.request_id)} characters; at most {MAX_REQUEST_ID} are allowed"
+        )
     return list(request.prompt_token_ids) or request.prompt
 
 
@@ -99,21 +113,26 @@ def _add(
 
 
 class MoeShareServicer(moeshare_pb2_grpc.MoeShareServicer):
-    def __init__(self, worker: EngineWorker, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, worker: EngineWorker, metrics: Metrics | None = None, load_dirs: tuple[Path, ...] = ()
+    ) -> None:
         self.worker = worker
         self.metrics = metrics
+        self.load_dirs = load_dirs  # LoadStore loads only under these (resolved); none: it is off
         self.ready = False  # set once the stores given at start are loaded
 
     async def _engine(self, fn: Callable[[], Any]) -> Any:
         return await asyncio.wrap_future(self.worker.call(fn))
 
     def _count(self, model: str, code: grpc.StatusCode) -> None:
-        if self.metrics:
-            self.metrics.count(model, code.name)
+        if self.metrics:  # a client's made-up names must not grow the metrics forever
+            self.metrics.count(model if self.worker.serves(model) else UNKNOWN, code.name)
 
     async def _abort(self, context: grpc.aio.ServicerContext, model: str, e: Exception) -> NoReturn:
         code, message = (e.code, e.message) if isinstance(e, _Aborted) else _status(e)
         self._count(model, code)
+        if len(message) > MAX_MESSAGE:
+            message = message[: MAX_MESSAGE - 3] + "..."
         await context.abort(code, message)
         raise AssertionError("unreachable")  # context.abort raises
 
@@ -126,16 +145,18 @@ class MoeShareServicer(moeshare_pb2_grpc.MoeShareServicer):
     async def _events(self, request: pb.GenerateRequest) -> AsyncIterator[tuple[Sequence, TokenEvent]]:
         """Submit and yield the request's token events; cancels the sequence if the caller goes away."""
         self._check_ready()
+        params = sampling_params(request)
+        ids = await asyncio.to_thread(self.worker.prepare, request.model, _prompt(request), params)
         ticket = Ticket(request.model, asyncio.get_running_loop(), asyncio.Queue())
-        future = self.worker.submit(
-            request.model, _prompt(request), sampling_params(request), request.request_id, ticket
-        )
+        future = self.worker.submit(request.model, ids, params, request.request_id, ticket)
         done = False
         try:
             seq = await asyncio.wrap_future(future)
             while not done:
                 ev = await ticket.events.get()
                 done = ev.finished
+                if ev.finish_reason is FinishReason.ERROR:
+                    raise _Aborted(grpc.StatusCode.INTERNAL, ev.error)
                 yield seq, ev
         finally:
             if not done:  # deadline passed, client went away, or server shutting down: free the KV now
@@ -150,7 +171,7 @@ class MoeShareServicer(moeshare_pb2_grpc.MoeShareServicer):
                     reply = pb.GenerateResponse(request_id=request.request_id, text=ev.text)
                     _add(reply, seq, ev, request.logprobs)
                     yield reply
-        except (_Aborted, MoeshareError) as e:
+        except Exception as e:  # the error's status; INTERNAL with a message for anything unforeseen
             await self._abort(context, request.model, e)
         except asyncio.CancelledError:
             self._count(request.model, grpc.StatusCode.CANCELLED)
@@ -167,7 +188,7 @@ class MoeShareServicer(moeshare_pb2_grpc.MoeShareServicer):
                 async for seq, ev in events:
                     pieces.append(ev.text)
                     _add(reply, seq, ev, request.logprobs)
-        except (_Aborted, MoeshareError) as e:
+        except Exception as e:  # the error's status; INTERNAL with a message for anything unforeseen
             await self._abort(context, request.model, e)
         except asyncio.CancelledError:
             self._count(request.model, grpc.StatusCode.CANCELLED)
@@ -200,9 +221,10 @@ class MoeShareServicer(moeshare_pb2_grpc.MoeShareServicer):
     ) -> pb.ListModelsResponse:
         try:
             self._check_ready()
-        except _Aborted as e:
+            models = await self._engine(self._models)
+        except Exception as e:  # the error's status; INTERNAL with a message for anything unforeseen
             await self._abort(context, "", e)
-        return pb.ListModelsResponse(models=await self._engine(self._models))
+        return pb.ListModelsResponse(models=models)
 
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         try:
@@ -211,8 +233,8 @@ class MoeShareServicer(moeshare_pb2_grpc.MoeShareServicer):
             found = [m for m in models if m.name == request.name]
             if not found:
                 served = ", ".join(m.name for m in models) or "none"
-                raise UnknownModel(f"unknown model {request.name!r}; served models: {served}")
-        except (_Aborted, MoeshareError) as e:
+                raise UnknownModel(f"unknown model {clip(request.name)}; served models: {served}")
+        except Exception as e:  # the error's status; INTERNAL with a message for anything unforeseen
             await self._abort(context, request.name, e)
         return found[0]
 
@@ -221,9 +243,9 @@ class MoeShareServicer(moeshare_pb2_grpc.MoeShareServicer):
     ) -> pb.StatsResponse:
         try:
             self._check_ready()
-        except _Aborted as e:
+            snap: Snapshot = await self._engine(self.worker.snapshot)
+        except Exception as e:  # the error's status; INTERNAL with a message for anything unforeseen
             await self._abort(context, "", e)
-        snap: Snapshot = await self._engine(self.worker.snapshot)
         s = snap.engine
         return pb.StatsResponse(
             models=[
@@ -256,12 +278,27 @@ class MoeShareServicer(moeshare_pb2_grpc.MoeShareServicer):
     ) -> pb.LoadStoreResponse:
         try:
             self._check_ready()
-            if not Path(request.path).exists():
-                raise InvalidRequest(f"no store or checkpoint at {request.path!r} (a path on the server)")
-            models = await self._engine(lambda: self.worker.engine.load(request.path))
-        except (_Aborted, MoeshareError) as e:
+            path = self._load_path(request.path)
+            models = await self._engine(lambda: self.worker.engine.load(path))
+        except Exception as e:  # the error's status; INTERNAL with a message for anything unforeseen
             await self._abort(context, "", e)
         return pb.LoadStoreResponse(models=models)
+
+    def _load_path(self, given: str) -> Path:
+        """The resolved path to load; a path outside the load directories is refused alike whether it
+        exists or not."""
+        if not given:
+            raise InvalidRequest("path is empty: give a store or checkpoint directory on the server")
+        if not self.load_dirs:
+            raise _Aborted(grpc.StatusCode.PERMISSION_DENIED, LOAD_OFF)
+        path = confine(given, self.load_dirs)
+        if path is None:
+            raise _Aborted(grpc.StatusCode.PERMISSION_DENIED, outside(given, self.load_dirs))
+        if not path.exists():
+            raise InvalidRequest(
+                f"no store or checkpoint at {clip(given, PATH_CHARS)} (a path on the server)"
+            )
+        return path
 
     async def UnloadModel(
         self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext
@@ -269,6 +306,6 @@ class MoeShareServicer(moeshare_pb2_grpc.MoeShareServicer):
         try:
             self._check_ready()
             unloaded = await self._engine(lambda: self.worker.engine.unload(request.name))
-        except (_Aborted, MoeshareError) as e:
+        except Exception as e:  # the error's status; INTERNAL with a message for anything unforeseen
             await self._abort(context, request.name, e)
         return pb.UnloadModelResponse(unloaded=unloaded)

@@ -3,11 +3,16 @@
 Handlers submit through a thread-safe queue and get a concurrent Future back (the Sequence, or the
 engine's validation error); token events come back on the request's asyncio.Queue through
 `loop.call_soon_threadsafe`. With no work the thread blocks on its queue.
+
+If the thread dies (an error the engine could not confine to one step's requests), every waiting request
+and call fails with EngineFailed, later ones fail at once, and `on_fatal` tells the server to go down:
+never a silent wedge.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
@@ -17,9 +22,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from moeshare.engine.engine import Engine, TokenEvent
+from moeshare.engine.engine import Engine, EngineFailed, TokenEvent
 from moeshare.engine.request import FinishReason, SamplingParams, Sequence
 from moeshare.errors import MoeshareError
+
+log = logging.getLogger(__name__)
 
 SAMPLES = 1024  # recent TTFT / TPOT samples kept per model
 WINDOW_S = 10.0  # tokens/s is measured over this many recent seconds
@@ -75,13 +82,22 @@ def percentile(samples: deque[float] | list[float], q: float) -> float:
 
 
 FinishHook = Callable[[str, float, float | None, float], None]  # variant, ttft, tpot, end-to-end seconds
+FatalHook = Callable[[str], None]  # called on the engine thread as it dies, with what went wrong
 
 
 class EngineWorker:
-    def __init__(self, engine: Engine, max_queue: int = 256, on_finish: FinishHook | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        max_queue: int = 256,
+        on_finish: FinishHook | None = None,
+        on_fatal: FatalHook | None = None,
+    ) -> None:
         self.engine = engine
         self.max_queue = max_queue
         self.on_finish = on_finish
+        self.on_fatal = on_fatal
+        self.failure: str | None = None  # why the engine thread died, once it has
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._pending: dict[str, int] = defaultdict(int)  # submitted, not yet seen by the engine thread
@@ -93,6 +109,10 @@ class EngineWorker:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def stop(self) -> None:
         if self._thread.is_alive():
             self._inbox.put(("stop", None))
@@ -100,32 +120,81 @@ class EngineWorker:
 
     # ---- called from the asyncio side (any thread) -------------------------------------------------------
 
+    def prepare(self, variant: str, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """Validate and tokenize off the engine thread (a long prompt must not stall every stream)."""
+        return self.engine.prepare(variant, prompt, params)
+
+    def serves(self, variant: str) -> bool:
+        return self.engine.serves(variant)
+
     def submit(
         self, variant: str, prompt: str | list[int], params: SamplingParams, request_id: str, ticket: Ticket
     ) -> Future[Sequence]:
         """Queue a request; raises QueueFull at once past max_queue waiting requests."""
-        with self._lock:
+        future: Future[Sequence] = Future()
+        with self._lock:  # the inbox is filled under the lock, so a dying thread drains every item
+            self._check_alive()
             depth = self._waiting + sum(self._pending.values())
             if depth >= self.max_queue:
                 raise QueueFull(f"the queue is full ({depth} requests waiting); retry shortly")
             self._pending[variant] += 1
-        future: Future[Sequence] = Future()
-        self._inbox.put(("submit", (variant, prompt, params, request_id, ticket, future)))
+            self._inbox.put(("submit", (variant, prompt, params, request_id, ticket, future)))
         return future
 
     def cancel(self, ticket: Ticket) -> None:
         """Cancel a request; its KV goes back to the pool as soon as the engine thread sees this."""
-        self._inbox.put(("cancel", ticket))
+        with self._lock:
+            if self.failure is None:
+                self._inbox.put(("cancel", ticket))
 
     def call(self, fn: Callable[[], Any]) -> Future[Any]:
         """Run fn on the engine thread between steps (load, unload, listing)."""
         future: Future[Any] = Future()
-        self._inbox.put(("call", (fn, future)))
+        with self._lock:
+            self._check_alive()
+            self._inbox.put(("call", (fn, future)))
         return future
+
+    def _check_alive(self) -> None:
+        if self.failure is not None:
+            raise EngineFailed(self.failure)
 
     # ---- the engine thread -------------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:
+            self._die(e)
+
+    def _die(self, error: BaseException) -> None:
+        """Fail every request and call, now and later, and tell the server."""
+        log.critical("the engine thread died", exc_info=error)
+        what = (f"{type(error).__name__}: {error}".splitlines() or [""])[0][:200]
+        message = f"the engine stopped after an internal error ({what}); the server is going down"
+        with self._lock:
+            self.failure = message
+        failed = EngineFailed(message)
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            future = payload[-1] if kind == "submit" else payload[1] if kind == "call" else None
+            if future is not None and future.set_running_or_notify_cancel():
+                future.set_exception(failed)
+        for ticket in self._tickets.values():
+            seq = ticket.seq
+            assert seq is not None
+            ev = TokenEvent(
+                seq.seq_id, seq.request_id, seq.variant, -1, "", 0.0, True, FinishReason.ERROR, message
+            )
+            ticket.loop.call_soon_threadsafe(ticket.events.put_nowait, ev)
+        self._tickets.clear()
+        if self.on_fatal:
+            self.on_fatal(message)
+
+    def _serve(self) -> None:
         while True:
             try:
                 block = not self.engine.has_work()
@@ -186,7 +255,8 @@ class EngineWorker:
             samples.tokens.append(now)
             if ev.finished:
                 del self._tickets[ev.seq_id]
-                self._record(ticket)
+                if ev.finish_reason is not FinishReason.ERROR:
+                    self._record(ticket)
             ticket.loop.call_soon_threadsafe(ticket.events.put_nowait, ev)
 
     def _record(self, ticket: Ticket) -> None:
@@ -221,6 +291,10 @@ class EngineWorker:
             self.engine.cancel(seq_id)
             self._close(ticket)
         self._tickets.clear()
+
+    def cancel_all(self) -> None:
+        """End every running request with a final CANCELLED message (shutdown); call through `call`."""
+        self._close_all()
 
     def snapshot(self) -> Snapshot:
         """Stats for GetStats and the metrics gauges; call on the engine thread (through `call`)."""

@@ -22,6 +22,7 @@ import torch
 import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
+from moeshare.checkpoint.output import follow_umask, remove_stale_leftovers
 from moeshare.zoo.corpora import Corpora, load_corpora
 from moeshare.zoo.evaluate import perplexity
 from moeshare.zoo.recipes import ARCHS, RECIPE_VERSION, Recipe, Schedule, recipe
@@ -30,7 +31,6 @@ from moeshare.zoo.train import new_model, train
 
 ZOO_ENV = "MOESHARE_ZOO_DIR"
 ZOO_FILE = "zoo.json"
-MAX_THREADS = 8  # models this small gain nothing from more; a fixed count keeps builds reproducible
 
 
 def zoo_root() -> Path:
@@ -76,7 +76,7 @@ def build_zoo(
         raise RuntimeError(f"device {device!r} requested but CUDA is not available")
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(min(threads, MAX_THREADS))
+    torch.set_num_threads(min(threads, rec.threads))  # at most the recipe's: builds stay reproducible
     try:
         zoo = _build_into(target, rec, seed, archs, device)
     finally:
@@ -90,7 +90,7 @@ def _build_into(target: Path, rec: Recipe, seed: int, archs: list[str], device: 
     start = time.perf_counter()
     corpora = load_corpora()
     partial = target.parent / f".{target.name}.partial-{os.getpid()}"
-    _remove_stale_builds(target)
+    remove_stale_leftovers(target)
     shutil.rmtree(partial, ignore_errors=True)
     (partial / "heldout").mkdir(parents=True)
     try:
@@ -148,6 +148,7 @@ def _build_arch(
 def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, directory: Path) -> None:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+    follow_umask(directory)  # safetensors writes its files 0600
 
 
 def _zoo_record(
@@ -220,24 +221,6 @@ def _same_recipe(zoo: dict[str, Any], rec: Recipe, seed: int) -> bool:
         and zoo.get("seed") == seed
         and isinstance(zoo.get("archs"), list)
     )
-
-
-def _remove_stale_builds(target: Path) -> None:
-    """Leftovers of builds whose process is gone (killed by a signal that skipped our cleanup)."""
-    for leftover in target.parent.glob(f".{target.name}.*-*"):
-        kind, _, pid = leftover.name.rpartition("-")
-        if kind.endswith((".partial", ".old")) and pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _publish(partial: Path, target: Path) -> None:
