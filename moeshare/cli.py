@@ -148,6 +148,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
                         "name": m.name,
                         "store": m.store,
                         "architecture": m.architecture,
+                        "kind": m.kind,
                         "context_length": m.context_length,
                         "resident": m.resident,
                     }
@@ -159,17 +160,18 @@ def _cmd_models(args: argparse.Namespace) -> int:
         return 0
     for m in models:
         print(
-            f"{m.name:<20} {m.architecture:<8} ctx {m.context_length:<6} "
+            f"{m.name:<20} {m.architecture:<8} {m.kind:<8} ctx {m.context_length:<6} "
             f"{'resident' if m.resident else 'host':<9} {m.store}"
         )
     return 0
 
 
 def _inspect_store(args: argparse.Namespace) -> int:
-    from moeshare.consolidate import Store, format_report, summarize
+    from moeshare.consolidate import format_report, summarize
+    from moeshare.store import Store
 
     store = Store(args.path)  # checks that every file is there and whole
-    summary = summarize(store.manifest)
+    summary = summarize(store.manifest.raw)
     if args.verify:
         summary["verified_files"] = store.verify()
     print(json.dumps(summary, indent=2) if args.json else format_report(summary))
@@ -180,7 +182,7 @@ def _inspect_store(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from moeshare.checkpoint import open_checkpoint
-    from moeshare.consolidate.store import is_store
+    from moeshare.store import is_store
 
     if is_store(args.path):
         return _inspect_store(args)

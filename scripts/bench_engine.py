@@ -8,6 +8,9 @@ vocab 32000), `--layers` layers. Systems: `moeshare` (one variant), `moeshare-4v
 one bank of 16 slots per layer: each keeps 2 experts of its own), `transformers` (generate on the same
 model). The floor is the bytes a decode step must read (non-expert weights of the variants in the batch,
 the experts that uniform top-2 routing touches, the KV cache) over the measured copy bandwidth.
+`dense` is a random Llama-3-8B-size model (hidden 4096, intermediate 14336, 32/8 heads, vocab 128256) with
+`--dense-layers` layers, against `transformers-dense` (generate on the same model); its floor is its
+weights and KV cache read once per step.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ from pathlib import Path
 
 import torch
 
+from moeshare.engine.api import Submit
 from moeshare.engine.engine import Engine, EngineConfig
 from moeshare.engine.request import SamplingParams
-from moeshare.engine.synthetic import RandomMixtralSource, mixtral_config
+from moeshare.engine.synthetic import RandomDenseSource, RandomMixtralSource, llama_config, mixtral_config
 
 
 def copy_bandwidth(device: torch.device) -> float:
@@ -70,8 +74,20 @@ def step_bytes(cfg: dict, batch: int, variants: int, context: int) -> float:
     return layers * (present * attn + slots * expert + kv_bytes) + present * head
 
 
+def dense_step_bytes(cfg: dict, batch: int, context: int) -> float:
+    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    hd = h // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    b2 = 2  # bf16
+    layer = (h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h) * b2
+    kv_bytes = batch * context * 2 * kv * b2
+    return cfg["num_hidden_layers"] * (layer + kv_bytes) + v * h * b2
+
+
 def bench_engine(cfg: dict, variants: int, batches: list[int], prompt: int, gen: int) -> dict[int, float]:
-    source = RandomMixtralSource(cfg, variants=variants, own=2)
+    dense = cfg["model_type"] == "llama"
+    source = RandomDenseSource(cfg) if dense else RandomMixtralSource(cfg, variants=variants, own=2)
+    label = "dense" if dense else f"moeshare x{variants}"
     blocks = max(batches) * (prompt + gen) // 16 + 64
     engine = Engine(
         [source],
@@ -82,30 +98,27 @@ def bench_engine(cfg: dict, variants: int, batches: list[int], prompt: int, gen:
             max_batched_tokens=max(batches) * prompt,
         ),
     )
-    names = engine.variants
+    names = [m.name for m in engine.models()]
     g = torch.Generator().manual_seed(0)
     out = {}
     for b in batches:
         params = SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True)
-        seqs = [
-            engine.add_request(
-                names[j % len(names)], torch.randint(10, 30000, (prompt,), generator=g).tolist(), params
-            )
-            for j in range(b)
-        ]
-        engine.step()  # the prefill (and each request's first token)
+        for j in range(b):
+            ids = torch.randint(10, 30000, (prompt,), generator=g).tolist()
+            engine.submit(Submit(names[j % len(names)], ids, params))
+        tokens = len(engine.step())  # the prefill (and each request's first token)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         steps = 0
         while engine.has_work():
-            engine.step()
+            tokens += len(engine.step())
             steps += 1
         torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        assert all(len(s.output_ids) == gen for s in seqs)
+        assert tokens == b * gen
         out[b] = b * steps / dt
         print(
-            f"  moeshare x{variants}  batch {b:4d}: {out[b]:9.1f} tok/s ({dt / steps * 1e3:.2f} ms/step)",
+            f"  {label}  batch {b:4d}: {out[b]:9.1f} tok/s ({dt / steps * 1e3:.2f} ms/step)",
             flush=True,
         )
     del engine, source
@@ -124,10 +137,14 @@ def _generate(model: torch.nn.Module, ids: torch.Tensor, n: int) -> float:
 
 
 def bench_transformers(cfg: dict, batches: list[int], prompt: int, gen: int) -> dict[int, float]:
-    from transformers import MixtralConfig, MixtralForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
+    kinds = {"llama": (LlamaConfig, LlamaForCausalLM), "mixtral": (MixtralConfig, MixtralForCausalLM)}
+    config_cls, model_cls = kinds[cfg["model_type"]]
     with torch.device("cuda"):
-        model = MixtralForCausalLM(MixtralConfig(**{k: v for k, v in cfg.items() if k != "architectures"}))
+        model = model_cls(
+            config_cls(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")})
+        )
     model = model.to(torch.bfloat16).eval()
     out = {}
     for b in batches:
@@ -200,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--batches", default="1,8,32,64,128")
     p.add_argument("--hf-batches", default="1,8,32")
+    p.add_argument("--dense-layers", type=int, default=8, help="layers of the Llama-3-8B-size dense model")
+    p.add_argument("--systems", default="moeshare,moeshare-4var,transformers,dense,transformers-dense")
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--gen", type=int, default=128)
     p.add_argument("--quick", action="store_true")
@@ -227,13 +246,20 @@ def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.get_device_name()
     bw = copy_bandwidth(torch.device("cuda"))
     print(f"{gpu}: copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
-    results = {
-        "moeshare": bench_engine(cfg, 1, batches, args.prompt, args.gen),
-        "moeshare-4var": bench_engine(cfg, 4, batches, args.prompt, args.gen),
-        "transformers": bench_transformers(
-            cfg, [int(x) for x in args.hf_batches.split(",")], args.prompt, args.gen
-        ),
+    dense_cfg = llama_config(layers=args.dense_layers)
+    hf_batches = [int(x) for x in args.hf_batches.split(",")]
+    runs = {
+        "moeshare": lambda: bench_engine(cfg, 1, batches, args.prompt, args.gen),
+        "moeshare-4var": lambda: bench_engine(cfg, 4, batches, args.prompt, args.gen),
+        "transformers": lambda: bench_transformers(cfg, hf_batches, args.prompt, args.gen),
+        "dense": lambda: bench_engine(dense_cfg, 1, batches, args.prompt, args.gen),
+        "transformers-dense": lambda: bench_transformers(dense_cfg, hf_batches, args.prompt, args.gen),
     }
+    chosen = [x for x in args.systems.split(",") if x]
+    if bad := [x for x in chosen if x not in runs]:
+        print(f"bench_engine: --systems {bad[0]}: choose from {','.join(runs)}", file=sys.stderr)
+        return 2
+    results = {name: runs[name]() for name in chosen}
     loading = None
     if args.load_check_layers:
         try:
@@ -254,7 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     for system, per_batch in results.items():
         for b, tok_s in per_batch.items():
             variants = 4 if system == "moeshare-4var" else 1
-            floor = b / (step_bytes(cfg, b, variants, context) / bw)
+            if system.endswith("dense"):
+                floor = b / (dense_step_bytes(dense_cfg, b, context) / bw)
+            else:
+                floor = b / (step_bytes(cfg, b, variants, context) / bw)
             records.append(
                 {
                     "system": system,
@@ -268,20 +297,21 @@ def main(argv: list[str] | None = None) -> int:
             )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_engine.json").write_text(json.dumps(records, indent=1) + "\n")
-    single = {b: t for b, t in results["moeshare"].items()}
+    reference = {"dense": "dense", "transformers-dense": "dense"}  # the row each system is compared with
     lines = [
         f"# Engine decode throughput — {gpu}, {date}",
         "",
         f"`python scripts/bench_engine.py {' '.join(argv or sys.argv[1:])}`".replace(" `", "`"),
         "",
-        f"{args.layers} layers at Mixtral-8x7B sizes, bf16, prompt {args.prompt}, {args.gen} generated; "
-        f"copy bandwidth {bw / 1e9:.0f} GB/s.",
+        f"{args.layers} layers at Mixtral-8x7B sizes; dense: {args.dense_layers} layers at Llama-3-8B sizes; "
+        f"bf16, prompt {args.prompt}, {args.gen} generated; copy bandwidth {bw / 1e9:.0f} GB/s.",
         "",
-        "| system | batch | tok/s | floor tok/s | of floor | vs moeshare x1 |",
+        "| system | batch | tok/s | floor tok/s | of floor | vs our engine (same model, x1) |",
         "|---|---|---|---|---|---|",
     ]
     for r in records:
-        rel = r["tok_s"] / single[r["batch"]] if r["batch"] in single else float("nan")
+        ours = results.get(reference.get(r["system"], "moeshare"), {})
+        rel = r["tok_s"] / ours[r["batch"]] if r["batch"] in ours else float("nan")
         lines.append(
             f"| {r['system']} | {r['batch']} | {r['tok_s']} | {r['floor_tok_s']} | "
             f"{r['frac_of_floor']:.0%} | {rel:.2f}x |"
@@ -307,8 +337,12 @@ def main(argv: list[str] | None = None) -> int:
         for system in results:
             rs = [r for r in records if r["system"] == system]
             ax.plot([r["batch"] for r in rs], [r["tok_s"] for r in rs], marker="o", label=system)
-        rs = [r for r in records if r["system"] == "moeshare"]
-        ax.plot([r["batch"] for r in rs], [r["floor_tok_s"] for r in rs], "k--", label="bandwidth floor")
+        for system, style in (("moeshare", "k--"), ("dense", "k:")):
+            rs = [r for r in records if r["system"] == system]
+            if rs:
+                ax.plot(
+                    [r["batch"] for r in rs], [r["floor_tok_s"] for r in rs], style, label=f"{system} floor"
+                )
         ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="decode tok/s", title=f"{gpu}")
         ax.legend()
         fig.tight_layout()

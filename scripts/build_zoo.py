@@ -1,4 +1,4 @@
-"""Build the zoo of small trained MoE variants: python scripts/build_zoo.py --size tiny --arch all."""
+"""Build the zoo of small trained MoE and dense models: python scripts/build_zoo.py --size tiny --arch all."""
 
 import sys
 

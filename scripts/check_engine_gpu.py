@@ -1,10 +1,12 @@
-"""The engine on a GPU against transformers, on the zoo's trained tiny Mixtral variants.
+"""The engine on a GPU against transformers, on the zoo's trained tiny Mixtral variants and dense models.
 
     python scripts/check_engine_gpu.py --zoo ~/.cache/moeshare/zoo/tiny
 
 Checks, with Triton kernels and CUDA graphs: teacher-forced logits and 32 greedy tokens against transformers
 (float32); a batch mixing all variants against each alone, with prefills joining mid-decode (bfloat16);
-partial reconfiguration (2 resident rows for 4 variants, copies on a side stream) against all resident.
+partial reconfiguration (2 resident rows for 4 variants, copies on a side stream) against all resident;
+dense Llama and Qwen2 models the same way (float32 against transformers; bfloat16 with CUDA graphs, in one
+engine with the Mixtral store, together against alone).
 Prints a table; exit status 1 if a check fails.
 """
 
@@ -18,23 +20,31 @@ from pathlib import Path
 import torch
 
 from moeshare.consolidate import Options, consolidate
+from moeshare.engine.api import Submit
 from moeshare.engine.engine import Engine, EngineConfig
 from moeshare.engine.request import SamplingParams
+from moeshare.evals.scorers import teacher_forced
 
 VARIANTS = ["kjv", "fortunes-en", "fortunes-de", "python"]
+DENSE = [("llama", "kjv"), ("qwen2", "python")]  # zoo arch, variant
 PROMPTS = ["And God said unto Moses,", "A man who has", "Wer nicht wagt,", "def __init__(self,"]
 GREEDY = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
 
 
-def together(engine: Engine, stagger: int) -> list[list[int]]:
-    seqs = []
-    for v, p in zip(VARIANTS, PROMPTS, strict=True):
-        seqs.append(engine.add_request(v, p, GREEDY))
+def together(engine: Engine, stagger: int, jobs: list[tuple[str, str]] | None = None) -> list[list[int]]:
+    handles, tokens = [], {}
+
+    def collect(events: list) -> None:
+        for ev in events:
+            tokens.setdefault(ev.seq_id, []).extend([ev.token_id] if ev.token_id >= 0 else [])
+
+    for v, p in jobs or list(zip(VARIANTS, PROMPTS, strict=True)):
+        handles.append(engine.submit(Submit(v, p, GREEDY)))
         for _ in range(stagger):
-            engine.step()
+            collect(engine.step())
     while engine.has_work():
-        engine.step()
-    return [s.output_ids for s in seqs]
+        collect(engine.step())
+    return [tokens[h] for h in handles]
 
 
 def main() -> int:
@@ -45,15 +55,17 @@ def main() -> int:
     args = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     rows = []
-    for v, prompt in zip(VARIANTS, PROMPTS, strict=True):
-        path = args.zoo / "mixtral" / v
+    checked = [("mixtral", v, p) for v, p in zip(VARIANTS, PROMPTS, strict=True)]
+    checked += [(arch, v, PROMPTS[VARIANTS.index(v)]) for arch, v in DENSE]
+    for arch, v, prompt in checked:
+        path = args.zoo / arch / v
         engine = Engine([path], EngineConfig(device="cuda", dtype=torch.float32))
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
         text = (args.zoo / "heldout" / f"{v}.txt").read_text()[:300]
         ids = engine.tokenizer(v)(text, add_special_tokens=False)["input_ids"]
         with torch.no_grad():
             theirs = hf(torch.tensor([ids], device="cuda")).logits[0].float()
-        ours = engine.score(v, ids)
+        ours = teacher_forced(engine.instance(v), v, ids)
         rel = ((ours - theirs).abs().max() / theirs.abs().max()).item()
         pids = engine.tokenizer(v)(prompt, add_special_tokens=False)["input_ids"]
         mine = engine.generate(v, pids, GREEDY)[1]
@@ -68,7 +80,7 @@ def main() -> int:
         same = sum(a == b for a, b in zip(mine, ref, strict=True))
         rows.append(
             (
-                f"fp32 logits + greedy vs transformers: {v}",
+                f"fp32 logits + greedy vs transformers: {arch}/{v}",
                 rel < 1e-3 and same == 32,
                 f"rel err {rel:.1e}, {same}/32 tokens",
             )
@@ -93,9 +105,31 @@ def main() -> int:
             (
                 "bf16 2 resident rows vs all resident",
                 same == 128,
-                f"{same}/128 tokens, {st['swap_ins']} swap-ins, {st['swap_seconds'] * 1e3:.1f} ms",
+                f"{same}/128 tokens, {st.swap_ins} swap-ins, {st.swap_seconds * 1e3:.1f} ms",
             )
         )
+        # dense models beside the store, bf16 with CUDA graphs: all together against each alone
+        names = [f"{arch}-{v}" for arch, v in DENSE]
+        jobs = list(zip(VARIANTS, PROMPTS, strict=True))
+        jobs += [(n, PROMPTS[VARIANTS.index(v)]) for n, (_, v) in zip(names, DENSE, strict=True)]
+
+        def mixed() -> Engine:
+            engine = Engine([store], EngineConfig(device="cuda"))
+            for n, (arch, v) in zip(names, DENSE, strict=True):
+                engine.load(args.zoo / arch / v, name=n)
+            return engine
+
+        alone = [mixed().generate(m, p, GREEDY)[1] for m, p in jobs]
+        for stagger in (0, 3):
+            got = together(mixed(), stagger, jobs)
+            same = sum(a == b for x, y in zip(got, alone, strict=True) for a, b in zip(x, y, strict=True))
+            rows.append(
+                (
+                    f"bf16 graphs, store + 2 dense models together vs alone, stagger {stagger}",
+                    same == 32 * len(jobs),
+                    f"{same}/{32 * len(jobs)} tokens",
+                )
+            )
     width = max(len(r[0]) for r in rows)
     for name, ok, detail in rows:
         print(f"{name:<{width}}  {'ok  ' if ok else 'FAIL'}  {detail}")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from moeshare.bench.systems import SYSTEMS, ServeLimits, SyntheticWorkspace, Workspace, partition_layout
-from moeshare.evals.baselines import same_index_pick
+from moeshare.consolidate.same_index import same_index_pick
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = 4

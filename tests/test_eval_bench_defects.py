@@ -18,6 +18,7 @@ import torch
 from moeshare.cli import main
 from moeshare.engine.engine import EngineConfig
 from moeshare.engine.models.mixtral import MixtralDims, MultiVariantMixtral
+from moeshare.engine.models.variants import MIXTRAL
 from moeshare.engine.placement import Placement, place
 from moeshare.engine.synthetic import from_spec
 from moeshare.errors import MoeshareError
@@ -103,7 +104,8 @@ def _h200_partition_server(kv_blocks: int) -> tuple[Placement, int, int]:
     slots = [source.bank_slots(x) for x in source.adapter.moe_layers]
     sizes = (probe.row_bytes(), probe.expert_bytes())
     cuda = torch.device("cuda")  # only named: placing is arithmetic
-    placement = place(limit, config, dims, torch.bfloat16, cuda, 1, slots, kv_blocks, *sizes)
+    footprint = MIXTRAL.footprint(source.config)
+    placement = place(limit, config, footprint, torch.bfloat16, cuda, 1, slots, kv_blocks, *sizes)
     # the synthetic source draws each tensor in float32 and casts it: an expert (w13 and w2) or the embedding
     expert = sum(t[0].numel() for t in probe.empty_bank(1, host=False).values())
     embed = math.prod(source.adapter.expected_shape("model.embed_tokens.weight"))
@@ -132,7 +134,17 @@ def test_a_memory_limit_that_holds_no_layer_is_one_line_before_anything_is_alloc
     slots, sizes = [8] * 32, (probe.row_bytes(), probe.expert_bytes())
     tight = placement.kv + placement.work + placement.rows  # no room for a staged layer
     with pytest.raises(MoeshareError, match=r"^the memory limit leaves .*GiB in all: raise the limit") as e:
-        place(tight, config, dims, torch.bfloat16, torch.device("cuda"), 1, slots, 2048, *sizes)
+        place(
+            tight,
+            config,
+            MIXTRAL.footprint(source.config),
+            torch.bfloat16,
+            torch.device("cuda"),
+            1,
+            slots,
+            2048,
+            *sizes,
+        )
     assert "\n" not in str(e.value) and "2048 KV blocks (4.00 GiB)" in str(e.value)
 
 

@@ -13,10 +13,11 @@ from safetensors.torch import load_file, save_file
 
 from moeshare.cli import main
 from moeshare.consolidate import Options, consolidate
-from moeshare.consolidate.store import BANK, Store
 from moeshare.evals.command import zoo_subject
 from moeshare.evals.harness import EvalConfig, Harness, Method
 from moeshare.evals.metrics import rouge
+from moeshare.store import Store
+from moeshare.store.format import BANK
 
 FIELDS = {"variant", "domain", "method", "budget", "similarity", "merge", "metric", "value"}
 SMALL = ["--max-tokens", "512", "--prompts", "4", "--continuation", "16", "--threads", "1"]
@@ -64,7 +65,7 @@ def test_eval_smoke_runs_every_method_and_writes_every_file(tiny_report: Path, a
 def _zero_slot(store: Path, out: Path, layer: str, slot: int) -> Path:
     shutil.copytree(store, out)
     bank = load_file(str(out / BANK))
-    for role in Store(out).manifest["bank"]["roles"]:
+    for role in Store(out).manifest.roles:
         bank[f"layer.{layer}.{role}"][slot].zero_()
     save_file(bank, str(out / BANK), metadata={"format": "pt"})
     return out

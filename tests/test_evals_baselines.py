@@ -10,8 +10,9 @@ import torch
 
 from moeshare.checkpoint import open_checkpoint, write_checkpoint
 from moeshare.consolidate.align import neuron_matrix, relative_distance
+from moeshare.consolidate.same_index import same_index_pick
 from moeshare.errors import MoeshareError
-from moeshare.evals.baselines import average, same_index_pick, ties
+from moeshare.evals.baselines import average, ties
 
 VARIANTS = ["kjv", "fortunes-en", "fortunes-de", "python"]
 SIDE_FILES = ("tokenizer", "special_tokens", "generation")

@@ -91,9 +91,10 @@ async def _health(address: str) -> int:
         return reply.status
 
 
-async def _running(engine: Engine, request_id: str):
-    """The engine's sequence of a request (the test reaches under the API to break it)."""
-    while not (found := [s for s in list(engine.seqs.values()) if s.request_id == request_id]):
+async def _running(engine: Engine, model: str, request_id: str):
+    """The instance's sequence of a request (the test reaches under the engine's API to break it)."""
+    seqs = engine.instance(model).seqs
+    while not (found := [s for s in list(seqs.values()) if s.request_id == request_id]):
         await asyncio.sleep(0.01)
     return found[0]
 
@@ -112,7 +113,7 @@ def test_a_failing_step_fails_only_its_requests_with_internal(ckpts, capsys):
             good = client.generate("python", PROMPTS["python"], request_id="good", **params)
             first = await anext(bad)
             good_tokens = len((await anext(good)).token_ids)
-            seq = await _running(engine, "bad")
+            seq = await _running(engine, "kjv", "bad")
             seq.params = dataclasses.replace(seq.params, seed=2**63)
             with pytest.raises(grpc.RpcError) as err:
                 async for _ in bad:
@@ -151,8 +152,10 @@ def test_a_dead_engine_thread_takes_the_server_down_loudly(ckpts, capsys):
                     "kjv", PROMPTS["kjv"], request_id="doomed", max_tokens=500, ignore_eos=True
                 )
                 await anext(stream)
-                await _running(engine, "doomed")
-                engine.groups[0].residency.row_of.clear()  # the scheduler can no longer place its sequences
+                await _running(engine, "kjv", "doomed")
+                engine.instance(
+                    "kjv"
+                ).residency.row_of.clear()  # the scheduler can no longer place its sequences
                 with pytest.raises(grpc.RpcError) as err:
                     async for _ in stream:
                         pass

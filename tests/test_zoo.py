@@ -1,5 +1,7 @@
 """The zoo: real checkpoints transformers loads, an honest zoo.json, variants that specialise, determinism."""
 
+import json
+import shutil
 import time
 from pathlib import Path
 
@@ -9,7 +11,9 @@ from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    LlamaForCausalLM,
     MixtralForCausalLM,
+    Qwen2ForCausalLM,
     SwitchTransformersForConditionalGeneration,
 )
 
@@ -21,7 +25,9 @@ from moeshare.zoo.recipes import RECIPE_VERSION
 from moeshare.zoo.spans import corrupt_batch, span_counts
 from moeshare.zoo.tokenizer import BOS, EOS, PAD, SENTINEL_BASE, UNK, byte_ids
 
-ARCHS = ("mixtral", "switch")
+ARCHS = ("mixtral", "switch", "llama", "qwen2")
+CAUSAL = ("mixtral", "llama", "qwen2")
+CLASSES = {"mixtral": MixtralForCausalLM, "llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM}
 UTF8_SAMPLES = [
     "Grüße aus Köln: Äpfel, Öl und Übermut – süß, heiß, weiß.",
     "def f(x: int) -> dict[str, int]:\n\treturn {'ä': x ** 2}  # ✓ naïve café\n",
@@ -35,7 +41,7 @@ def _names(zoo: dict) -> list[str]:
 
 
 def _load(arch: str, path: Path):
-    if arch == "mixtral":
+    if arch in CAUSAL:
         return AutoModelForCausalLM.from_pretrained(path)
     return SwitchTransformersForConditionalGeneration.from_pretrained(path)
 
@@ -76,8 +82,8 @@ def test_every_checkpoint_loads_with_transformers(tiny_zoo):
             tokenizer = AutoTokenizer.from_pretrained(path)
             ids = tokenizer(["In the beginning"], return_tensors="pt").input_ids
             with torch.no_grad():
-                if arch == "mixtral":
-                    assert isinstance(model, MixtralForCausalLM)
+                if arch in CAUSAL:
+                    assert isinstance(model, CLASSES[arch])
                     logits = model(input_ids=ids).logits
                 else:
                     logits = model(input_ids=ids, decoder_input_ids=torch.zeros_like(ids[:, :1])).logits
@@ -100,8 +106,8 @@ def test_tokenizer_round_trips_utf8_text(tiny_zoo):
         assert tokenizer.convert_tokens_to_ids("<extra_id_15>") == SENTINEL_BASE + 15
         for text in UTF8_SAMPLES:
             ids = tokenizer(text).input_ids
-            body = ids[1:] if arch == "mixtral" else ids[:-1]
-            assert (ids[0] == BOS) if arch == "mixtral" else (ids[-1] == EOS)
+            body = ids[1:] if arch in CAUSAL else ids[:-1]
+            assert (ids[0] == BOS) if arch in CAUSAL else (ids[-1] == EOS)
             assert body == byte_ids(text).tolist()
             assert tokenizer.decode(ids, skip_special_tokens=True) == text
 
@@ -119,7 +125,7 @@ def test_every_variant_beats_the_base_on_its_own_domain(tiny_zoo):
     assert "*" in report and all(arch in report for arch in ARCHS)
 
 
-@pytest.mark.parametrize(("arch", "variant"), [("mixtral", -1), ("switch", 0)])
+@pytest.mark.parametrize(("arch", "variant"), [("mixtral", -1), ("switch", 0), ("llama", 1)])
 def test_zoo_json_perplexity_matches_the_checkpoint(tiny_zoo, arch, variant):
     zoo = load_zoo(tiny_zoo)
     name = zoo["variants"][variant]
@@ -176,6 +182,29 @@ def test_cached_zoo_is_reused_without_training(tiny_zoo, monkeypatch):
     assert build_zoo(size="tiny", arch="switch", out=tiny_zoo) == tiny_zoo
     assert time.perf_counter() - start < 2.0
     assert {p: p.stat().st_mtime_ns for p in tiny_zoo.rglob("*")} == before
+
+
+def test_adding_an_arch_to_a_cached_zoo_trains_only_that_arch(tiny_zoo, tmp_path, monkeypatch):
+    out = tmp_path / "tiny"
+    shutil.copytree(tiny_zoo, out, ignore=shutil.ignore_patterns("qwen2"))
+    zoo = load_zoo(out)
+    zoo["archs"].remove("qwen2")
+    for section in ("models", "specialised", "recipe"):
+        del zoo[section]["qwen2"]
+    (out / "zoo.json").write_text(json.dumps(zoo))
+    built = []
+
+    def trained_elsewhere(arch, rec, corpora, seed, root, device):  # the fixture's zoo already trained it
+        built.append(arch)
+        shutil.copytree(tiny_zoo / arch, root / arch)
+        return load_zoo(tiny_zoo)["models"][arch]
+
+    monkeypatch.setattr(build, "_build_arch", trained_elsewhere)
+    assert build_zoo(size="tiny", arch="all", out=out) == out
+    assert built == ["qwen2"] and load_zoo(out)["archs"] == list(ARCHS)
+    for arch in ARCHS:
+        for file in (tiny_zoo / arch).rglob("*.safetensors"):
+            assert file.read_bytes() == (out / file.relative_to(tiny_zoo)).read_bytes()
 
 
 def test_failed_build_leaves_no_half_zoo(tmp_path, monkeypatch):

@@ -23,8 +23,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moeshare.consolidate import Options, Plan, consolidate, is_store, plan
+from moeshare.consolidate.same_index import same_index_pick
 from moeshare.engine.synthetic import from_spec
-from moeshare.evals.baselines import same_index_pick
 
 LISTENING = "moeshare: listening on "
 START_TIMEOUT_S = 600.0

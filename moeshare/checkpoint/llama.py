@@ -6,11 +6,16 @@ from moeshare.checkpoint.adapters import OTHER, Adapter, TensorInfo, match, regi
 
 
 def decoder_shape(a: Adapter, name: str) -> tuple[int, ...] | None:
-    """Shapes of the tensors every Llama-style decoder has: embeddings, LM head, norms, attention."""
+    """Shapes of the tensors every Llama-style decoder has: embeddings, LM head (absent when
+    tie_word_embeddings), norms, attention (with q/k/v biases in Qwen2)."""
     h = a._cfg("hidden_size")
     head_dim = a.config.get("head_dim")
     head_dim = head_dim if isinstance(head_dim, int) else h // a._cfg("num_attention_heads")
-    q, kv = a._cfg("num_attention_heads") * head_dim, a._cfg("num_key_value_heads") * head_dim
+    heads = a._cfg("num_attention_heads")
+    kv_heads = (
+        a._cfg("num_key_value_heads") if "num_key_value_heads" in a.config else heads
+    )  # pre-GQA configs
+    q, kv = heads * head_dim, kv_heads * head_dim
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
         return (a._cfg("vocab_size"), h)
     if name == "model.norm.weight" or match(
@@ -19,6 +24,8 @@ def decoder_shape(a: Adapter, name: str) -> tuple[int, ...] | None:
         return (h,)
     if m := match(r"model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj\.weight", name):
         return {"q": (q, h), "k": (kv, h), "v": (kv, h), "o": (h, q)}[m[1]]
+    if m := match(r"model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj\.bias", name):  # Qwen2; attention_bias
+        return {"q": (q,), "k": (kv,), "v": (kv,), "o": (h,)}[m[1]]
     return None
 
 

@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from moeshare.checkpoint import Checkpoint
+from moeshare.checkpoint.hf import load_model
 from moeshare.errors import MoeshareError
 
 # Without calibration text, a causal variant samples this many tokens from itself, in sequences of SAMPLE_LEN.
@@ -60,14 +61,6 @@ def _moe_modules(model: torch.nn.Module, arch: str, layers: list[str]) -> dict[s
         stack, block = layer.split(".")
         out[layer] = getattr(model, stack).block[int(block)].layer[-1].mlp
     return out
-
-
-def load_model(path: Path, arch: str, device: str = "cpu") -> torch.nn.Module:
-    """A checkpoint in transformers, float32, in eval mode: causal for mixtral, else Switch encoder-decoder."""
-    from transformers import AutoModelForCausalLM, SwitchTransformersForConditionalGeneration
-
-    cls = AutoModelForCausalLM if arch == "mixtral" else SwitchTransformersForConditionalGeneration
-    return cls.from_pretrained(path, dtype=torch.float32).to(device).eval()
 
 
 def gate_weights(arch: str, logits: torch.Tensor, top_k: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""One MoE layer's experts across all variants, in the canonical roles, and the bank's fused layout."""
+"""One MoE layer's experts across all variants, in the canonical roles, and what an expert computes."""
 
 from __future__ import annotations
 
@@ -12,27 +12,8 @@ from moeshare.checkpoint import Checkpoint
 from moeshare.consolidate.align import neuron_matrix
 from moeshare.errors import MoeshareError
 
-# The bank stores each slot in the fused layout transformers v5 uses.
-BANK_ROLES = {"mixtral": ("w13", "w2"), "switch": ("wi", "wo")}
 # The role that maps the intermediate activations back to the hidden size.
 OUTPUT_ROLE = {"mixtral": "w2", "switch": "wo"}
-
-
-def to_bank(arch: str, expert: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    if arch == "mixtral":
-        return {"w13": torch.cat([expert["w1"], expert["w3"]], dim=0), "w2": expert["w2"]}  # [2I, H], [H, I]
-    return {"wi": expert["wi"], "wo": expert["wo"]}  # [F, D], [D, F]
-
-
-def from_bank(arch: str, slot: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    if arch == "mixtral":
-        w1, w3 = slot["w13"].chunk(2, dim=0)
-        return {"w1": w1.contiguous(), "w3": w3.contiguous(), "w2": slot["w2"]}
-    return {"wi": slot["wi"], "wo": slot["wo"]}
-
-
-def bank_key(layer: str, role: str) -> str:
-    return f"layer.{layer}.{role}"
 
 
 def expert_hidden(arch: str, expert: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:

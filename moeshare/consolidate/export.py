@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from moeshare.checkpoint import write_checkpoint
-from moeshare.consolidate.store import Store
+from moeshare.store import Store
 
 
 def variant_tensors(store: Store, name: str) -> Iterator[tuple[str, torch.Tensor]]:

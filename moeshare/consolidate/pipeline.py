@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import datetime
-import json
 import math
-import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from moeshare.checkpoint import Checkpoint, open_checkpoint
 from moeshare.checkpoint.output import writing
-from moeshare.checkpoint.safetensors_file import StreamingSafetensorsWriter, write_safetensors
 from moeshare.consolidate.align import Alignment
 from moeshare.consolidate.budget import parse_budget
 from moeshare.consolidate.calibrate import (
@@ -34,22 +30,12 @@ from moeshare.consolidate.cluster import (
     distance_to_others,
     shares_a_slot,
 )
-from moeshare.consolidate.experts import BANK_ROLES, bank_key, load_layer, require_finite, to_bank
+from moeshare.consolidate.experts import load_layer, require_finite
 from moeshare.consolidate.fit import FitData
 from moeshare.consolidate.merge import METHODS, merge_slot
 from moeshare.consolidate.similarity import AlignmentCache, output_distances, weight_distances
-from moeshare.consolidate.store import (
-    BANK,
-    FORMAT,
-    MANIFEST,
-    SHARED,
-    TOKENIZER_FILES,
-    VERSION,
-    is_moeshare_store,
-    sha256_file,
-    sha256_tensor,
-)
 from moeshare.errors import MoeshareError
+from moeshare.store import StoreWriter, is_moeshare_store
 
 
 @dataclass
@@ -260,13 +246,14 @@ def consolidate(paths: list[str | Path], out: str | Path, opts: Options, made: P
             # frequency weights come from routing calibration text; without it, a plain mean
             merge = "average"
         fit_calib = made.fit_calibration() if merge == "fit" else None
-        (tmp / "variants").mkdir()
-        manifest = _write(tmp, made, taken, merge, fit_calib)
-        sizes = manifest["bytes"]
-        sizes["experts_before"] = experts_before
-        sizes["total_before"] = sum(ckpt.nbytes(n) for ckpt in ckpts for n in ckpt.names)
-        sizes["total_after"] = sum(p.stat().st_size for p in tmp.rglob("*.safetensors"))
-        manifest["made"] = {
+        writer, variants, bank, experts_after = _write(tmp, made, taken, merge, fit_calib)
+        sizes = {
+            "experts_after": experts_after,
+            "experts_before": experts_before,
+            "total_before": sum(ckpt.nbytes(n) for ckpt in ckpts for n in ckpt.names),
+            "total_after": writer.tensor_bytes(),
+        }
+        how = {
             "similarity": made.similarity,
             "merge": merge,
             "budget": budget,
@@ -277,29 +264,26 @@ def consolidate(paths: list[str | Path], out: str | Path, opts: Options, made: P
             "self_calib_tokens": fit_calib.tokens if fit_calib is not None and fit_calib.sampled else 0,
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    return manifest
+        return writer.finish(ckpts[0].config, variants, bank, bytes=sizes, made=how)
 
 
-def _write(tmp: Path, made: Plan, taken: dict[str, int], merge: str, fit_calib: Calibration | None) -> dict:
+def _write(
+    tmp: Path, made: Plan, taken: dict[str, int], merge: str, fit_calib: Calibration | None
+) -> tuple[StoreWriter, list[dict], dict, int]:
+    """Merge each layer's clusters into bank slots and write them, then the variants: (the writer, the
+    variants' manifest entries, the bank's manifest entry, bytes of the bank)."""
     ckpts, clusterings, calib = made.ckpts, made.clusterings, made.calib
     adapter, arch = ckpts[0].adapter, ckpts[0].adapter.name
     n_experts = adapter.num_experts
     names = [c.path.name for c in ckpts]
-    tables = {name: {} for name in names}
+    tables: dict[str, dict[str, list[int]]] = {name: {} for name in names}
     bank_layers = []
     # the bank's header is known before any weight is merged, so it streams layer by layer
-    first = {layer: to_bank(arch, ckpts[0].read_expert(layer, 0)) for layer in adapter.moe_layers}
-    specs = [
-        (
-            bank_key(c.layer, r),
-            first[c.layer][r].dtype,
-            (len(c.states[taken[c.layer]]), *first[c.layer][r].shape),
-        )
-        for c in clusterings
-        for r in BANK_ROLES[arch]
-    ]
-    writer = StreamingSafetensorsWriter(tmp / BANK, specs)
+    writer = StoreWriter(
+        tmp,
+        arch,
+        [(c.layer, len(c.states[taken[c.layer]]), ckpts[0].read_expert(c.layer, 0)) for c in clusterings],
+    )
     experts_after = 0
     for c in tqdm(clusterings, desc="merging", unit="layer"):
         lx = load_layer(ckpts, c.layer)
@@ -314,11 +298,7 @@ def _write(tmp: Path, made: Plan, taken: dict[str, int], merge: str, fit_calib: 
         for s, slot in enumerate(slots):
             for m in slot.members:
                 tables[names[m // n_experts]].setdefault(c.layer, [0] * n_experts)[m % n_experts] = s
-        banked = [to_bank(arch, slot.expert) for slot in slots]
-        for r in BANK_ROLES[arch]:
-            t = torch.stack([b[r] for b in banked])  # [S, ...]
-            writer.write(bank_key(c.layer, r), t)
-            experts_after += t.numel() * t.element_size()
+        experts_after += writer.write_layer(c.layer, [slot.expert for slot in slots])
         bank_layers.append(
             {
                 "layer": c.layer,
@@ -330,28 +310,8 @@ def _write(tmp: Path, made: Plan, taken: dict[str, int], merge: str, fit_calib: 
                 "merge_costs": [round(x, 6) for x in c.costs[: taken[c.layer]]],
             }
         )
-    files = {BANK: writer.close()}  # path in the store -> sha256
-    variants = _write_variant_tensors(tmp, ckpts, names, files)
-    for name, ckpt, entry in zip(names, ckpts, variants, strict=True):
-        entry["tables"] = tables[name]
-        tok = tmp / "tokenizers" / name
-        tok.mkdir(parents=True)
-        for f in TOKENIZER_FILES:
-            if (ckpt.path / f).is_file():
-                shutil.copyfile(ckpt.path / f, tok / f)  # content only: the mode follows the umask
-                files[f"tokenizers/{name}/{f}"] = sha256_file(tok / f)
-    return {
-        "format": FORMAT,
-        "version": VERSION,
-        "architecture": arch,
-        "config": ckpts[0].config,
-        "variants": variants,
-        "bank": {"roles": list(BANK_ROLES[arch]), "experts_per_variant": n_experts, "layers": bank_layers},
-        "bytes": {"experts_after": experts_after},
-        "files": {
-            rel: {"bytes": (tmp / rel).stat().st_size, "sha256": h} for rel, h in sorted(files.items())
-        },
-    }
+    variants = writer.write_variants(ckpts, tables)
+    return writer, variants, {"experts_per_variant": n_experts, "layers": bank_layers}, experts_after
 
 
 def _check_finite_others(ckpts: list[Checkpoint]) -> None:
@@ -360,43 +320,3 @@ def _check_finite_others(ckpts: list[Checkpoint]) -> None:
         for name in ckpt.names:
             if ckpt.adapter.classify(name).kind != "expert":
                 require_finite(ckpt, name, ckpt.tensor(name))
-
-
-def _write_variant_tensors(
-    tmp: Path, ckpts: list[Checkpoint], names: list[str], files: dict[str, str]
-) -> list[dict]:
-    """Non-expert tensors: those that occur bitwise-identical more than once go to shared.safetensors.
-    Records each file's sha256 in `files`."""
-    hashes = [
-        {n: sha256_tensor(c.tensor(n)) for n in c.names if c.adapter.classify(n).kind != "expert"}
-        for c in ckpts
-    ]
-    seen = Counter(h for per in hashes for h in per.values())
-    shared: dict = {}
-    entries = []
-    for name, ckpt, per in zip(names, ckpts, hashes, strict=True):
-        own = {}
-        tensors = {}
-        for key, h in per.items():
-            if seen[h] > 1:
-                shared.setdefault(h, ckpt.tensor(key))
-                tensors[key] = [SHARED, h]
-            else:
-                own[key] = ckpt.tensor(key)
-                tensors[key] = [f"variants/{name}.safetensors", key]
-        rel = f"variants/{name}.safetensors"
-        files[rel] = write_safetensors(tmp / rel, own)
-        entries.append(
-            {
-                "name": name,
-                "source": str(ckpt.path.resolve()),
-                "config": ckpt.config,
-                "files": {f.name: sha256_file(f) for f in ckpt.files},
-                "tensor_file": f"variants/{name}.safetensors",
-                "tensors": tensors,
-                "order": list(ckpt.names),
-            }
-        )
-    if shared:
-        files[SHARED] = write_safetensors(tmp / SHARED, shared)
-    return entries

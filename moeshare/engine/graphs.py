@@ -10,9 +10,9 @@ import numpy as np
 import torch
 
 from moeshare.engine.attention import AttnBatch
-from moeshare.engine.models.mixtral import MultiVariantMixtral
+from moeshare.engine.models import Model
 from moeshare.engine.sampling import SamplingBatch, sample
-from moeshare.memory.pool import PagePool
+from moeshare.memory.blocks import BlockPool
 
 SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 # rows of the packed int64 input: one host-to-device copy per step
@@ -20,10 +20,12 @@ IDS, POS, ROWS, BLOCK, OFFSET, CTX, TOP_K, SEED, STEP = range(9)
 
 
 class DecodeGraphs:
-    def __init__(self, model: MultiVariantMixtral, pool: PagePool, max_batch: int, max_context: int) -> None:
-        self.model, self.pool = model, pool
+    def __init__(
+        self, model: Model, pool: BlockPool, device: torch.device, max_batch: int, max_context: int
+    ) -> None:
+        self.model, self.pool, self.device = model, pool, device
         self.sizes = [s for s in SIZES if s <= max_batch] or [1]
-        dev = model.device
+        dev = device
         n = self.sizes[-1]
         self.width = pool.blocks_for(max_context)
         self.ints = torch.zeros(9, n, dtype=torch.int64, device=dev)
@@ -49,8 +51,8 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         self._pad(0, self.sizes[-1])
-        stream = torch.cuda.Stream(self.model.device)
-        stream.wait_stream(torch.cuda.current_stream(self.model.device))
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for b in reversed(self.sizes):
                 for _ in range(2):  # compile and tune outside the capture
@@ -60,7 +62,7 @@ class DecodeGraphs:
                     self.out[b] = self._step(b)
                 self._mempool = graph.pool()
                 self.graphs[b] = graph
-        torch.cuda.current_stream(self.model.device).wait_stream(stream)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
 
     def _pad(self, start: int, end: int) -> None:
         if end <= start:

@@ -1,4 +1,4 @@
-"""Where a store's bytes go under a device memory limit, and the KV pool's default size.
+"""Where an instance's bytes go under a device memory limit, and its KV block pool's default size.
 
 The limit is reserved in this order: the KV pool, the work space, the resident variants' rows, then the MoE
 layers' banks; the banks that do not fit wait in host memory (the last layers first) and are copied in per
@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from moeshare.engine.models.mixtral import MixtralDims
+from moeshare.engine.models import Footprint
 from moeshare.errors import MoeshareError
-from moeshare.memory.pool import PagePool
+from moeshare.memory.blocks import BlockPool
 
 if TYPE_CHECKING:
-    from moeshare.engine.engine import EngineConfig
+    from moeshare.engine.config import EngineConfig
 
 GIB = 2**30
 # what the arithmetic cannot see on CUDA: the caching allocator's rounding and fragmentation, and the work
@@ -27,27 +27,25 @@ GIB = 2**30
 CUDA_ALLOCATOR_SLACK = 512 * 2**20
 
 
-def work_bytes(c: EngineConfig, dims: MixtralDims, dtype: torch.dtype) -> int:
+def work_bytes(c: EngineConfig, fp: Footprint, dtype: torch.dtype) -> int:
     """Room for one step's activations at the largest batch, and the logits of the largest decode."""
-    per_token = dims.top_k * 3 * dims.intermediate + 8 * dims.hidden + dims.vocab
-    return c.max_batched_tokens * per_token * dtype.itemsize + 2 * c.max_num_seqs * dims.vocab * 4
+    return c.max_batched_tokens * fp.work_per_token * dtype.itemsize + 2 * c.max_num_seqs * fp.vocab * 4
 
 
-def load_bytes(dims: MixtralDims, dtype: torch.dtype) -> int:
+def load_bytes(fp: Footprint, dtype: torch.dtype) -> int:
     """Loading reads one expert or one tensor at a time; a source that draws its weights on the device holds
     the largest (an expert's w13 and w2, or the embedding) in float32 beside its cast copy. No step runs
     while a store loads, so this shares the work space."""
-    largest = max(3 * dims.intermediate * dims.hidden, dims.vocab * dims.hidden)
-    return largest * (4 + dtype.itemsize)
+    return fp.largest_load * (4 + dtype.itemsize)
 
 
-def block_bytes(c: EngineConfig, dims: MixtralDims, dtype: torch.dtype) -> int:
-    return PagePool.block_bytes(c.block_size, dims.layers, dims.kv_heads, dims.head_dim, dtype)
+def block_bytes(c: EngineConfig, fp: Footprint, dtype: torch.dtype) -> int:
+    return BlockPool.block_bytes(c.block_size, fp.layers, fp.kv_heads, fp.head_dim, dtype)
 
 
 @dataclass(frozen=True)
 class Placement:
-    """A store's device bytes under a memory limit, part by part."""
+    """An instance's device bytes under a memory limit, part by part."""
 
     offload: frozenset[int]  # MoE layers whose banks wait in host memory
     kv: int  # the KV pool, with its scratch block
@@ -67,7 +65,7 @@ def _gib(n: int) -> str:
 def place(
     limit: int | None,
     c: EngineConfig,
-    dims: MixtralDims,
+    fp: Footprint,
     dtype: torch.dtype,
     device: torch.device,
     rows: int,
@@ -82,8 +80,8 @@ def place(
     bank for the rest. Raises MoeshareError, before anything is allocated, when not even one layer fits."""
     if blocks < 1:
         raise MoeshareError(f"the KV pool needs at least one block, got {blocks}")
-    kv = block_bytes(c, dims, dtype) * (blocks + 1)
-    work = max(work_bytes(c, dims, dtype), load_bytes(dims, dtype))
+    kv = block_bytes(c, fp, dtype) * (blocks + 1)
+    work = max(work_bytes(c, fp, dtype), load_bytes(fp, dtype))
     work += CUDA_ALLOCATOR_SLACK if device.type == "cuda" else 0
     fixed = kv + work + rows * row_bytes
     if limit is None:
@@ -119,7 +117,7 @@ def out_of_memory(store: object, placement: Placement, limit: int | None, reason
 
 
 def default_blocks(
-    c: EngineConfig, dims: MixtralDims, dtype: torch.dtype, device: torch.device, limit: int | None
+    c: EngineConfig, fp: Footprint, dtype: torch.dtype, device: torch.device, limit: int | None
 ) -> int:
     """512 on CPU; on CUDA, kv_memory_fraction of the free memory (or of `limit`, what is left of the memory
     limit, if lower)."""
@@ -129,6 +127,4 @@ def default_blocks(
     if limit is not None:
         free = min(free, limit)
     budget = int(free * c.kv_memory_fraction)
-    return max(
-        1, PagePool.blocks_that_fit(budget, c.block_size, dims.layers, dims.kv_heads, dims.head_dim, dtype)
-    )
+    return max(1, BlockPool.blocks_that_fit(budget, c.block_size, fp.layers, fp.kv_heads, fp.head_dim, dtype))

@@ -18,7 +18,7 @@ class RequestTooLarge(MoeshareError):
 
 
 class UnknownModel(MoeshareError):
-    """A variant name no loaded store has (NOT_FOUND)."""
+    """A model name the engine does not serve (NOT_FOUND)."""
 
 
 MAX_SEED = 2**63 - 1  # seeds travel as int64 tensors
@@ -88,7 +88,7 @@ _ids = itertools.count()
 class Sequence:
     """One request as the engine sees it: its tokens, where its KV lives, and what it has produced."""
 
-    variant: str
+    model: str
     prompt_ids: list[int]
     params: SamplingParams
     request_id: str = ""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from moeshare.engine.request import Sequence, Status
 from moeshare.engine.residency import Residency
-from moeshare.memory.pool import PagePool
+from moeshare.memory.blocks import BlockPool
 
 
 @dataclass
@@ -29,7 +29,7 @@ class Scheduled:
 class Scheduler:
     def __init__(
         self,
-        pool: PagePool,
+        pool: BlockPool,
         residency: Residency,
         max_num_seqs: int,
         max_batched_tokens: int,
@@ -77,7 +77,7 @@ class Scheduler:
         return True
 
     def busy_rows(self) -> set[int]:
-        return {self.residency.row_of[s.variant] for s in self.running if s.variant in self.residency.row_of}
+        return {self.residency.row_of[s.model] for s in self.running if s.model in self.residency.row_of}
 
     def schedule(self) -> list[Scheduled]:
         out: list[Scheduled] = []
@@ -92,14 +92,14 @@ class Scheduler:
                 if victim is seq:
                     break
             if seq in self.running:
-                out.append(Scheduled(seq, self.residency.row_of[seq.variant], len(seq) - 1, 1))
+                out.append(Scheduled(seq, self.residency.row_of[seq.model], len(seq) - 1, 1))
         tokens = len(out)
         starving = any(w >= self.starve_steps for w in self._waited.values())
         # then prefills, first come first served among those whose variant's weights are in place
         for seq in list(self.waiting):
             if len(self.running) >= self.max_num_seqs:
                 break
-            row = self.residency.row(seq.variant, busy)
+            row = self.residency.row(seq.model, busy)
             if row is None:
                 self._waited[seq.seq_id] = self._waited.get(seq.seq_id, 0) + 1
                 continue

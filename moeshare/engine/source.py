@@ -7,8 +7,7 @@ from pathlib import Path
 import torch
 
 from moeshare.checkpoint import Adapter, open_checkpoint
-from moeshare.consolidate.experts import BANK_ROLES, to_bank
-from moeshare.consolidate.store import Store, is_store
+from moeshare.store import Store, is_store, to_bank
 
 
 class Source:
@@ -18,7 +17,7 @@ class Source:
         self.path = Path(path)
         if is_store(self.path):
             self._store: Store | None = Store(self.path)
-            self.config = self._store.manifest["config"]
+            self.config = self._store.config
             self.adapter: Adapter = self._store.adapter
             self.variants = list(self._store.variants)
         else:
@@ -47,13 +46,13 @@ class Source:
 
     def bank_slots(self, layer: str) -> int:
         if self._store:
-            return self._store.manifest_layer(layer)["slots"]
+            return self._store.slots(layer)
         return self.adapter.num_experts
 
     def bank_slot(self, layer: str, slot: int) -> dict[str, torch.Tensor]:
         """One slot of one MoE layer in the fused layout, read on its own. {role: [...]}"""
         if self._store:
-            return {r: self._store.bank_slice(layer, r, slot) for r in BANK_ROLES[self.architecture]}
+            return self._store.bank_slot(layer, slot)
         return to_bank(self.architecture, self._ckpt.read_expert(layer, slot))
 
     def table(self, variant: str, layer: str) -> list[int]:

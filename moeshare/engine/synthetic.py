@@ -1,6 +1,7 @@
-"""Random-weight Mixtral variants for speed measurements (random weights are fine for speed, and let the
-benchmarks use real layer sizes without a hub): every variant has its own non-expert tensors, and its expert
-table points `own` of its experts at slots of its own and the rest at slots all variants share."""
+"""Random-weight models for speed measurements (random weights are fine for speed, and let the benchmarks use
+real layer sizes without a hub). Mixtral variants: every variant has its own non-expert tensors, and its expert
+table points `own` of its experts at slots of its own and the rest at slots all variants share. Dense: one
+Llama-family model (Llama-3-8B shapes by default)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import zlib
 
 import torch
 
+from moeshare.checkpoint.adapters import Adapter
+from moeshare.checkpoint.llama import LlamaAdapter
 from moeshare.checkpoint.mixtral import MixtralAdapter
+from moeshare.errors import MoeshareError
 
 
 def mixtral_config(
@@ -44,7 +48,97 @@ def mixtral_config(
     }
 
 
-class RandomMixtralSource:
+def llama_config(
+    layers: int = 32,
+    hidden: int = 4096,
+    intermediate: int = 14336,
+    heads: int = 32,
+    kv_heads: int = 8,
+    vocab: int = 128256,
+    context: int = 8192,
+) -> dict:
+    """Llama-3-8B's shapes by default."""
+    return {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": vocab,
+        "max_position_embeddings": context,
+        "rms_norm_eps": 1e-5,
+        "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"},
+        "tie_word_embeddings": False,
+        "eos_token_id": 128001,
+        "bos_token_id": 128000,
+        "hidden_act": "silu",
+    }
+
+
+class RandomSource:
+    """Tensors of the names the adapter knows, drawn on `device` from a seed and the name."""
+
+    adapter: Adapter
+
+    def __init__(self, device: str, dtype: torch.dtype, seed: int) -> None:
+        self.path = None
+        self.device, self.dtype, self.seed = torch.device(device), dtype, seed
+
+    def _randn(self, shape: tuple[int, ...], key: int, scale: float) -> torch.Tensor:
+        g = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + key)
+        # scaled in place: loading holds one float32 copy beside the cast one (placement.load_bytes)
+        return (
+            torch.randn(shape, generator=g, device=self.device, dtype=torch.float32)
+            .mul_(scale)
+            .to(self.dtype)
+        )
+
+    def tensor(self, variant: str, name: str) -> torch.Tensor:
+        shape = self.adapter.expected_shape(name)
+        if shape is None:
+            raise KeyError(name)
+        if name.endswith("layernorm.weight") or name == "model.norm.weight":
+            return torch.ones(shape, dtype=self.dtype, device=self.device)
+        key = zlib.crc32(f"{variant}/{name}".encode()) + 1000
+        return self._randn(shape, key, 0.02)
+
+    def tokenizer_dir(self, variant: str):
+        return None
+
+
+class RandomDenseSource(RandomSource):
+    """The Source interface over one random Llama-family model, served under the name `name`."""
+
+    def __init__(
+        self,
+        config: dict,
+        device: str = "cuda",
+        dtype: torch.dtype = torch.bfloat16,
+        seed: int = 0,
+        name: str = "llama",
+    ) -> None:
+        super().__init__(device, dtype, seed)
+        self.config = config
+        self.adapter = LlamaAdapter(config, source=None)  # type: ignore[arg-type]
+        self.architecture = "llama"
+        self.variants = [name]
+
+    def variant_config(self, variant: str) -> dict:
+        return self.config
+
+    def has_tensor(self, variant: str, name: str) -> bool:
+        return self.adapter.expected_shape(name) is not None
+
+    def bank_slots(self, layer: str) -> int:
+        return 0
+
+    def table(self, variant: str, layer: str) -> list[int]:
+        return []
+
+
+class RandomMixtralSource(RandomSource):
     """The Source interface (see source.py) over weights drawn on `device`."""
 
     def __init__(
@@ -59,12 +153,11 @@ class RandomMixtralSource:
     ) -> None:
         """`only`: serve variant v<only> of the family alone, as its own checkpoint would (its E experts in
         slots 0..E-1, same weights as in the family)."""
+        super().__init__(device, dtype, seed)
         self.config = config
         self.adapter = MixtralAdapter(config, source=None)  # type: ignore[arg-type]
         self.architecture = "mixtral"
         family = [f"v{i}" for i in range(variants)]
-        self.path = None
-        self.device, self.dtype, self.seed = torch.device(device), dtype, seed
         e = config["num_local_experts"]
         self.own = own if variants > 1 else 0
         shared = e - self.own
@@ -81,26 +174,8 @@ class RandomMixtralSource:
             self._slot_of, self.slots = self._tables[family[only]], e
             self._tables = {family[only]: list(range(e))}
 
-    def _randn(self, shape: tuple[int, ...], key: int, scale: float) -> torch.Tensor:
-        g = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + key)
-        # scaled in place: loading holds one float32 copy beside the cast one (placement.load_bytes)
-        return (
-            torch.randn(shape, generator=g, device=self.device, dtype=torch.float32)
-            .mul_(scale)
-            .to(self.dtype)
-        )
-
     def variant_config(self, variant: str) -> dict:
         return self.config
-
-    def tensor(self, variant: str, name: str) -> torch.Tensor:
-        shape = self.adapter.expected_shape(name)
-        if shape is None:
-            raise KeyError(name)
-        if name.endswith("layernorm.weight") or name == "model.norm.weight":
-            return torch.ones(shape, dtype=self.dtype, device=self.device)
-        key = zlib.crc32(f"{variant}/{name}".encode()) + 1000
-        return self._randn(shape, key, 0.02)
 
     def bank_slots(self, layer: str) -> int:
         return self.slots
@@ -115,37 +190,60 @@ class RandomMixtralSource:
     def table(self, variant: str, layer: str) -> list[int]:
         return self._tables[variant]
 
-    def tokenizer_dir(self, variant: str):
-        return None
-
 
 FAMILY_KEYS = ("variants", "own", "seed", "only")
 SPEC_KEYS = ("layers", "hidden", "intermediate", "experts", "top_k", "heads", "kv_heads", "vocab", "context")
+DENSE_KEYS = ("seed", "layers", "hidden", "intermediate", "heads", "kv_heads", "vocab", "context")
+KINDS = ("mixtral", "llama")
 
 
-def from_spec(spec: str, device: str, dtype: torch.dtype | None = None) -> RandomMixtralSource:
+def from_spec(
+    spec: str, device: str, dtype: torch.dtype | None = None
+) -> RandomMixtralSource | RandomDenseSource:
     """`moeshare serve --synthetic`: "variants=4,own=2,layers=8" and any mixtral_config size (Mixtral-8x7B
-    layer sizes by default); seed=N picks other weights; only=I serves variant vI of the family alone."""
-    from moeshare.errors import MoeshareError
-
+    layer sizes by default); seed=N picks other weights; only=I serves variant vI of the family alone.
+    "kind=llama,layers=8": one dense model, any llama_config size (Llama-3-8B's by default)."""
+    parts = [p.partition("=") for p in spec.split(",") if p]
+    kinds = [value for key, _, value in parts if key == "kind"]
+    kind = kinds[-1] if kinds else "mixtral"
+    if kind not in KINDS:
+        raise MoeshareError(f"--synthetic {spec}: kind={kind} is not one of {', '.join(KINDS)}")
+    keys = DENSE_KEYS if kind == "llama" else (*FAMILY_KEYS, *SPEC_KEYS)
     values: dict[str, int] = {}
-    for part in filter(None, spec.split(",")):
-        key, sep, value = part.partition("=")
-        if not sep or key not in (*SPEC_KEYS, *FAMILY_KEYS) or not value.isdigit():
+    for key, sep, value in parts:
+        if key == "kind":
+            continue
+        if not sep or key not in keys or not value.isdigit():
             raise MoeshareError(
-                f"--synthetic {spec}: write KEY=N pairs separated by commas, KEY one of "
-                f"{', '.join(FAMILY_KEYS)}, {', '.join(SPEC_KEYS)}"
+                f"--synthetic {spec}: write KEY=N pairs separated by commas, KEY one of kind, {', '.join(keys)}"
             )
         values[key] = int(value)
-    variants, own, seed = values.pop("variants", 1), values.pop("own", 2), values.pop("seed", 0)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    seed = values.pop("seed", 0)
+    if kind == "llama":
+        config = llama_config(**values)
+        _check_sizes(spec, config)
+        return RandomDenseSource(config, device, dtype, seed)
+    variants, own = values.pop("variants", 1), values.pop("own", 2)
     only = values.pop("only", None)
     config = mixtral_config(**values)
+    _check_sizes(spec, config)
     if variants < 1 or not 0 <= own <= config["num_local_experts"]:
         raise MoeshareError(f"--synthetic {spec}: need variants >= 1 and 0 <= own <= experts")
     if only is not None and only >= variants:
         raise MoeshareError(
             f"--synthetic {spec}: only={only} names no variant; variants are 0..{variants - 1}"
         )
-    if dtype is None:
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     return RandomMixtralSource(config, variants, own, device, dtype, seed, only)
+
+
+def _check_sizes(spec: str, config: dict) -> None:
+    sizes = {k: v for k, v in config.items() if type(v) is int and not k.endswith("token_id")}
+    if zero := [k for k, v in sizes.items() if v < 1]:
+        raise MoeshareError(f"--synthetic {spec}: {zero[0]} must be at least 1")
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    if config["hidden_size"] % heads or heads % kv_heads:
+        raise MoeshareError(
+            f"--synthetic {spec}: hidden must be a multiple of heads, and heads a multiple of kv_heads"
+        )

@@ -9,8 +9,29 @@ import torch
 
 from moeshare.errors import MoeshareError
 from moeshare.zoo.evaluate import EVAL_SEED, IGNORE
-from moeshare.zoo.spans import corrupt_batch
-from moeshare.zoo.tokenizer import sentinel_id
+from moeshare.zoo.spans import span_counts
+
+
+@dataclass(frozen=True)
+class Specials:
+    """The special tokens of the scored checkpoint's own tokenizer, as scoring needs them."""
+
+    eos: int | None
+    sentinels: tuple[int, ...]  # <extra_id_0>, <extra_id_1>, ...: what span denoising drops spans for
+    ids: frozenset[int]  # every special id (not text)
+    vocab: int  # ids at or above are not the tokenizer's
+
+
+def specials_of(tokenizer) -> Specials:
+    vocab = tokenizer.get_vocab()
+    sentinels = []
+    while (tok := f"<extra_id_{len(sentinels)}>") in vocab:
+        sentinels.append(vocab[tok])
+    ids = frozenset(tokenizer.all_special_ids) | frozenset(sentinels)
+    return Specials(tokenizer.eos_token_id, tuple(sentinels), ids, len(tokenizer))
+
+
+NO_SPECIALS = Specials(None, (), frozenset(), 0)
 
 
 @dataclass(frozen=True)
@@ -23,6 +44,7 @@ class EvalSet:
     prompts: torch.Tensor  # [P, Lp] what greedy continuations start from
     prompt_rows: torch.Tensor  # [P] the window each prompt comes from
     tokens: int  # scored target tokens
+    specials: Specials = NO_SPECIALS  # of the tokenizer that made the set
 
 
 def _encode(tokenizer, text: str, max_tokens: int) -> torch.Tensor:
@@ -53,21 +75,56 @@ def causal_set(domain: str, text: str, tokenizer, seq_len: int, max_tokens: int,
     labels[:, :-1][~real] = IGNORE
     full = int(real.all(dim=1).sum())  # windows with no padding
     pick = torch.linspace(0, full - 1, min(prompts, full)).round().long().unique()
-    return EvalSet(domain, inputs, labels, inputs[pick, : seq_len // 2], pick, int((labels != IGNORE).sum()))
+    scored = int((labels != IGNORE).sum())
+    return EvalSet(domain, inputs, labels, inputs[pick, : seq_len // 2], pick, scored, specials_of(tokenizer))
 
 
 def denoising_set(domain: str, text: str, tokenizer, seq_len: int, max_tokens: int, prompts: int) -> EvalSet:
-    """Seeded span corruption of consecutive windows (the zoo's objective); prompts are corrupted windows."""
-    if tokenizer.convert_tokens_to_ids("<extra_id_0>") != sentinel_id(0):
+    """Seeded span corruption of consecutive windows (the zoo's objective), with the tokenizer's own sentinels
+    and end of sequence; prompts are corrupted windows."""
+    specials = specials_of(tokenizer)
+    _, spans = span_counts(seq_len)
+    if len(specials.sentinels) < spans or specials.eos is None:
         raise MoeshareError(
-            "span-denoising evaluation needs the T5 sentinels <extra_id_N> at the zoo tokenizer's ids; "
-            "this tokenizer places them elsewhere"
+            f"span-denoising evaluation needs {spans} sentinels <extra_id_0>..<extra_id_{spans - 1}> and an "
+            f"end-of-sequence token in the variants' tokenizer; it has {len(specials.sentinels)} sentinels"
+            f"{'' if specials.eos is not None else ' and no end-of-sequence token'}"
         )
     ids = _encode(tokenizer, text, max_tokens)
     if len(ids) < seq_len:
         raise MoeshareError(f"held-out text of {domain!r} is {len(ids)} tokens; it needs at least {seq_len}")
     rows = len(ids) // seq_len
     windows = ids[: rows * seq_len].view(rows, seq_len)
-    batch = corrupt_batch(windows, torch.Generator().manual_seed(EVAL_SEED))
+    gen = torch.Generator().manual_seed(EVAL_SEED)
+    pairs = [corrupt(row, gen, specials.sentinels, specials.eos) for row in windows]
+    inputs = torch.tensor([p[0] for p in pairs], dtype=torch.long)  # [R, L - noise + spans + 1]
+    labels = torch.tensor([p[1] for p in pairs], dtype=torch.long)  # [R, noise + spans + 1]
     pick = torch.linspace(0, rows - 1, min(prompts, rows)).round().long().unique()
-    return EvalSet(domain, batch.inputs, batch.labels, batch.inputs[pick], pick, batch.labels.numel())
+    return EvalSet(domain, inputs, labels, inputs[pick], pick, labels.numel(), specials)
+
+
+def _partition(total: int, parts: int, gen: torch.Generator) -> list[int]:
+    """`total` split into `parts` positive lengths at random cut points (as moeshare.zoo.spans draws them)."""
+    cuts = (torch.randperm(total - 1, generator=gen)[: parts - 1] + 1).sort().values.tolist()
+    bounds = [0, *cuts, total]
+    return [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+def corrupt(
+    window: torch.Tensor, gen: torch.Generator, sentinels: tuple[int, ...], eos: int
+) -> tuple[list[int], list[int]]:
+    """One window [L] -> (encoder ids, decoder labels), the zoo's span corruption with a given tokenizer's
+    sentinels and eos: spans alternate kept, dropped, ..., dropped; a sentinel stands for each dropped one."""
+    tokens = window.tolist()
+    noise, spans = span_counts(len(tokens))
+    noise_lengths = _partition(noise, spans, gen)
+    kept_lengths = _partition(len(tokens) - noise, spans, gen)
+    inputs: list[int] = []
+    labels: list[int] = []
+    pos = 0
+    for i, (kept, dropped) in enumerate(zip(kept_lengths, noise_lengths, strict=True)):
+        inputs += tokens[pos : pos + kept] + [sentinels[i]]
+        pos += kept
+        labels += [sentinels[i]] + tokens[pos : pos + dropped]
+        pos += dropped
+    return inputs + [eos], labels + [eos]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moeshare.evals.data import EvalSet
+from moeshare.evals.data import EvalSet, Specials
 from moeshare.evals.scorers import Scorer
 from moeshare.zoo.evaluate import IGNORE
 
@@ -52,7 +52,7 @@ def quality(
     }
     if denoising:
         scores = [
-            rouge(_spans(g), _spans(t.tolist()))
+            rouge(_spans(g, data.specials), _spans(t.tolist(), data.specials))
             for g, t in zip(greedy, data.labels[data.prompt_rows], strict=True)
         ]
         for key in ("rouge1", "rouge2", "rougeL"):
@@ -60,13 +60,12 @@ def quality(
     return out
 
 
-def _spans(ids: list[int]) -> list[int]:
-    """The reconstructed text's tokens: sentinels, eos and padding dropped, the output cut at eos."""
-    from moeshare.zoo.tokenizer import BYTE_OFFSET, EOS, SENTINEL_BASE
-
-    if EOS in ids:
-        ids = ids[: ids.index(EOS)]
-    return [t for t in ids if BYTE_OFFSET <= t < SENTINEL_BASE]
+def _spans(ids: list[int], specials: Specials) -> list[int]:
+    """The reconstructed text's tokens: the output cut at eos, every special token (sentinels, padding) and
+    any id outside the tokenizer dropped; specials are the scored checkpoint's tokenizer's own."""
+    if specials.eos in ids:
+        ids = ids[: ids.index(specials.eos)]
+    return [t for t in ids if t not in specials.ids and 0 <= t < specials.vocab]
 
 
 def _ngrams(ids: list[int], n: int) -> dict[tuple[int, ...], int]:

@@ -8,9 +8,12 @@ from typing import Protocol
 
 import torch
 
-from moeshare.consolidate.calibrate import load_model
+from moeshare.checkpoint.hf import load_model
+from moeshare.engine.api import Submit
 from moeshare.engine.engine import Engine
-from moeshare.engine.request import SamplingParams
+from moeshare.engine.instance import Instance
+from moeshare.engine.request import FinishReason, SamplingParams
+from moeshare.errors import MoeshareError
 
 BATCH = 32
 
@@ -28,24 +31,41 @@ class Scorer(Protocol):
         ...
 
 
+@torch.inference_mode()
+def teacher_forced(instance: Instance, model: str, ids: list[int]) -> torch.Tensor:
+    """Next-token logits at every position of `ids` [T, V], float32: one prefill of `model`'s row outside
+    any batch, its KV blocks borrowed from the instance's pool and returned."""
+    return instance.runner.prefill_logits(instance.ready_row(model), ids)
+
+
 class EngineScorer:
-    """One variant of a store (or checkpoint) that an Engine serves."""
+    """One model (a variant of a store, or a checkpoint) that an Engine serves."""
 
     name = "engine"
 
-    def __init__(self, engine: Engine, variant: str) -> None:
-        self.engine, self.variant = engine, variant
+    def __init__(self, engine: Engine, model: str) -> None:
+        self.engine, self.model = engine, model
 
-    @torch.inference_mode()
     def logits(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self.engine.score(self.variant, row.tolist()).float().cpu() for row in inputs])
+        instance = self.engine.instance(self.model)
+        return torch.stack([teacher_forced(instance, self.model, row.tolist()).cpu() for row in inputs])
 
     def greedy(self, prompts: torch.Tensor, n: int) -> list[list[int]]:
         params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-        seqs = [self.engine.add_request(self.variant, p.tolist(), params) for p in prompts]
-        while any(not s.finished for s in seqs):
-            self.engine.step()
-        return [list(s.output_ids) for s in seqs]
+        handles = [self.engine.submit(Submit(self.model, p.tolist(), params)) for p in prompts]
+        tokens: dict[int, list[int]] = {h: [] for h in handles}
+        left = set(handles)
+        while left:
+            for ev in self.engine.step():
+                if ev.seq_id not in tokens:
+                    continue
+                if ev.finish_reason is FinishReason.ERROR:
+                    raise MoeshareError(ev.error)
+                if ev.token_id >= 0:
+                    tokens[ev.seq_id].append(ev.token_id)
+                if ev.finished:
+                    left.discard(ev.seq_id)
+        return [tokens[h] for h in handles]
 
 
 class TransformersScorer:

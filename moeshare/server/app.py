@@ -14,15 +14,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from moeshare.engine.engine import Engine, EngineConfig, EngineFailed
+from moeshare.engine.api import EngineFailed
+from moeshare.engine.engine import Engine, EngineConfig
 from moeshare.engine.synthetic import from_spec
 from moeshare.errors import MoeshareError
 from moeshare.server.auth import Access, BearerAuth, is_loopback, load_dirs, read_token
 from moeshare.server.bind import SERVER_OPTIONS, check_port, probe, tls_credentials
 from moeshare.server.command import build_parser
+from moeshare.server.messages import CancelAll, Load, TakeSnapshot
 from moeshare.server.metrics import Metrics
 from moeshare.server.servicer import MoeShareServicer
-from moeshare.server.worker import EngineWorker
+from moeshare.server.worker import EngineWorker, named_path
 from moeshare.v1 import moeshare_pb2, moeshare_pb2_grpc
 
 SERVICE = moeshare_pb2.DESCRIPTOR.services_by_name["MoeShare"].full_name
@@ -61,7 +63,7 @@ def check_args(args: argparse.Namespace) -> tuple[str | None, grpc.ServerCredent
     if not args.paths and not args.synthetic:
         raise MoeshareError("nothing to serve: give a store or checkpoint directory (or --synthetic SPEC)")
     for p in args.paths:
-        if not Path(p).exists():
+        if not Path(named_path(p)[1]).exists():
             raise MoeshareError(f"no store or checkpoint at {p}")
     for spec in args.synthetic:
         from_spec(spec, "meta")  # the spec's errors now, before anything starts
@@ -95,11 +97,6 @@ def check_admin_args(args: argparse.Namespace, token: str | None) -> tuple[Acces
     return access, load_dirs(args.allow_load_dir)
 
 
-def _sources(args: argparse.Namespace) -> list:
-    """What to load: the paths, then each synthetic spec's random variants (drawn on the device)."""
-    return [*args.paths, *(from_spec(spec, args.device) for spec in args.synthetic)]
-
-
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         device=args.device,
@@ -114,7 +111,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
 async def _refresh_metrics(worker: EngineWorker, metrics: Metrics) -> None:
     while True:
         try:
-            snap = await asyncio.wrap_future(worker.call(worker.snapshot))
+            snap = await asyncio.wrap_future(worker.ask(TakeSnapshot()))
         except EngineFailed:
             return  # the server is going down
         metrics.update(snap.engine, sum(m.queue_depth for m in snap.models))
@@ -128,7 +125,7 @@ async def _shutdown(server: grpc.aio.Server, worker: EngineWorker, grace: float)
     done, _ = await asyncio.wait([stopped], timeout=max(0.0, grace - min(CLOSE_MARGIN_S, grace / 2)))
     if not done and worker.alive:
         with contextlib.suppress(EngineFailed):
-            await asyncio.wrap_future(worker.call(worker.cancel_all))
+            await asyncio.wrap_future(worker.ask(CancelAll()))
     await stopped
 
 
@@ -186,10 +183,9 @@ async def run_server(args: argparse.Namespace, engine: Engine | None = None) -> 
                 raise MoeshareError(f"cannot serve metrics on {args.host}:{args.metrics_port}: {e}") from None
             print(f"moeshare: metrics on http://{host}:{metrics_port}/metrics", file=sys.stderr, flush=True)
         worker.start()
-        engine = worker.engine
-        loading = asyncio.ensure_future(
-            asyncio.wrap_future(worker.call(lambda: [v for p in _sources(args) for v in engine.load(p)]))
-        )
+        # the paths, then each synthetic spec's random variants (drawn on the device)
+        load = Load(tuple(args.paths), tuple(args.synthetic))
+        loading = asyncio.ensure_future(asyncio.wrap_future(worker.ask(load)))
         stopping = asyncio.ensure_future(stop.wait())
         await asyncio.wait([loading, stopping, failed], return_when=asyncio.FIRST_COMPLETED)
         if not stop.is_set() and not failed.done():

@@ -9,7 +9,11 @@ from typing import Any
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "paths", nargs="*", metavar="STORE_OR_CHECKPOINT", help="stores or HF checkpoints to serve"
+        "paths",
+        nargs="*",
+        metavar="STORE_OR_CHECKPOINT",
+        help="stores (their variants are served under their own names) or HF checkpoint directories (Mixtral, "
+        "or dense Llama / Mistral / Qwen2), each served as its directory's name, or as NAME with NAME=PATH",
     )
     p.add_argument(
         "--synthetic",

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from moeshare.engine.api import EngineStats
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -56,9 +59,9 @@ class Metrics:
     def count(self, model: str, code: str) -> None:
         self.requests.labels(model or "-", code).inc()
 
-    def update(self, engine_stats: dict[str, Any], queue_depth: int) -> None:
+    def update(self, engine_stats: EngineStats, queue_depth: int) -> None:
         """Latest engine counters for the gauges (set by the server's refresh task)."""
-        self._engine = engine_stats
+        self._engine = asdict(engine_stats)
         self._queue_depth = queue_depth
 
     def serve(self, host: str, port: int) -> int:

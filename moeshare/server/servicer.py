@@ -4,27 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any, NoReturn
 
 import grpc
 
-from moeshare.engine.engine import EngineFailed, TokenEvent
+from moeshare.engine.api import EngineFailed, ModelInfo, Submit, TokenEvent, Usage
 from moeshare.engine.request import (
     FinishReason,
     InvalidRequest,
     RequestTooLarge,
     SamplingParams,
-    Sequence,
     UnknownModel,
     clip,
 )
 from moeshare.errors import MoeshareError
 from moeshare.server.auth import LOAD_OFF, PATH_CHARS, confine, outside
+from moeshare.server.messages import ListModels, Load, Operation, TakeSnapshot, Ticket, Unload
 from moeshare.server.metrics import Metrics
-from moeshare.server.worker import EngineWorker, QueueFull, Snapshot, Ticket
+from moeshare.server.snapshot import Snapshot
+from moeshare.server.worker import EngineWorker, QueueFull
 from moeshare.v1 import moeshare_pb2 as pb
 from moeshare.v1 import moeshare_pb2_grpc
 
@@ -89,19 +90,18 @@ def _prompt(request: pb.GenerateRequest) -> str | list[int]:
     return list(request.prompt_token_ids) or request.prompt
 
 
-def _usage(seq: Sequence) -> pb.Usage:
-    first = seq.first_token_time or seq.finish_time or seq.arrival
+def _usage(usage: Usage | None) -> pb.Usage:
+    if usage is None:  # a request the engine never took (it went down first)
+        return pb.Usage()
     return pb.Usage(
-        prompt_tokens=len(seq.prompt_ids),
-        completion_tokens=len(seq.output_ids),
-        ttft_seconds=first - seq.arrival,
-        total_seconds=(seq.finish_time or first) - seq.arrival,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        ttft_seconds=usage.ttft,
+        total_seconds=usage.total,
     )
 
 
-def _add(
-    reply: pb.GenerateResponse | pb.CompleteResponse, seq: Sequence, ev: TokenEvent, logprobs: bool
-) -> None:
+def _add(reply: pb.GenerateResponse | pb.CompleteResponse, ev: TokenEvent, logprobs: bool) -> None:
     """Append one token event to a reply; the last event also sets finish reason and usage."""
     if ev.token_id >= 0:  # -1: the sequence was cancelled under the request (unload, shutdown)
         reply.token_ids.append(ev.token_id)
@@ -109,7 +109,18 @@ def _add(
             reply.logprobs.append(ev.logprob)
     if ev.finished and ev.finish_reason is not None:
         reply.finish_reason = FINISH[ev.finish_reason]
-        reply.usage.CopyFrom(_usage(seq))
+        reply.usage.CopyFrom(_usage(ev.usage))
+
+
+def _model_info(m: ModelInfo) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        name=m.name,
+        store=m.path,
+        architecture=m.architecture,
+        context_length=m.context,
+        resident=m.resident,
+        kind=m.kind,
+    )
 
 
 class MoeShareServicer(moeshare_pb2_grpc.MoeShareServicer):
@@ -121,8 +132,8 @@ class MoeShareServicer(moeshare_pb2_grpc.MoeShareServicer):
         self.load_dirs = load_dirs  # LoadStore loads only under these (resolved); none: it is off
         self.ready = False  # set once the stores given at start are loaded
 
-    async def _engine(self, fn: Callable[[], Any]) -> Any:
-        return await asyncio.wrap_future(self.worker.call(fn))
+    async def _ask(self, operation: Operation) -> Any:
+        return await asyncio.wrap_future(self.worker.ask(operation))
 
     def _count(self, model: str, code: grpc.StatusCode) -> None:
         if self.metrics:  # a client's made-up names must not grow the metrics forever
@@ -142,22 +153,22 @@ class MoeShareServicer(moeshare_pb2_grpc.MoeShareServicer):
 
     # ---- generation --------------------------------------------------------------------------------------
 
-    async def _events(self, request: pb.GenerateRequest) -> AsyncIterator[tuple[Sequence, TokenEvent]]:
-        """Submit and yield the request's token events; cancels the sequence if the caller goes away."""
+    async def _events(self, request: pb.GenerateRequest) -> AsyncIterator[TokenEvent]:
+        """Submit and yield the request's token events; cancels the request if the caller goes away."""
         self._check_ready()
         params = sampling_params(request)
         ids = await asyncio.to_thread(self.worker.prepare, request.model, _prompt(request), params)
-        ticket = Ticket(request.model, asyncio.get_running_loop(), asyncio.Queue())
-        future = self.worker.submit(request.model, ids, params, request.request_id, ticket)
+        ticket = Ticket(request.model, request.request_id, asyncio.get_running_loop(), asyncio.Queue())
+        future = self.worker.submit(Submit(request.model, ids, params, request.request_id), ticket)
         done = False
         try:
-            seq = await asyncio.wrap_future(future)
+            await asyncio.wrap_future(future)
             while not done:
                 ev = await ticket.events.get()
                 done = ev.finished
                 if ev.finish_reason is FinishReason.ERROR:
                     raise _Aborted(grpc.StatusCode.INTERNAL, ev.error)
-                yield seq, ev
+                yield ev
         finally:
             if not done:  # deadline passed, client went away, or server shutting down: free the KV now
                 self.worker.cancel(ticket)
@@ -167,9 +178,9 @@ class MoeShareServicer(moeshare_pb2_grpc.MoeShareServicer):
     ) -> AsyncIterator[pb.GenerateResponse]:
         try:
             async with aclosing(self._events(request)) as events:
-                async for seq, ev in events:
+                async for ev in events:
                     reply = pb.GenerateResponse(request_id=request.request_id, text=ev.text)
-                    _add(reply, seq, ev, request.logprobs)
+                    _add(reply, ev, request.logprobs)
                     yield reply
         except Exception as e:  # the error's status; INTERNAL with a message for anything unforeseen
             await self._abort(context, request.model, e)
@@ -185,9 +196,9 @@ class MoeShareServicer(moeshare_pb2_grpc.MoeShareServicer):
         pieces: list[str] = []
         try:
             async with aclosing(self._events(request)) as events:
-                async for seq, ev in events:
+                async for ev in events:
                     pieces.append(ev.text)
-                    _add(reply, seq, ev, request.logprobs)
+                    _add(reply, ev, request.logprobs)
         except Exception as e:  # the error's status; INTERNAL with a message for anything unforeseen
             await self._abort(context, request.model, e)
         except asyncio.CancelledError:
@@ -199,29 +210,16 @@ class MoeShareServicer(moeshare_pb2_grpc.MoeShareServicer):
 
     # ---- models and stats --------------------------------------------------------------------------------
 
-    def _models(self) -> list[pb.ModelInfo]:
-        engine = self.worker.engine
-        out = []
-        for group in engine.groups:
-            resident = set(group.residency.resident)
-            for v in group.source.variants:
-                out.append(
-                    pb.ModelInfo(
-                        name=v,
-                        store=str(group.source.path),
-                        architecture=group.source.architecture,
-                        context_length=group.context,
-                        resident=v in resident,
-                    )
-                )
-        return out
+    async def _models(self) -> list[pb.ModelInfo]:
+        models: list[ModelInfo] = await self._ask(ListModels())
+        return [_model_info(m) for m in models]
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
         try:
             self._check_ready()
-            models = await self._engine(self._models)
+            models = await self._models()
         except Exception as e:  # the error's status; INTERNAL with a message for anything unforeseen
             await self._abort(context, "", e)
         return pb.ListModelsResponse(models=models)
@@ -229,7 +227,7 @@ class MoeShareServicer(moeshare_pb2_grpc.MoeShareServicer):
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         try:
             self._check_ready()
-            models = await self._engine(self._models)
+            models = await self._models()
             found = [m for m in models if m.name == request.name]
             if not found:
                 served = ", ".join(m.name for m in models) or "none"
@@ -243,7 +241,7 @@ class MoeShareServicer(moeshare_pb2_grpc.MoeShareServicer):
     ) -> pb.StatsResponse:
         try:
             self._check_ready()
-            snap: Snapshot = await self._engine(self.worker.snapshot)
+            snap: Snapshot = await self._ask(TakeSnapshot())
         except Exception as e:  # the error's status; INTERNAL with a message for anything unforeseen
             await self._abort(context, "", e)
         s = snap.engine
@@ -263,12 +261,12 @@ class MoeShareServicer(moeshare_pb2_grpc.MoeShareServicer):
                 )
                 for m in snap.models
             ],
-            kv_blocks_used=s["kv_blocks_used"],
-            kv_blocks_free=s["kv_blocks_free"],
-            resident_variants=s["resident_variants"],
-            swap_ins=s["swap_ins"],
-            swap_seconds=s["swap_seconds"],
-            preemptions=s["preemptions"],
+            kv_blocks_used=s.kv_blocks_used,
+            kv_blocks_free=s.kv_blocks_free,
+            resident_variants=s.resident_variants,
+            swap_ins=s.swap_ins,
+            swap_seconds=s.swap_seconds,
+            preemptions=s.preemptions,
         )
 
     # ---- admin -------------------------------------------------------------------------------------------
@@ -279,7 +277,7 @@ class MoeShareServicer(moeshare_pb2_grpc.MoeShareServicer):
         try:
             self._check_ready()
             path = self._load_path(request.path)
-            models = await self._engine(lambda: self.worker.engine.load(path))
+            models = await self._ask(Load(paths=(str(path),)))
         except Exception as e:  # the error's status; INTERNAL with a message for anything unforeseen
             await self._abort(context, "", e)
         return pb.LoadStoreResponse(models=models)
@@ -305,7 +303,7 @@ class MoeShareServicer(moeshare_pb2_grpc.MoeShareServicer):
     ) -> pb.UnloadModelResponse:
         try:
             self._check_ready()
-            unloaded = await self._engine(lambda: self.worker.engine.unload(request.name))
+            unloaded = await self._ask(Unload(request.name))
         except Exception as e:  # the error's status; INTERNAL with a message for anything unforeseen
             await self._abort(context, request.name, e)
         return pb.UnloadModelResponse(unloaded=unloaded)

@@ -1,8 +1,8 @@
 """The engine's own thread: it alone touches the engine; gRPC handlers enqueue, stream and cancel.
 
-Handlers submit through a thread-safe queue and get a concurrent Future back (the Sequence, or the
-engine's validation error); token events come back on the request's asyncio.Queue through
-`loop.call_soon_threadsafe`. With no work the thread blocks on its queue.
+Handlers send typed messages (messages.py) through a thread-safe queue and get a concurrent Future back
+(the request's handle, or the engine's validation error); token events come back on the request's
+asyncio.Queue through `loop.call_soon_threadsafe`. With no work the thread blocks on its queue.
 
 If the thread dies (an error the engine could not confine to one step's requests), every waiting request
 and call fails with EngineFailed, later ones fail at once, and `on_fatal` tells the server to go down:
@@ -11,77 +11,53 @@ never a silent wedge.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import queue
 import threading
 import time
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from moeshare.engine.engine import Engine, EngineFailed, TokenEvent
-from moeshare.engine.request import FinishReason, SamplingParams, Sequence
+from moeshare.engine.api import EngineFailed, Submit, TokenEvent, Usage
+from moeshare.engine.engine import Engine
+from moeshare.engine.request import FinishReason, SamplingParams
+from moeshare.engine.synthetic import from_spec
 from moeshare.errors import MoeshareError
+from moeshare.server.messages import (
+    Ask,
+    CancelAll,
+    CancelRequest,
+    ListModels,
+    Load,
+    Message,
+    Operation,
+    Stop,
+    SubmitRequest,
+    TakeSnapshot,
+    Ticket,
+    Unload,
+)
+from moeshare.server.snapshot import WINDOW_S, ModelSamples, ModelSnapshot, Snapshot, percentile
 
 log = logging.getLogger(__name__)
-
-SAMPLES = 1024  # recent TTFT / TPOT samples kept per model
-WINDOW_S = 10.0  # tokens/s is measured over this many recent seconds
 
 
 class QueueFull(MoeshareError):
     """More requests wait than --max-queue allows (RESOURCE_EXHAUSTED)."""
 
 
-@dataclass(eq=False)
-class Ticket:
-    """One submitted request: where its events go, and its sequence once the engine took it."""
-
-    variant: str
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue[TokenEvent]
-    seq: Sequence | None = None
+def named_path(given: str) -> tuple[str | None, str]:
+    """PATH, or NAME=PATH (a dense checkpoint served as NAME); an existing path is always a path."""
+    name, sep, path = given.partition("=")
+    if not sep or Path(given).exists() or "/" in name:
+        return None, given
+    return name, path
 
 
-@dataclass
-class ModelSamples:
-    ttft: deque[float] = field(default_factory=lambda: deque(maxlen=SAMPLES))
-    tpot: deque[float] = field(default_factory=lambda: deque(maxlen=SAMPLES))
-    tokens: deque[float] = field(default_factory=lambda: deque(maxlen=65536))  # time of each token
-    requests_total: int = 0
-
-
-@dataclass
-class ModelSnapshot:
-    name: str
-    queue_depth: int
-    running: int
-    tokens_per_second: float
-    ttft_p50: float
-    ttft_p99: float
-    tpot_p50: float
-    tpot_p99: float
-    requests_total: int
-    resident: bool
-
-
-@dataclass
-class Snapshot:
-    models: list[ModelSnapshot]
-    engine: dict[str, Any]
-
-
-def percentile(samples: deque[float] | list[float], q: float) -> float:
-    if not samples:
-        return 0.0
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-FinishHook = Callable[[str, float, float | None, float], None]  # variant, ttft, tpot, end-to-end seconds
+FinishHook = Callable[[str, float, float | None, float], None]  # model, ttft, tpot, end-to-end seconds
 FatalHook = Callable[[str], None]  # called on the engine thread as it dies, with what went wrong
 
 
@@ -98,10 +74,10 @@ class EngineWorker:
         self.on_finish = on_finish
         self.on_fatal = on_fatal
         self.failure: str | None = None  # why the engine thread died, once it has
-        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._pending: dict[str, int] = defaultdict(int)  # submitted, not yet seen by the engine thread
-        self._waiting = 0  # the engine's waiting sequences after the last step
+        self._waiting = 0  # the engine's waiting requests after the last step
         self._tickets: dict[int, Ticket] = {}
         self._samples: dict[str, ModelSamples] = defaultdict(ModelSamples)
         self._thread = threading.Thread(target=self._loop, name="moeshare-engine", daemon=True)
@@ -115,45 +91,43 @@ class EngineWorker:
 
     def stop(self) -> None:
         if self._thread.is_alive():
-            self._inbox.put(("stop", None))
+            self._inbox.put(Stop())
             self._thread.join()
 
     # ---- called from the asyncio side (any thread) -------------------------------------------------------
 
-    def prepare(self, variant: str, prompt: str | list[int], params: SamplingParams) -> list[int]:
+    def prepare(self, model: str, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """Validate and tokenize off the engine thread (a long prompt must not stall every stream)."""
-        return self.engine.prepare(variant, prompt, params)
+        return self.engine.prepare(model, prompt, params)
 
-    def serves(self, variant: str) -> bool:
-        return self.engine.serves(variant)
+    def serves(self, model: str) -> bool:
+        return self.engine.serves(model)
 
-    def submit(
-        self, variant: str, prompt: str | list[int], params: SamplingParams, request_id: str, ticket: Ticket
-    ) -> Future[Sequence]:
+    def submit(self, request: Submit, ticket: Ticket) -> Future[int]:
         """Queue a request; raises QueueFull at once past max_queue waiting requests."""
-        future: Future[Sequence] = Future()
+        message = SubmitRequest(request, ticket)
         with self._lock:  # the inbox is filled under the lock, so a dying thread drains every item
             self._check_alive()
             depth = self._waiting + sum(self._pending.values())
             if depth >= self.max_queue:
                 raise QueueFull(f"the queue is full ({depth} requests waiting); retry shortly")
-            self._pending[variant] += 1
-            self._inbox.put(("submit", (variant, prompt, params, request_id, ticket, future)))
-        return future
+            self._pending[request.model] += 1
+            self._inbox.put(message)
+        return message.future
 
     def cancel(self, ticket: Ticket) -> None:
         """Cancel a request; its KV goes back to the pool as soon as the engine thread sees this."""
         with self._lock:
             if self.failure is None:
-                self._inbox.put(("cancel", ticket))
+                self._inbox.put(CancelRequest(ticket))
 
-    def call(self, fn: Callable[[], Any]) -> Future[Any]:
-        """Run fn on the engine thread between steps (load, unload, listing)."""
-        future: Future[Any] = Future()
+    def ask(self, operation: Operation) -> Future[Any]:
+        """Run an operation on the engine thread between steps."""
+        message = Ask(operation)
         with self._lock:
             self._check_alive()
-            self._inbox.put(("call", (fn, future)))
-        return future
+            self._inbox.put(message)
+        return message.future
 
     def _check_alive(self) -> None:
         if self.failure is not None:
@@ -177,17 +151,14 @@ class EngineWorker:
         failed = EngineFailed(message)
         while True:
             try:
-                kind, payload = self._inbox.get_nowait()
+                item = self._inbox.get_nowait()
             except queue.Empty:
                 break
-            future = payload[-1] if kind == "submit" else payload[1] if kind == "call" else None
-            if future is not None and future.set_running_or_notify_cancel():
-                future.set_exception(failed)
-        for ticket in self._tickets.values():
-            seq = ticket.seq
-            assert seq is not None
+            if isinstance(item, SubmitRequest | Ask) and item.future.set_running_or_notify_cancel():
+                item.future.set_exception(failed)
+        for seq_id, ticket in self._tickets.items():
             ev = TokenEvent(
-                seq.seq_id, seq.request_id, seq.variant, -1, "", 0.0, True, FinishReason.ERROR, message
+                seq_id, ticket.request_id, ticket.model, -1, "", 0.0, True, FinishReason.ERROR, message
             )
             ticket.loop.call_soon_threadsafe(ticket.events.put_nowait, ev)
         self._tickets.clear()
@@ -197,53 +168,64 @@ class EngineWorker:
     def _serve(self) -> None:
         while True:
             try:
-                block = not self.engine.has_work()
-                kind, payload = self._inbox.get(block=block)
+                item: Message | None = self._inbox.get(block=not self.engine.has_work())
             except queue.Empty:
-                kind, payload = "", None
-            while kind:
-                if kind == "stop":
+                item = None
+            while item is not None:
+                if isinstance(item, Stop):
                     self._close_all()
                     return
-                self._handle(kind, payload)
+                self._handle(item)
                 try:
-                    kind, payload = self._inbox.get_nowait()
+                    item = self._inbox.get_nowait()
                 except queue.Empty:
-                    kind = ""
+                    item = None
             if self.engine.has_work():
                 self._dispatch(self.engine.step())
             with self._lock:
-                self._waiting = self.engine.stats()["waiting"]
+                self._waiting = self.engine.stats().waiting
 
-    def _handle(self, kind: str, payload: Any) -> None:
-        if kind == "submit":
-            variant, prompt, params, request_id, ticket, future = payload
+    def _handle(self, item: Message) -> None:
+        if isinstance(item, SubmitRequest):
             with self._lock:
-                self._pending[variant] -= 1
-            if not future.set_running_or_notify_cancel():
+                self._pending[item.request.model] -= 1
+            if not item.future.set_running_or_notify_cancel():
                 return  # the caller went away before the engine saw the request
             try:
-                seq = self.engine.add_request(variant, prompt, params, request_id)
+                seq_id = self.engine.submit(item.request)
             except Exception as e:  # validation errors go back to the handler
-                future.set_exception(e)
+                item.future.set_exception(e)
                 return
-            ticket.seq = seq
-            self._tickets[seq.seq_id] = ticket
-            self._samples[variant].requests_total += 1
-            future.set_result(seq)
-        elif kind == "cancel":
-            ticket = payload
-            if ticket.seq is not None and self._tickets.pop(ticket.seq.seq_id, None) is not None:
-                self.engine.cancel(ticket.seq.seq_id)
-        elif kind == "call":
-            fn, future = payload
-            if not future.set_running_or_notify_cancel():
+            item.ticket.seq_id = seq_id
+            self._tickets[seq_id] = item.ticket
+            self._samples[item.request.model].requests_total += 1
+            item.future.set_result(seq_id)
+        elif isinstance(item, CancelRequest):
+            seq_id = item.ticket.seq_id
+            if seq_id is not None and self._tickets.pop(seq_id, None) is not None:
+                self.engine.cancel(seq_id)
+        elif isinstance(item, Ask):
+            if not item.future.set_running_or_notify_cancel():
                 return
             try:
-                future.set_result(fn())
+                item.future.set_result(self._answer(item.operation))
             except Exception as e:
-                future.set_exception(e)
-            self._close_orphans()
+                item.future.set_exception(e)
+
+    def _answer(self, op: Operation) -> Any:
+        if isinstance(op, Load):
+            device = self.engine.config.device
+            loaded = [m for p in op.paths for m in self.engine.load(named_path(p)[1], named_path(p)[0])]
+            return loaded + [m for s in op.synthetic for m in self.engine.load(from_spec(s, device))]
+        if isinstance(op, Unload):
+            return self.engine.unload(op.model)  # its requests' final events come out of the next step
+        if isinstance(op, ListModels):
+            return self.engine.models()
+        if isinstance(op, TakeSnapshot):
+            return self.snapshot()
+        if isinstance(op, CancelAll):
+            return self._close_all()
+        raise TypeError(f"unknown operation {type(op).__name__}")
 
     def _dispatch(self, events: list[TokenEvent]) -> None:
         now = time.perf_counter()
@@ -251,82 +233,61 @@ class EngineWorker:
             ticket = self._tickets.get(ev.seq_id)
             if ticket is None:
                 continue
-            samples = self._samples[ev.variant]
-            samples.tokens.append(now)
+            samples = self._samples[ev.model]
+            if ev.token_id >= 0:
+                samples.tokens.append(now)
             if ev.finished:
                 del self._tickets[ev.seq_id]
-                if ev.finish_reason is not FinishReason.ERROR:
-                    self._record(ticket)
+                if ev.finish_reason not in (FinishReason.ERROR, FinishReason.CANCELLED) and ev.usage:
+                    self._record(ev.model, ev.usage)
             ticket.loop.call_soon_threadsafe(ticket.events.put_nowait, ev)
 
-    def _record(self, ticket: Ticket) -> None:
-        seq = ticket.seq
-        if seq is None or seq.first_token_time is None or seq.finish_time is None:
+    def _record(self, model: str, usage: Usage) -> None:
+        if usage.first_token is None:
             return
-        ttft = seq.first_token_time - seq.arrival
-        n = len(seq.output_ids)
-        tpot = (seq.finish_time - seq.first_token_time) / (n - 1) if n > 1 else None
-        samples = self._samples[seq.variant]
-        samples.ttft.append(ttft)
-        if tpot is not None:
-            samples.tpot.append(tpot)
+        samples = self._samples[model]
+        samples.ttft.append(usage.ttft)
+        if usage.tpot is not None:
+            samples.tpot.append(usage.tpot)
         if self.on_finish:
-            self.on_finish(seq.variant, ttft, tpot, seq.finish_time - seq.arrival)
-
-    def _close(self, ticket: Ticket) -> None:
-        """Tell a stream its sequence is gone (unloaded or shutting down) with a final CANCELLED event."""
-        seq = ticket.seq
-        assert seq is not None
-        ev = TokenEvent(seq.seq_id, seq.request_id, seq.variant, -1, "", 0.0, True, FinishReason.CANCELLED)
-        ticket.loop.call_soon_threadsafe(ticket.events.put_nowait, ev)
-
-    def _close_orphans(self) -> None:
-        for seq_id, ticket in list(self._tickets.items()):
-            if seq_id not in self.engine.seqs:  # finished behind our back (an unload)
-                del self._tickets[seq_id]
-                self._close(ticket)
+            self.on_finish(model, usage.ttft, usage.tpot, usage.total)
 
     def _close_all(self) -> None:
+        """End every request with a final CANCELLED event (shutdown)."""
         for seq_id, ticket in list(self._tickets.items()):
-            self.engine.cancel(seq_id)
-            self._close(ticket)
+            ev = self.engine.cancel(seq_id)
+            if ev is None:  # already ended behind our back
+                ev = TokenEvent(
+                    seq_id, ticket.request_id, ticket.model, -1, "", 0.0, True, FinishReason.CANCELLED
+                )
+            ticket.loop.call_soon_threadsafe(ticket.events.put_nowait, ev)
         self._tickets.clear()
 
-    def cancel_all(self) -> None:
-        """End every running request with a final CANCELLED message (shutdown); call through `call`."""
-        self._close_all()
-
     def snapshot(self) -> Snapshot:
-        """Stats for GetStats and the metrics gauges; call on the engine thread (through `call`)."""
+        """Stats for GetStats and the metrics gauges (on the engine thread: ask(TakeSnapshot()))."""
         stats = self.engine.stats()
-        waiting: dict[str, int] = defaultdict(int)
-        running: dict[str, int] = defaultdict(int)
-        for group in self.engine.groups:
-            for seq in group.scheduler.waiting:
-                waiting[seq.variant] += 1
-            for seq in group.scheduler.running:
-                running[seq.variant] += 1
+        waiting = {m.name: m.waiting for m in stats.models}
+        running = {m.name: m.running for m in stats.models}
         with self._lock:
             for v, n in self._pending.items():
-                waiting[v] += n
-        resident = set(stats["resident_variants"])
+                waiting[v] = waiting.get(v, 0) + n
         now = time.perf_counter()
         models = []
-        for v in self.engine.variants:
-            s = self._samples[v]
+        for info in self.engine.models():
+            s = self._samples[info.name]
             recent = sum(1 for t in s.tokens if t >= now - WINDOW_S)
             models.append(
                 ModelSnapshot(
-                    v,
-                    waiting[v],
-                    running[v],
+                    info.name,
+                    waiting.get(info.name, 0),
+                    running.get(info.name, 0),
                     recent / WINDOW_S,
                     percentile(s.ttft, 0.5),
                     percentile(s.ttft, 0.99),
                     percentile(s.tpot, 0.5),
                     percentile(s.tpot, 0.99),
                     s.requests_total,
-                    v in resident,
+                    info.resident,
                 )
             )
         return Snapshot(models, stats)

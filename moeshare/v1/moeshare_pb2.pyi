@@ -97,18 +97,20 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "store", "architecture", "context_length", "resident")
+    __slots__ = ("name", "store", "architecture", "context_length", "resident", "kind")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STORE_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     name: str
     store: str
     architecture: str
     context_length: int
     resident: bool
-    def __init__(self, name: _Optional[str] = ..., store: _Optional[str] = ..., architecture: _Optional[str] = ..., context_length: _Optional[int] = ..., resident: _Optional[bool] = ...) -> None: ...
+    kind: str
+    def __init__(self, name: _Optional[str] = ..., store: _Optional[str] = ..., architecture: _Optional[str] = ..., context_length: _Optional[int] = ..., resident: _Optional[bool] = ..., kind: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

@@ -1,4 +1,4 @@
-"""Builds the zoo: base + one variant per domain for each arch, evaluated, cached, published atomically.
+"""Builds the zoo: base + one variant per domain for each arch, evaluated, cached, published atomically. Adding an arch to a cached zoo trains only that arch: the others are copied over.
 
 Layout: DIR/<arch>/base/, DIR/<arch>/<variant>/ (HF checkpoints with their tokenizer),
 DIR/heldout/<domain>.txt, DIR/zoo.json.
@@ -66,10 +66,14 @@ def build_zoo(
     archs = parse_archs(arch)
     target = Path(out).expanduser() if out is not None else zoo_dir(size)
     cached = _cached(target)
+    reuse: dict[str, dict[str, Any]] = {}
     if cached is not None and not force and _same_recipe(cached, rec, seed):
         if set(archs) <= set(cached["archs"]):
             return target
         archs = [a for a in ARCHS if a in set(archs) | set(cached["archs"])]
+        if cached.get("built", {}).get("device") == device:
+            # each arch trains from its own seeds, so a cached one is what training it again would give
+            reuse = {a: cached["models"][a] for a in cached["archs"] if a in archs}
     if target.exists() and cached is None and any(target.iterdir()):
         raise FileExistsError(f"{target} exists and is not a zoo (no {ZOO_FILE}); refusing to replace it")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -78,17 +82,23 @@ def build_zoo(
     threads = torch.get_num_threads()
     torch.set_num_threads(min(threads, rec.threads))  # at most the recipe's: builds stay reproducible
     try:
-        zoo = _build_into(target, rec, seed, archs, device)
+        zoo = _build_into(target, rec, seed, archs, device, reuse)
     finally:
         torch.set_num_threads(threads)
     _warn_unspecialised(zoo)
     return target
 
 
-def _build_into(target: Path, rec: Recipe, seed: int, archs: list[str], device: str) -> dict[str, Any]:
-    """Builds beside `target` under a temporary name, then swaps it in: a failed build leaves nothing."""
-    start = time.perf_counter()
+def _build_into(
+    target: Path, rec: Recipe, seed: int, archs: list[str], device: str, reuse: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """Builds beside `target` under a temporary name, then swaps it in: a failed build leaves nothing.
+    `reuse`: archs of the zoo at `target` to copy instead of training (when its corpora are the same)."""
     corpora = load_corpora()
+    cached = _cached(target)
+    if cached is None or cached.get("corpora") != corpora.kind:
+        reuse = {}
+    start = time.perf_counter() - (cached["built"]["seconds"] if reuse else 0.0)  # the whole zoo's time
     partial = target.parent / f".{target.name}.partial-{os.getpid()}"
     remove_stale_leftovers(target)
     shutil.rmtree(partial, ignore_errors=True)
@@ -96,7 +106,13 @@ def _build_into(target: Path, rec: Recipe, seed: int, archs: list[str], device: 
     try:
         for domain in corpora.domains:
             (partial / "heldout" / f"{domain.name}.txt").write_text(domain.heldout, encoding="utf-8")
-        models = {a: _build_arch(a, rec, corpora, seed, partial, device) for a in archs}
+        models = {}
+        for a in archs:
+            if a in reuse:
+                shutil.copytree(target / a, partial / a)
+                models[a] = reuse[a]
+            else:
+                models[a] = _build_arch(a, rec, corpora, seed, partial, device)
         zoo = _zoo_record(rec, seed, archs, corpora, models, device, time.perf_counter() - start)
         (partial / ZOO_FILE).write_text(json.dumps(zoo, indent=2) + "\n")
         _publish(partial, target)

@@ -12,7 +12,8 @@ from moeshare.zoo.report import format_report
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="build_zoo", description="Train the zoo of small MoE models (base + one variant per domain)."
+        prog="build_zoo",
+        description="Train the zoo of small MoE and dense models (base + one variant per domain).",
     )
     parser.add_argument("--size", choices=sorted(RECIPES), default="tiny")
     parser.add_argument("--arch", choices=[*ARCHS, "all"], default="all")

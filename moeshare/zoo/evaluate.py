@@ -1,6 +1,6 @@
 """Held-out perplexity of a zoo model on one domain's text.
 
-Mixtral: next-token perplexity over consecutive windows, each starting with <s>.
+Mixtral, Llama, Qwen2: next-token perplexity over consecutive windows, each starting with <s>.
 Switch: exp of the mean per-token loss of denoising span-corrupted windows (corruption seeded, so fixed).
 """
 
@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from moeshare.zoo.recipes import CAUSAL_ARCHS
 from moeshare.zoo.spans import corrupt_batch
 from moeshare.zoo.tokenizer import PAD, byte_ids
 from moeshare.zoo.train import causal_batch
@@ -29,7 +30,7 @@ def perplexity(model: PreTrainedModel, arch: str, text: str, seq_len: int, max_b
     was_training = model.training
     model.eval()
     try:
-        if arch == "mixtral":
+        if arch in CAUSAL_ARCHS:
             nll, count = _causal_nll(model, ids, seq_len)
         elif arch == "switch":
             nll, count = _denoising_nll(model, ids, seq_len)

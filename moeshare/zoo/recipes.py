@@ -8,7 +8,8 @@ from typing import Any
 from moeshare.zoo.tokenizer import BOS, EOS, PAD, VOCAB_SIZE
 
 RECIPE_VERSION = "zoo-3"  # bump with any change that alters the trained weights: cached zoos rebuild
-ARCHS = ("mixtral", "switch")
+ARCHS = ("mixtral", "switch", "llama", "qwen2")
+CAUSAL_ARCHS = ("mixtral", "llama", "qwen2")  # next-token models; switch is an encoder-decoder
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class Recipe:
     eval_bytes: int  # held-out bytes scored per domain
     mixtral: ArchRecipe
     switch: ArchRecipe
+    llama: ArchRecipe
+    qwen2: ArchRecipe  # Qwen2-style: q/k/v biases and tied embeddings
     # CPU threads for training: the tiny models run as fast on one, and one thread never waits at a barrier
     # on a core another process holds (with two, a busy neighbour made the tiny build 20x slower)
     threads: int = 8
@@ -64,6 +67,42 @@ def mixtral_config(
     }
 
 
+def dense_config(
+    layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, seq_len: int, rope: dict[str, Any]
+) -> dict[str, Any]:
+    """Llama / Qwen2 config keywords; `rope` the rope_parameters, so the zoo exercises a scaled RoPE."""
+    return {
+        "vocab_size": VOCAB_SIZE,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "max_position_embeddings": 8 * seq_len,
+        "rope_parameters": rope,
+        "tie_word_embeddings": False,
+        "pad_token_id": PAD,
+        "bos_token_id": BOS,
+        "eos_token_id": EOS,
+    }
+
+
+def qwen2_config(**dims: Any) -> dict[str, Any]:
+    return dense_config(**dims) | {"tie_word_embeddings": True, "use_sliding_window": False}
+
+
+def llama3_rope(seq_len: int) -> dict[str, Any]:
+    """Llama 3.1's scaling, with the original context at the training length so all three bands occur."""
+    return {
+        "rope_type": "llama3",
+        "rope_theta": 10000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": seq_len,
+    }
+
+
 def switch_config(layers: int, d_model: int, d_ff: int, experts: int, heads: int) -> dict[str, Any]:
     # Half the blocks of each stack are sparse: sparse step 2 puts experts in blocks 1, 3, ...
     # A capacity far above any sequence length means no token is ever dropped by the router.
@@ -89,6 +128,8 @@ def switch_config(layers: int, d_model: int, d_ff: int, experts: int, heads: int
     }
 
 
+LINEAR_ROPE = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
+
 RECIPES: dict[str, Recipe] = {
     "tiny": Recipe(
         size="tiny",
@@ -103,6 +144,20 @@ RECIPES: dict[str, Recipe] = {
         ),
         switch=ArchRecipe(
             config=switch_config(layers=2, d_model=64, d_ff=128, experts=4, heads=4),
+            base=Schedule(steps=240, lr=4e-3, batch=16, warmup=20),
+            finetune=Schedule(steps=60, lr=1.5e-3, batch=16, warmup=5),
+        ),
+        llama=ArchRecipe(
+            config=dense_config(
+                layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, seq_len=128, rope=llama3_rope(128)
+            ),
+            base=Schedule(steps=240, lr=4e-3, batch=16, warmup=20),
+            finetune=Schedule(steps=60, lr=1.5e-3, batch=16, warmup=5),
+        ),
+        qwen2=ArchRecipe(
+            config=qwen2_config(
+                layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, seq_len=128, rope=LINEAR_ROPE
+            ),
             base=Schedule(steps=240, lr=4e-3, batch=16, warmup=20),
             finetune=Schedule(steps=60, lr=1.5e-3, batch=16, warmup=5),
         ),
@@ -123,6 +178,26 @@ RECIPES: dict[str, Recipe] = {
             config=switch_config(layers=4, d_model=256, d_ff=512, experts=8, heads=8),
             base=Schedule(steps=360, lr=2e-3, batch=16, warmup=30),
             finetune=Schedule(steps=50, lr=1e-3, batch=16, warmup=5),
+        ),
+        llama=ArchRecipe(
+            config=dense_config(
+                layers=4,
+                hidden=256,
+                intermediate=768,
+                heads=8,
+                kv_heads=4,
+                seq_len=256,
+                rope=llama3_rope(256),
+            ),
+            base=Schedule(steps=360, lr=2e-3, batch=16, warmup=30),
+            finetune=Schedule(steps=50, lr=6e-4, batch=16, warmup=5),
+        ),
+        qwen2=ArchRecipe(
+            config=qwen2_config(
+                layers=4, hidden=256, intermediate=768, heads=8, kv_heads=4, seq_len=256, rope=LINEAR_ROPE
+            ),
+            base=Schedule(steps=360, lr=2e-3, batch=16, warmup=30),
+            finetune=Schedule(steps=50, lr=6e-4, batch=16, warmup=5),
         ),
     ),
 }

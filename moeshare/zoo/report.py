@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-METRIC = {"mixtral": "next-token perplexity", "switch": "span-denoising perplexity"}
+METRIC = {
+    "mixtral": "next-token perplexity",
+    "switch": "span-denoising perplexity",
+    "llama": "next-token perplexity",
+    "qwen2": "next-token perplexity",
+}
 
 
 def format_report(zoo: dict[str, Any]) -> str:

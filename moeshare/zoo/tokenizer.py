@@ -39,7 +39,7 @@ def _byte_to_char() -> list[str]:
 
 
 def build_tokenizer(arch: str) -> PreTrainedTokenizerFast:
-    """Mixtral-style tokenizers prepend <s>; Switch (T5) ones append </s>."""
+    """Causal models' tokenizers (mixtral, llama, qwen2) prepend <s>; Switch (T5) ones append </s>."""
     vocab = {tok: i for i, tok in enumerate(SPECIALS)}
     vocab |= {ch: BYTE_OFFSET + b for b, ch in enumerate(_byte_to_char())}
     vocab |= {tok: SENTINEL_BASE + i for i, tok in enumerate(SENTINELS)}
@@ -47,7 +47,7 @@ def build_tokenizer(arch: str) -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([*SPECIALS, *SENTINELS])
-    if arch == "mixtral":
+    if arch in ("mixtral", "llama", "qwen2"):
         template = processors.TemplateProcessing(
             single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", BOS)]
         )

@@ -14,9 +14,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
     PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
     SwitchTransformersConfig,
     SwitchTransformersForConditionalGeneration,
 )
@@ -44,6 +48,10 @@ def new_model(arch: str, config: dict[str, Any], seed: int) -> PreTrainedModel:
         return MixtralForCausalLM(MixtralConfig(**config)).float()
     if arch == "switch":
         return SwitchTransformersForConditionalGeneration(SwitchTransformersConfig(**config)).float()
+    if arch == "llama":
+        return LlamaForCausalLM(LlamaConfig(**config)).float()
+    if arch == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**config)).float()
     raise ValueError(f"unknown arch {arch!r}")
 
 
@@ -76,9 +84,11 @@ def training_loss(
 ) -> torch.Tensor:
     """Language-model loss plus the router losses, so that every expert gets used."""
     device = model.device
-    if arch == "mixtral":
+    if arch != "switch":
         ids = causal_batch(sample_windows(streams, batch, seq_len - 1, gen)).to(device)
-        return model(input_ids=ids, labels=ids, output_router_logits=True).loss
+        if arch == "mixtral":
+            return model(input_ids=ids, labels=ids, output_router_logits=True).loss
+        return model(input_ids=ids, labels=ids).loss
     denoising = corrupt_batch(sample_windows(streams, batch, seq_len, gen), gen)
     with captured_router_logits(model) as logits:
         loss = model(input_ids=denoising.inputs.to(device), labels=denoising.labels.to(device)).loss

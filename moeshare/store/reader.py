@@ -1,16 +1,9 @@
-"""The store on disk: manifest.json, bank.safetensors, variants/*.safetensors, tokenizers/<variant>/.
-
-A tensor that is bitwise identical in several places (same sha256) is kept once, in variants/shared.safetensors
-under its hash; everything else a variant owns is in variants/<name>.safetensors under its checkpoint name.
-The manifest records the size and sha256 of every other file of the store ("files"); opening a store checks
-that each is there, whole, and holds the tensors the manifest names.
-"""
+"""A store opened for reading: its manifest checked, every file checked to be there and whole, tensors read
+on request."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,60 +11,22 @@ from safetensors import safe_open
 
 from moeshare.checkpoint.adapters import Adapter, adapter_for
 from moeshare.checkpoint.safetensors_file import read_safetensors_header
-from moeshare.consolidate.experts import bank_key, from_bank
 from moeshare.errors import MoeshareError
-
-FORMAT = "moeshare-store"
-VERSION = 1
-MANIFEST = "manifest.json"
-BANK = "bank.safetensors"
-SHARED = "variants/shared.safetensors"
-# Files beside a checkpoint that a variant needs to be served or exported, copied into the store.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "generation_config.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-)
+from moeshare.store.bank import from_bank
+from moeshare.store.format import BANK, FORMAT, MANIFEST, bank_key, sha256_file, tokenizer_dir
+from moeshare.store.manifest import Manifest, VariantEntry, read_manifest
 
 
-def sha256_tensor(t: torch.Tensor) -> str:
-    h = hashlib.sha256(f"{t.dtype}{list(t.shape)}".encode())
-    h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def is_store(path: Path) -> bool:
+def is_store(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
-def is_moeshare_store(path: Path) -> bool:
+def is_moeshare_store(path: str | Path) -> bool:
     """A directory whose manifest says it is a store (what `consolidate --force` may replace)."""
     try:
         return json.loads((Path(path) / MANIFEST).read_text()).get("format") == FORMAT
     except (OSError, ValueError, AttributeError):
         return False
-
-
-@dataclass
-class Variant:
-    name: str
-    config: dict
-    tables: dict[str, list[int]]  # MoE layer -> bank slot of each local expert
-    tensors: dict[str, list[str]]  # non-expert tensor name -> [file in the store, key in that file]
-    order: list[str]  # every tensor name of the source checkpoint, in its order
 
 
 class Store:
@@ -83,22 +38,11 @@ class Store:
             raise MoeshareError(
                 f"{self.path}: not a moeshare store (no {MANIFEST}); make one with moeshare consolidate"
             )
+        self.manifest: Manifest = read_manifest(self.path)
+        self.architecture: str = self.manifest.architecture
+        self.config: dict = self.manifest.config
+        self.variants: dict[str, VariantEntry] = self.manifest.variants
         try:
-            self.manifest = json.loads((self.path / MANIFEST).read_text())
-        except json.JSONDecodeError as e:
-            raise MoeshareError(
-                f"{self.path / MANIFEST}: not valid JSON (line {e.lineno}: {e.msg})"
-            ) from None
-        if not isinstance(self.manifest, dict) or (
-            self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION
-        ):
-            raise MoeshareError(f"{self.path / MANIFEST}: not a {FORMAT} version {VERSION} manifest")
-        try:
-            self.architecture: str = self.manifest["architecture"]
-            self.variants = {
-                v["name"]: Variant(v["name"], v["config"], v["tables"], v["tensors"], v["order"])
-                for v in self.manifest["variants"]
-            }
             self._check_files()
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise MoeshareError(
@@ -113,12 +57,12 @@ class Store:
     def _check_files(self) -> None:
         """Each file is there with its recorded size, each tensor file's header is whole and holds the tensors
         the manifest names, each bank tensor has a row per slot: a one-line error names the first that is not."""
-        for rel, info in self.manifest.get("files", {}).items():
+        for rel, info in self.manifest.files.items():
             path = self.path / rel
             if not path.is_file():
                 raise self._damaged(rel, "is missing")
-            if (size := path.stat().st_size) != info["bytes"]:
-                raise self._damaged(rel, f"has {size} bytes, the manifest records {info['bytes']}")
+            if (size := path.stat().st_size) != info.bytes:
+                raise self._damaged(rel, f"has {size} bytes, the manifest records {info.bytes}")
         headers: dict[str, dict] = {}
 
         def header(rel: str) -> dict:
@@ -128,15 +72,14 @@ class Store:
                 headers[rel] = read_safetensors_header(self.path / rel)
             return headers[rel]
 
-        for layer in self.manifest["bank"]["layers"]:
-            for role in self.manifest["bank"]["roles"]:
-                entry = header(BANK).get(bank_key(layer["layer"], role))
-                if entry is None or entry["shape"][:1] != [layer["slots"]]:
-                    raise self._damaged(
-                        BANK, f"has no {layer['slots']} slots of {bank_key(layer['layer'], role)}"
-                    )
+        for layer in self.manifest.layers.values():
+            for role in self.manifest.roles:
+                key = bank_key(layer.layer, role)
+                entry = header(BANK).get(key)
+                if entry is None or entry["shape"][:1] != [layer.slots]:
+                    raise self._damaged(BANK, f"has no {layer.slots} slots of {key}")
             for v in self.variants.values():
-                if not all(0 <= s < layer["slots"] for s in v.tables[layer["layer"]]):
+                if not all(0 <= s < layer.slots for s in v.tables[layer.layer]):
                     raise MoeshareError(
                         f"{self.path / MANIFEST}: variant {v.name} maps an expert to no bank slot"
                     )
@@ -147,22 +90,21 @@ class Store:
 
     def verify(self) -> int:
         """Compare every file's sha256 with the manifest's; returns how many files were checked."""
-        recorded = self.manifest.get("files")
-        if not recorded:
+        if not self.manifest.files:
             raise MoeshareError(
                 f"{self.path / MANIFEST}: records no sha256 of the store's files (an older moeshare made it); "
                 "consolidate again to make a store that can be verified"
             )
-        for rel, info in sorted(recorded.items()):
-            if sha256_file(self.path / rel) != info["sha256"]:
+        for rel, info in sorted(self.manifest.files.items()):
+            if sha256_file(self.path / rel) != info.sha256:
                 raise self._damaged(rel, "does not match the sha256 the manifest records")
-        return len(recorded)
+        return len(self.manifest.files)
 
     @property
     def adapter(self) -> Adapter:
-        return adapter_for(self.manifest["config"], self.path / MANIFEST)
+        return adapter_for(self.config, self.path / MANIFEST)
 
-    def variant(self, name: str) -> Variant:
+    def variant(self, name: str) -> VariantEntry:
         if name not in self.variants:
             raise MoeshareError(f"{self.path}: no variant {name!r} (variants: {', '.join(self.variants)})")
         return self.variants[name]
@@ -176,17 +118,21 @@ class Store:
         file, key = self.variant(variant).tensors[name]
         return self._read(file, key)
 
+    def slots(self, layer: str) -> int:
+        """How many bank slots one MoE layer has."""
+        return self.manifest.layers[layer].slots
+
     def bank_slice(self, layer: str, role: str, slot: int) -> torch.Tensor:
         """One slot of one bank tensor, read without the rest of the layer."""
         return self._read(BANK, bank_key(layer, role), slot)
 
-    def manifest_layer(self, layer: str) -> dict:
-        return next(x for x in self.manifest["bank"]["layers"] if x["layer"] == layer)
+    def bank_slot(self, layer: str, slot: int) -> dict[str, torch.Tensor]:
+        """One bank slot in the fused layout. {role: [...]}"""
+        return {r: self.bank_slice(layer, r, slot) for r in self.manifest.roles}
 
     def slot(self, layer: str, slot: int) -> dict[str, torch.Tensor]:
         """One bank slot in the canonical per-expert roles."""
-        roles = self.manifest["bank"]["roles"]
-        return from_bank(self.architecture, {r: self.bank_slice(layer, r, slot) for r in roles})
+        return from_bank(self.architecture, self.bank_slot(layer, slot))
 
     def tokenizer_dir(self, variant: str) -> Path:
-        return self.path / "tokenizers" / self.variant(variant).name
+        return self.path / tokenizer_dir(self.variant(variant).name)

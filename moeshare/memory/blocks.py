@@ -1,7 +1,8 @@
-"""KV pages: a pool of fixed-size blocks that sequences borrow and return.
+"""KV blocks: a pool of fixed-size blocks that sequences borrow and return.
 
-The engine only ever calls `allocate`, `free` and the counters, so the plain backend here (one preallocated
-tensor) and an elastic CUDA virtual-memory backend can stand behind the same interface.
+An instance only ever calls `allocate`, `free` and the counters, so the plain backend here (one preallocated
+tensor) and an elastic CUDA virtual-memory backend (2 MiB physical pages mapped on demand) can stand behind
+the same interface.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import torch
 from moeshare.errors import MoeshareError
 
 
-class OutOfPages(MoeshareError):
-    """Asked for more pages than are free; the scheduler preempts instead of crashing."""
+class OutOfBlocks(MoeshareError):
+    """Asked for more KV blocks than are free; the scheduler preempts instead of crashing."""
 
 
-class PagePool:
+class BlockPool:
     """num_blocks blocks of `block_size` tokens; each block holds K and V of every layer. [N, L, 2, B, Hkv, D]"""
 
     def __init__(
@@ -54,7 +55,7 @@ class PagePool:
 
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
-            raise OutOfPages(f"asked for {n} KV blocks, {len(self._free)} free")
+            raise OutOfBlocks(f"asked for {n} KV blocks, {len(self._free)} free")
         return [self._free.popleft() for _ in range(n)]
 
     def free(self, blocks: list[int]) -> None:
@@ -69,4 +70,4 @@ class PagePool:
     def blocks_that_fit(
         bytes_available: int, block_size: int, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype
     ) -> int:
-        return bytes_available // PagePool.block_bytes(block_size, layers, kv_heads, head_dim, dtype)
+        return bytes_available // BlockPool.block_bytes(block_size, layers, kv_heads, head_dim, dtype)

@@ -1,0 +1,105 @@
+"""The engine's public API: what goes in and what comes out, as plain data.
+
+Everything here can cross a thread or process boundary: no live engine objects, no closures. The engine's
+methods that take or give these are `submit`, `cancel`, `step`, `models`, `stats`, `load` and `unload`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from moeshare.engine.request import FinishReason, SamplingParams
+from moeshare.errors import MoeshareError
+
+VARIANT = "variant"  # a fine-tune inside a store; the store's variants share one bank of experts
+DENSE = "dense"  # a dense checkpoint: one model, one row, no bank
+
+
+class EngineFailed(MoeshareError):
+    """The engine cannot go on (a device error that every later step would hit too)."""
+
+
+@dataclass(frozen=True)
+class Submit:
+    """One request: a model's name, its prompt (text or token ids) and how to sample."""
+
+    model: str
+    prompt: str | list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class Usage:
+    """A finished request's token counts and times (time.perf_counter seconds of the engine's process)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    arrival: float
+    first_token: float | None  # None: it ended before its first token
+    finish: float
+
+    @property
+    def ttft(self) -> float:
+        return (self.first_token or self.finish) - self.arrival
+
+    @property
+    def total(self) -> float:
+        return self.finish - self.arrival
+
+    @property
+    def tpot(self) -> float | None:
+        """Seconds per output token after the first; None with fewer than two."""
+        if self.first_token is None or self.completion_tokens < 2:
+            return None
+        return (self.finish - self.first_token) / (self.completion_tokens - 1)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One new token of a request (token_id -1: it ended without one); the final event carries its usage."""
+
+    seq_id: int  # the engine's handle, from submit
+    request_id: str
+    model: str
+    token_id: int
+    text: str  # newly decodable text
+    logprob: float
+    finished: bool
+    finish_reason: FinishReason | None
+    error: str = ""  # with FinishReason.ERROR: what went wrong
+    usage: Usage | None = None  # on the final event
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    path: str  # the store or checkpoint the model comes from ("" for a synthetic one)
+    architecture: str  # the checkpoint adapter's name: mixtral, llama, ...
+    kind: str  # VARIANT or DENSE
+    context: int
+    resident: bool  # its weights are on the device now
+
+
+@dataclass(frozen=True)
+class ModelLoad:
+    """A model's requests in the engine right now."""
+
+    name: str
+    waiting: int
+    running: int
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    steps: int
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_free: int
+    resident_variants: list[str]
+    swap_ins: int
+    swap_seconds: float
+    preemptions: int
+    offloaded_layers: int
+    models: list[ModelLoad] = field(default_factory=list)

@@ -1,0 +1,55 @@
+"""The engine's settings (one EngineConfig for every instance it serves)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moeshare.errors import MoeshareError
+
+
+@dataclass
+class EngineConfig:
+    device: str = "cpu"
+    dtype: torch.dtype | None = None  # default: float32 on CPU, bfloat16 on CUDA
+    max_resident_variants: int | None = None  # default: all variants of a store
+    max_resident_bytes: int | None = None
+    # device memory this engine may use (weights, KV, work space); MoE layers' banks beyond it wait in host
+    # memory and stream in per step. On CUDA the caching allocator is also held to it.
+    memory_limit_bytes: int | None = None
+    # temporal multiplexing: each resident variant holds its own copy of its experts, and a swap copies the
+    # whole variant (experts included) from pinned host memory; nothing is shared on the device
+    swap_whole_variants: bool = False
+    kv_blocks: int | None = None  # default: from kv_memory_fraction of free GPU memory, 512 on CPU
+    kv_memory_fraction: float = 0.5
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_batched_tokens: int = 2048
+    max_tokens_limit: int = 4096
+    cuda_graphs: bool = True  # capture decode steps per batch size (CUDA only)
+
+    def validate(self) -> None:
+        """Refuse settings under which requests could never run (the scheduler would spin forever)."""
+        at_least_one = {
+            "max_num_seqs": self.max_num_seqs,
+            "max_batched_tokens": self.max_batched_tokens,
+            "max_tokens_limit": self.max_tokens_limit,
+            "block_size": self.block_size,
+            "max_resident_variants": self.max_resident_variants,
+            "max_resident_bytes": self.max_resident_bytes,
+            "kv_blocks": self.kv_blocks,
+        }
+        for name, value in at_least_one.items():
+            if value is not None and value < 1:
+                raise MoeshareError(f"{name} must be at least 1, got {value}")
+        if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
+            raise MoeshareError(f"device {self.device}: no CUDA device is available here; use cpu")
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return self.dtype or (torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32)

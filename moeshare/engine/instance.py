@@ -1,0 +1,237 @@
+"""One served model source (a store or a checkpoint) at run time: its model and residency, its KV block pool,
+its scheduler queue, its runner (forward, CUDA graphs, sampling) and its detokenization state.
+
+An instance is handed its block pool and its placement (what it may take of the memory limit) by the planner;
+it never sizes or allocates memory itself. Within it, requests are Sequences; outside it, plain events.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from moeshare.engine.api import EngineFailed, ModelInfo, ModelLoad, TokenEvent, Usage
+from moeshare.engine.config import EngineConfig
+from moeshare.engine.detokenize import Detokenizer, load_tokenizer, token_chars
+from moeshare.engine.models import Footprint, Model
+from moeshare.engine.request import (
+    FinishReason,
+    InvalidRequest,
+    RequestTooLarge,
+    SamplingParams,
+    Sequence,
+    Status,
+)
+from moeshare.engine.residency import Residency
+from moeshare.engine.runner import Runner
+from moeshare.engine.scheduler import Scheduled, Scheduler
+from moeshare.memory.blocks import BlockPool
+
+log = logging.getLogger(__name__)
+
+
+def usage(seq: Sequence) -> Usage:
+    finish = seq.finish_time or time.perf_counter()
+    return Usage(len(seq.prompt_ids), len(seq.output_ids), seq.arrival, seq.first_token_time, finish)
+
+
+def final_event(seq: Sequence, reason: FinishReason, error: str = "") -> TokenEvent:
+    """The last event of a sequence that ends without a new token (cancelled, unloaded, failed)."""
+    return TokenEvent(seq.seq_id, seq.request_id, seq.model, -1, "", 0.0, True, reason, error, usage(seq))
+
+
+class Instance:
+    def __init__(
+        self,
+        source: Any,
+        architecture: str,
+        kind: str,
+        names: dict[str, str],
+        footprint: Footprint,
+        model: Model,
+        residency: Residency,
+        pool: BlockPool,
+        runner: Runner,
+        config: EngineConfig,
+        offloaded_layers: int = 0,
+        placed_bytes: int = 0,
+    ) -> None:
+        """`names`: each model name this instance serves -> the source's variant it reads."""
+        self.source, self.architecture, self.kind, self.names = source, architecture, kind, names
+        self.footprint, self.model, self.residency, self.pool, self.runner = (
+            footprint,
+            model,
+            residency,
+            pool,
+            runner,
+        )
+        self.config, self.device = config, runner.device
+        self.offloaded_layers, self.placed_bytes = offloaded_layers, placed_bytes
+        self.scheduler = Scheduler(pool, residency, config.max_num_seqs, config.max_batched_tokens)
+        self.tokenizers = {m: load_tokenizer(source.tokenizer_dir(v)) for m, v in names.items()}
+        self.token_chars = {m: token_chars(t) for m, t in self.tokenizers.items()}
+        eos = source.config.get("eos_token_id")
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.detok = Detokenizer(self.tokenizers, eos_ids, footprint.context)
+        self.seqs: dict[int, Sequence] = {}
+
+    @property
+    def models(self) -> list[str]:
+        return list(self.names)
+
+    @property
+    def context(self) -> int:
+        return self.footprint.context
+
+    # ---- requests ----------------------------------------------------------------------------------------
+
+    def prepare(self, model: str, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """Validate a request and tokenize its prompt; touches nothing, so any thread may call it."""
+        params.validate(self.config.max_tokens_limit)
+        context = self.context
+        if isinstance(prompt, str):
+            tokenizer = self.tokenizers[model]
+            if tokenizer is None:
+                raise InvalidRequest(f"{model} has no tokenizer: send token ids")
+            most = (context - 1) * self.token_chars[model]
+            if len(prompt) > most:
+                raise RequestTooLarge(
+                    f"prompt is {len(prompt)} characters; {model} takes at most {context - 1} "
+                    f"tokens (at most {most} characters)"
+                )
+            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        else:
+            ids = list(prompt)
+        if not ids:
+            raise InvalidRequest("prompt is empty")
+        if len(ids) >= context:
+            raise RequestTooLarge(f"prompt is {len(ids)} tokens; {model} takes at most {context - 1}")
+        vocab = self.footprint.vocab
+        if any(not 0 <= t < vocab for t in ids):
+            raise InvalidRequest(f"prompt has token ids outside [0, {vocab})")
+        total = min(len(ids) + params.max_tokens, context)
+        if self.pool.blocks_for(total) > self.pool.num_blocks:
+            raise RequestTooLarge(
+                f"prompt + max_tokens = {total} tokens needs {self.pool.blocks_for(total)} KV blocks; "
+                f"the pool has {self.pool.num_blocks}: lower max_tokens or shorten the prompt"
+            )
+        return ids
+
+    def add(self, seq: Sequence) -> None:
+        self.seqs[seq.seq_id] = seq
+        self.scheduler.add(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.scheduler.running or self.scheduler.waiting)
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """End a sequence: its blocks go back at once."""
+        seq.status, seq.finish_reason, seq.finish_time = Status.FINISHED, reason, time.perf_counter()
+        self.scheduler.release(seq)
+        self.detok.forget(seq.seq_id)
+        self.seqs.pop(seq.seq_id, None)
+
+    def cancel(self, seq_id: int) -> TokenEvent | None:
+        """The cancelled request's final event, or None if it is not here (finished, or never was)."""
+        seq = self.seqs.get(seq_id)
+        if seq is None:
+            return None
+        self.finish(seq, FinishReason.CANCELLED)
+        return final_event(seq, FinishReason.CANCELLED)
+
+    def cancel_all(self) -> list[TokenEvent]:
+        return [ev for seq_id in list(self.seqs) if (ev := self.cancel(seq_id)) is not None]
+
+    # ---- stepping ----------------------------------------------------------------------------------------
+
+    def step(self) -> list[TokenEvent]:
+        """One batch. A batch that fails ends its own sequences with FinishReason.ERROR (their KV goes back);
+        raises EngineFailed only if the device itself is broken."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        try:
+            chosen, logprobs = self.runner.run(batch)
+            return self._advance(batch, chosen, logprobs)
+        except Exception as e:
+            return self._fail(batch, e)
+
+    def _advance(self, batch: list[Scheduled], chosen: list[int], logprobs: list[float]) -> list[TokenEvent]:
+        now = time.perf_counter()
+        events = []
+        for s, token, lp in zip(batch, chosen, logprobs, strict=True):
+            seq = s.seq
+            seq.num_cached = s.start + s.count
+            seq.output_ids.append(token)
+            if seq.params.logprobs:
+                seq.logprobs.append(lp)
+            seq.first_token_time = seq.first_token_time or now
+            text, reason = self.detok.advance(seq, token)
+            if reason is not None:
+                self.finish(seq, reason)
+            done = reason is not None
+            events.append(
+                TokenEvent(
+                    seq.seq_id,
+                    seq.request_id,
+                    seq.model,
+                    token,
+                    text,
+                    lp,
+                    done,
+                    reason,
+                    "",
+                    usage(seq) if done else None,
+                )  # fmt: skip
+            )
+        return events
+
+    def _fail(self, batch: list[Scheduled], error: Exception) -> list[TokenEvent]:
+        where = self.source.path or self.models[0]
+        log.error(
+            "a step of %s failed; its %d request(s) end with an error", where, len(batch), exc_info=error
+        )
+        what = (f"{type(error).__name__}: {error}".splitlines() or [""])[0][:200]
+        message = f"the engine step running this request failed ({what})"
+        events = []
+        for s in batch:
+            if not s.seq.finished:  # one that finished before the failure lost its last event: tell it too
+                self.finish(s.seq, FinishReason.ERROR)
+            events.append(final_event(s.seq, FinishReason.ERROR, message))
+        if self.device.type == "cuda":
+            try:  # an error on the device itself is sticky: every later step would fail the same way
+                torch.cuda.synchronize(self.device)
+            except Exception as e:
+                raise EngineFailed(f"the device failed: {type(e).__name__}: {e}") from e
+        return events
+
+    # ---- outside the scheduler ---------------------------------------------------------------------------
+
+    def ready_row(self, model: str) -> int:
+        """The model's row once its weights are in place (for a forward outside any batch, e.g. scoring)."""
+        row = self.residency.row(model, self.scheduler.busy_rows())
+        while row is None:
+            if not self.residency.pending:
+                raise InvalidRequest(
+                    f"every row of {model}'s instance is busy: let its requests finish first"
+                )
+            torch.cuda.synchronize(self.device)
+            row = self.residency.row(model, self.scheduler.busy_rows())
+        return row
+
+    # ---- what it tells the engine ------------------------------------------------------------------------
+
+    def info(self) -> list[ModelInfo]:
+        resident = set(self.residency.resident)
+        path = str(self.source.path) if self.source.path is not None else ""
+        return [
+            ModelInfo(m, path, self.architecture, self.kind, self.context, m in resident) for m in self.names
+        ]
+
+    def loads(self) -> list[ModelLoad]:
+        waiting = [s.model for s in self.scheduler.waiting]
+        running = [s.model for s in self.scheduler.running]
+        return [ModelLoad(m, waiting.count(m), running.count(m)) for m in self.names]

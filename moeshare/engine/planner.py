@@ -1,0 +1,95 @@
+"""Builds an instance: finds its architecture in the registry, sizes its KV block pool and places it under
+the memory limit (placement.py), allocates the pool, and hands the pool and the placement to the instance.
+
+Allocation follows the order `place` reserved in (the KV pool, then the model, then the weights read into
+it), so what its arithmetic misses is weights that do not fit, never a KV pool.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moeshare.engine.config import EngineConfig
+from moeshare.engine.graphs import DecodeGraphs
+from moeshare.engine.instance import Instance
+from moeshare.engine.models import architecture
+from moeshare.engine.placement import default_blocks, out_of_memory, place
+from moeshare.engine.runner import Runner
+from moeshare.engine.source import Source
+from moeshare.errors import MoeshareError
+from moeshare.memory.blocks import BlockPool
+
+
+def open_source(target: str | Path | Any) -> Any:
+    """A store or HF checkpoint directory, or any object with Source's interface (e.g. a synthetic one)."""
+    return Source(target) if isinstance(target, str | Path) else target
+
+
+def model_names(source: Any, name: str | None) -> dict[str, str]:
+    """Model name -> the source's variant: a store's variants by their names; a checkpoint by `name` if given."""
+    if name is None:
+        return {v: v for v in source.variants}
+    if len(source.variants) != 1:
+        raise MoeshareError(
+            f"{source.path}: a name ({name}=PATH) is for a single checkpoint; this store has "
+            f"{len(source.variants)} variants, served under their own names"
+        )
+    if not name or "=" in name:
+        raise MoeshareError(f"{name!r} is not a model name: give NAME=PATH with a non-empty NAME")
+    return {name: source.variants[0]}
+
+
+def build_instance(
+    source: Any, names: dict[str, str], config: EngineConfig, left: int | None, target: object = None
+) -> Instance:
+    """The instance serving `names` of `source` (opened by open_source from `target`), placed in `left`
+    bytes (what is left of the memory limit; None: no limit). Raises MoeshareError with one line, holding
+    nothing, if it does not fit."""
+    target = target if target is not None else source.path
+    entry = architecture(source.architecture, target)
+    c, dtype, device = config, config.torch_dtype, config.torch_device
+    fp = entry.footprint(source.config)
+    layout = entry.layout(source, c, dtype)
+    blocks = c.kv_blocks or default_blocks(c, fp, dtype, device, left)
+    placement = place(
+        left,
+        c,
+        fp,
+        dtype,
+        device,
+        layout.rows,
+        list(layout.slots),
+        blocks,
+        layout.row_bytes,
+        layout.slot_bytes,
+    )
+    oom = ""
+    try:
+        pool = BlockPool(blocks, c.block_size, fp.layers, fp.kv_heads, fp.head_dim, dtype, device)
+        model, residency = entry.build(source, names, layout, placement.offload, c, dtype, device)
+        graphs = None
+        if device.type == "cuda" and c.cuda_graphs and not placement.offload:
+            graphs = DecodeGraphs(model, pool, device, c.max_num_seqs, fp.context)
+            graphs.capture()
+    except torch.OutOfMemoryError as e:  # kept outside the handler, so nothing holds what was allocated
+        oom = str(e).split("\n")[0]
+    if oom:
+        torch.cuda.empty_cache()
+        raise MoeshareError(out_of_memory(target, placement, left, oom))
+    return Instance(
+        source,
+        source.config.get("model_type") or entry.name,  # what users know it by: qwen2, mistral, ...
+        entry.kind,
+        names,
+        fp,
+        model,
+        residency,
+        pool,
+        Runner(model, pool, device, graphs),
+        c,
+        offloaded_layers=len(placement.offload),
+        placed_bytes=placement.total if left is not None else 0,
+    )

@@ -1,0 +1,46 @@
+"""Per-model latency samples the worker keeps, and the snapshot GetStats and the metrics gauges read."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from moeshare.engine.api import EngineStats
+
+SAMPLES = 1024  # recent TTFT / TPOT samples kept per model
+WINDOW_S = 10.0  # tokens/s is measured over this many recent seconds
+
+
+@dataclass
+class ModelSamples:
+    ttft: deque[float] = field(default_factory=lambda: deque(maxlen=SAMPLES))
+    tpot: deque[float] = field(default_factory=lambda: deque(maxlen=SAMPLES))
+    tokens: deque[float] = field(default_factory=lambda: deque(maxlen=65536))  # time of each token
+    requests_total: int = 0
+
+
+@dataclass
+class ModelSnapshot:
+    name: str
+    queue_depth: int
+    running: int
+    tokens_per_second: float
+    ttft_p50: float
+    ttft_p99: float
+    tpot_p50: float
+    tpot_p99: float
+    requests_total: int
+    resident: bool
+
+
+@dataclass
+class Snapshot:
+    models: list[ModelSnapshot]
+    engine: EngineStats
+
+
+def percentile(samples: deque[float] | list[float], q: float) -> float:
+    if not samples:
+        return 0.0
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
