@@ -1,8 +1,9 @@
 """`make demo`: the main job end to end on whatever device is here.
 
-Builds (or reuses) the tiny zoo, consolidates its Mixtral and Switch variants into stores at half the expert
-memory (printing each report), starts the server on loopback with the Mixtral store, streams a completion
-from each variant, prints them with the server's stats, and stops the server.
+Builds (or reuses) the tiny zoo's Mixtral, Switch and Llama models, consolidates the Mixtral and Switch variants
+into stores at half the expert memory (printing each report), starts the server on loopback with the Mixtral
+store and a dense Llama checkpoint beside it, streams a completion from each model, prints them with the
+server's stats, and stops the server.
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ from moeshare.zoo import format_report as zoo_report
 VARIANTS = ["kjv", "fortunes-en", "fortunes-de", "python"]
 PROMPTS = ["And God said unto Moses,", "A man who has", "Wer nicht wagt,", "def __init__(self,"]
 OUT = Path("build/demo")
+DENSE = "llama-kjv"
 # The tiny models run as fast on one CPU thread as on several, and one thread never waits at a barrier on a core
 # another process holds: the demo (and the server it starts) stays about as fast on a busy machine.
 THREADS = "1"
 
 
-def _serve(store: Path, device: str) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "moeshare.cli", "serve", str(store), "--port", "0", "--device", device]
+def _serve(paths: list[str], device: str) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "moeshare.cli", "serve", *paths, "--port", "0", "--device", device]
     env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", THREADS)}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     address = ""
@@ -46,7 +48,8 @@ def _serve(store: Path, device: str) -> tuple[subprocess.Popen, str]:
 def main() -> int:
     t0 = time.perf_counter()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", THREADS)))
-    zoo = build_zoo("tiny", "all")
+    for arch in ("mixtral", "switch", "llama"):  # what the demo uses: the other archs are for the tests
+        zoo = build_zoo("tiny", arch)
     print(zoo_report(load_zoo(zoo)))
     stores = {}
     for arch in ("mixtral", "switch"):
@@ -57,17 +60,22 @@ def main() -> int:
         )
         print(format_report(summarize(manifest)))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"\n== moeshare serve {stores['mixtral']} --device {device}", flush=True)
-    proc, address = _serve(stores["mixtral"], device)
+    # the store's four variants, and beside them a dense model (the zoo's Llama fine-tuned on the KJV)
+    paths = [str(stores["mixtral"]), f"{DENSE}={zoo / 'llama' / 'kjv'}"]
+    print(f"\n== moeshare serve {' '.join(paths)} --device {device}", flush=True)
+    proc, address = _serve(paths, device)
     try:
         with Client(address) as client:
             print(
-                "\nEach variant continues a prompt from its own domain. These are 2-layer models (hidden size 64)"
+                "\nEach model continues a prompt from its own domain. These are 2-layer models (hidden size 64)"
                 "\ntrained for under a minute on a CPU: expect the look of the domain (its words, spelling and"
                 "\npunctuation), not sense. The zoo report above shows each variant is best on its own domain.",
                 flush=True,
             )
-            for i, (v, prompt) in enumerate(zip(VARIANTS, PROMPTS, strict=True)):
+            for m in client.list_models():
+                print(f"  {m.name:<12} {m.kind:<8} {m.architecture}")
+            jobs = [*zip(VARIANTS, PROMPTS, strict=True), (DENSE, PROMPTS[0])]
+            for i, (v, prompt) in enumerate(jobs):
                 print(f"\n[{v}] {prompt}", end="", flush=True)
                 for piece in client.generate(v, prompt, max_tokens=48, temperature=0.7, seed=i):
                     print(piece, end="", flush=True)

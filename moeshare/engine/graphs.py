@@ -1,7 +1,9 @@
 """Decode steps captured as CUDA graphs, one per padded batch size: forward, LM head and sampling in one replay.
 
 Shapes depend only on the number of tokens, so one graph per size serves any mix of variants; a step with n
-sequences replays the smallest captured size >= n, padding rows pointing at the pool's scratch block.
+sequences replays the smallest captured size >= n, padding rows pointing at the pool's scratch block. Each size
+has a graph per sampling mode (greedy, plain, filtered), so a batch that needs no top-k / top-p cut never sorts
+the vocabulary.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import torch
 
 from moeshare.engine.attention import AttnBatch
 from moeshare.engine.models import Model
-from moeshare.engine.sampling import SamplingBatch, sample
+from moeshare.engine.sampling import MODES, SamplingBatch, mode_for, sample
 from moeshare.memory.blocks import BlockPool
 
 SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
@@ -33,11 +35,11 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(n, self.width, dtype=torch.int32, device=dev)
         self.context_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.query_start = torch.arange(n + 1, dtype=torch.int32, device=dev)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}
+        self.out: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self._mempool = None
 
-    def _step(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _step(self, b: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
         i = self.ints[:, :b]
         self.context_lens[:b].copy_(i[CTX])
         attn = AttnBatch(
@@ -46,7 +48,7 @@ class DecodeGraphs:
         hidden = self.model.forward(i[IDS], i[POS], i[ROWS], attn, self.pool.kv)
         logits = self.model.logits(hidden, i[ROWS])
         params = SamplingBatch(self.floats[0, :b], self.floats[1, :b], i[TOP_K], i[SEED], i[STEP])
-        return sample(logits, params)
+        return sample(logits, params, mode)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -55,13 +57,14 @@ class DecodeGraphs:
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for b in reversed(self.sizes):
-                for _ in range(2):  # compile and tune outside the capture
-                    self._step(b)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._mempool, stream=stream):
-                    self.out[b] = self._step(b)
-                self._mempool = graph.pool()
-                self.graphs[b] = graph
+                for mode in MODES:
+                    for _ in range(2):  # compile and tune outside the capture
+                        self._step(b, mode)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=self._mempool, stream=stream):
+                        self.out[b, mode] = self._step(b, mode)
+                    self._mempool = graph.pool()
+                    self.graphs[b, mode] = graph
         torch.cuda.current_stream(self.device).wait_stream(stream)
 
     def _pad(self, start: int, end: int) -> None:
@@ -112,6 +115,7 @@ class DecodeGraphs:
         self.floats[:, :n].copy_(torch.tensor([temperature, top_p], dtype=torch.float32), non_blocking=True)
         self.block_tables[:n].copy_(torch.from_numpy(table), non_blocking=True)
         self._pad(n, b)
-        self.graphs[b].replay()
-        chosen, logprobs = self.out[b]
+        mode = mode_for(temperature, top_p, top_k)
+        self.graphs[b, mode].replay()
+        chosen, logprobs = self.out[b, mode]
         return chosen[:n], logprobs[:n]

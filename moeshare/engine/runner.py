@@ -8,7 +8,7 @@ import torch
 from moeshare.engine.attention import AttnBatch
 from moeshare.engine.graphs import DecodeGraphs
 from moeshare.engine.models import Model
-from moeshare.engine.sampling import SamplingBatch, sample
+from moeshare.engine.sampling import SamplingBatch, mode_for, sample
 from moeshare.engine.scheduler import Scheduled
 from moeshare.memory.blocks import BlockPool
 
@@ -62,7 +62,10 @@ class Runner:
             seeds=self._longs([p.seed for p in params]),
             steps=self._longs(steps),
         )
-        chosen, logprobs = sample(logits, sb)
+        temperature, top_p, top_k = (
+            [getattr(p, f) for p in params] for f in ("temperature", "top_p", "top_k")
+        )
+        chosen, logprobs = sample(logits, sb, mode_for(temperature, top_p, top_k))
         return chosen.tolist(), logprobs.tolist()
 
     @torch.inference_mode()

@@ -42,13 +42,36 @@ class SamplingBatch:
     steps: torch.Tensor
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
+# What a batch's parameters need, cheapest first. A mode leaves out work (the vocabulary sort, the noise) that
+# the batch's parameters do not call for, so a request draws the same token in every mode that can serve it
+# (up to the filtered sampler's top_p = 1 cut of tokens whose float32 cumulative mass before them reaches 1).
+GREEDY, PLAIN, FILTERED = "greedy", "plain", "filtered"
+MODES = (GREEDY, PLAIN, FILTERED)
+
+
+def mode_for(temperature: list[float], top_p: list[float], top_k: list[int]) -> str:
+    """GREEDY: every row takes its argmax; PLAIN: no top-k or top-p cut (no sort of the vocabulary);
+    FILTERED: the full sampler."""
+    if all(t <= 0 for t in temperature):
+        return GREEDY
+    cut = [k > 0 or p < 1 for t, p, k in zip(temperature, top_p, top_k, strict=True) if t > 0]
+    return FILTERED if any(cut) else PLAIN
+
+
+def sample(
+    logits: torch.Tensor, batch: SamplingBatch, mode: str = FILTERED
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Chosen token ids [B] and their log-probabilities under the unmodified distribution [B]."""
     logits = logits.float()  # [B, V]
     logprobs = torch.log_softmax(logits, dim=-1)
     greedy = batch.temperature <= 0
+    if mode == GREEDY:
+        chosen = logits.argmax(dim=-1)
+        return chosen, logprobs.gather(1, chosen[:, None]).squeeze(1)
     scaled = logits / torch.where(greedy, 1.0, batch.temperature)[:, None]
     vocab = logits.shape[-1]
+    if mode == PLAIN:
+        return _draw(logits, scaled, logprobs, greedy, batch, vocab)
     # top-k: keep values >= the k-th largest (k = 0 keeps all)
     k = torch.where(batch.top_k > 0, batch.top_k.clamp(max=vocab), vocab)
     sorted_vals, _ = scaled.sort(dim=-1, descending=True)
@@ -61,6 +84,18 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, to
     keep = before < batch.top_p[:, None]
     cutoff = sorted_vals.masked_fill(~keep, float("inf")).min(dim=-1, keepdim=True).values
     scaled = scaled.masked_fill(scaled < cutoff, float("-inf"))
+    return _draw(logits, scaled, logprobs, greedy, batch, vocab)
+
+
+def _draw(
+    logits: torch.Tensor,
+    scaled: torch.Tensor,
+    logprobs: torch.Tensor,
+    greedy: torch.Tensor,
+    batch: SamplingBatch,
+    vocab: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gumbel-max over the scaled (and cut) logits; greedy rows take the argmax."""
     gumbel = -torch.log(-torch.log(uniform(batch.seeds, batch.steps, vocab)))
     sampled = (scaled + gumbel).argmax(dim=-1)
     chosen = torch.where(greedy, logits.argmax(dim=-1), sampled)
