@@ -9,7 +9,7 @@ import torch
 
 from moeshare.errors import MoeshareError
 from moeshare.zoo.evaluate import EVAL_SEED, IGNORE
-from moeshare.zoo.spans import span_counts
+from moeshare.zoo.spans import corrupt, span_counts
 
 
 @dataclass(frozen=True)
@@ -101,30 +101,3 @@ def denoising_set(domain: str, text: str, tokenizer, seq_len: int, max_tokens: i
     labels = torch.tensor([p[1] for p in pairs], dtype=torch.long)  # [R, noise + spans + 1]
     pick = torch.linspace(0, rows - 1, min(prompts, rows)).round().long().unique()
     return EvalSet(domain, inputs, labels, inputs[pick], pick, labels.numel(), specials)
-
-
-def _partition(total: int, parts: int, gen: torch.Generator) -> list[int]:
-    """`total` split into `parts` positive lengths at random cut points (as moeshare.zoo.spans draws them)."""
-    cuts = (torch.randperm(total - 1, generator=gen)[: parts - 1] + 1).sort().values.tolist()
-    bounds = [0, *cuts, total]
-    return [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
-
-
-def corrupt(
-    window: torch.Tensor, gen: torch.Generator, sentinels: tuple[int, ...], eos: int
-) -> tuple[list[int], list[int]]:
-    """One window [L] -> (encoder ids, decoder labels), the zoo's span corruption with a given tokenizer's
-    sentinels and eos: spans alternate kept, dropped, ..., dropped; a sentinel stands for each dropped one."""
-    tokens = window.tolist()
-    noise, spans = span_counts(len(tokens))
-    noise_lengths = _partition(noise, spans, gen)
-    kept_lengths = _partition(len(tokens) - noise, spans, gen)
-    inputs: list[int] = []
-    labels: list[int] = []
-    pos = 0
-    for i, (kept, dropped) in enumerate(zip(kept_lengths, noise_lengths, strict=True)):
-        inputs += tokens[pos : pos + kept] + [sentinels[i]]
-        pos += kept
-        labels += [sentinels[i]] + tokens[pos : pos + dropped]
-        pos += dropped
-    return inputs + [eos], labels + [eos]

@@ -32,8 +32,15 @@ def _partition(total: int, parts: int, gen: torch.Generator) -> list[int]:
     return [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
-def corrupt(window: torch.Tensor, gen: torch.Generator) -> tuple[list[int], list[int]]:
-    """One window [L] → (encoder ids, decoder labels). Spans alternate kept, dropped, kept, ..., dropped."""
+def corrupt(
+    window: torch.Tensor,
+    gen: torch.Generator,
+    sentinels: tuple[int, ...] | None = None,
+    eos: int = EOS,
+) -> tuple[list[int], list[int]]:
+    """One window [L] → (encoder ids, decoder labels). Spans alternate kept, dropped, kept, ..., dropped.
+    `sentinels` and `eos`: another tokenizer's ids (default: the zoo tokenizer's)."""
+    sentinels = sentinels or tuple(sentinel_id(i) for i in range(NUM_SENTINELS))
     tokens = window.tolist()
     noise, spans = span_counts(len(tokens))
     noise_lengths = _partition(noise, spans, gen)
@@ -42,11 +49,11 @@ def corrupt(window: torch.Tensor, gen: torch.Generator) -> tuple[list[int], list
     labels: list[int] = []
     pos = 0
     for i, (kept, dropped) in enumerate(zip(kept_lengths, noise_lengths, strict=True)):
-        inputs += tokens[pos : pos + kept] + [sentinel_id(i)]
+        inputs += tokens[pos : pos + kept] + [sentinels[i]]
         pos += kept
-        labels += [sentinel_id(i)] + tokens[pos : pos + dropped]
+        labels += [sentinels[i]] + tokens[pos : pos + dropped]
         pos += dropped
-    return inputs + [EOS], labels + [EOS]
+    return inputs + [eos], labels + [eos]
 
 
 def corrupt_batch(windows: torch.Tensor, gen: torch.Generator) -> Denoising:
