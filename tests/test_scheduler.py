@@ -96,3 +96,17 @@ def test_a_variant_whose_row_is_busy_waits_while_others_run():
     batch = sched.schedule()
     assert [s.seq for s in batch] == [a] and list(sched.waiting) == [b]
     assert sched.busy_rows() == {0}
+
+
+def test_a_sequence_preempted_after_it_was_scheduled_leaves_the_batch():
+    # admitted first but newer by arrival: when the older one needs its block, the newer is the victim,
+    # after the decode loop had already put it in this step's batch
+    sched = _scheduler(blocks=3, block_size=4)
+    newer, older = _seq("a", 3, arrival=2.0), _seq("b", 4, arrival=1.0)
+    sched.add(newer)
+    _ran(sched.schedule())
+    sched.add(older)
+    _ran(sched.schedule())
+    batch = sched.schedule()
+    assert newer not in [s.seq for s in batch] and not newer.block_table and newer in sched.waiting
+    assert all(s.seq.block_table for s in batch)

@@ -89,6 +89,8 @@ class Scheduler:
             while not self._grow(seq, len(seq)):
                 victim = max(self.running, key=lambda s: (s.arrival, s.seq_id))
                 self._preempt(victim)
+                # the newest may have been scheduled already: it runs in no batch without its blocks
+                out = [s for s in out if s.seq is not victim]
                 if victim is seq:
                     break
             if seq in self.running:
