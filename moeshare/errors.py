@@ -7,3 +7,8 @@ class MoeshareError(Exception):
 
 class CheckpointError(MoeshareError):
     """A checkpoint directory or file that cannot be read or written as asked."""
+
+
+def summary(error: BaseException, limit: int = 200) -> str:
+    """An unforeseen error as one short line: its type and the first line of its message."""
+    return (f"{type(error).__name__}: {error}".splitlines() or [""])[0][:limit]

@@ -23,7 +23,6 @@ from moeshare.consolidate import Options, consolidate
 from moeshare.engine.api import Submit
 from moeshare.engine.engine import Engine, EngineConfig
 from moeshare.engine.request import SamplingParams
-from moeshare.evals.scorers import teacher_forced
 
 VARIANTS = ["kjv", "fortunes-en", "fortunes-de", "python"]
 DENSE = [("llama", "kjv"), ("qwen2", "python")]  # zoo arch, variant
@@ -65,7 +64,7 @@ def main() -> int:
         ids = engine.tokenizer(v)(text, add_special_tokens=False)["input_ids"]
         with torch.no_grad():
             theirs = hf(torch.tensor([ids], device="cuda")).logits[0].float()
-        ours = teacher_forced(engine.instance(v), v, ids)
+        ours = engine.teacher_forced(v, ids)
         rel = ((ours - theirs).abs().max() / theirs.abs().max()).item()
         pids = engine.tokenizer(v)(prompt, add_special_tokens=False)["input_ids"]
         mine = engine.generate(v, pids, GREEDY)[1]

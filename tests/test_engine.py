@@ -17,7 +17,6 @@ from moeshare.engine.request import (
     UnknownModel,
 )
 from moeshare.errors import MoeshareError
-from moeshare.evals.scorers import teacher_forced
 
 VARIANTS = ["kjv", "fortunes-en", "fortunes-de", "python"]
 PROMPTS = {
@@ -58,7 +57,7 @@ def test_logits_and_greedy_tokens_match_transformers(tiny_zoo, variant):
     hf = _hf(path)
     text = (tiny_zoo / "heldout" / f"{variant}.txt").read_text()[:200]
     ids = engine.tokenizer(variant)(text, add_special_tokens=False)["input_ids"]
-    ours = teacher_forced(engine.instance(variant), variant, ids)
+    ours = engine.teacher_forced(variant, ids)
     with torch.no_grad():
         theirs = hf(torch.tensor([ids])).logits[0]
     assert ((ours - theirs).abs().max() / theirs.abs().max()).item() < 1e-4
@@ -142,7 +141,7 @@ def test_consolidated_store_matches_transformers_on_its_export(tiny_zoo, tmp_pat
         ids = engine.tokenizer(v)(PROMPTS[v], add_special_tokens=False)["input_ids"]
         with torch.no_grad():
             theirs = hf(torch.tensor([ids])).logits[0]
-        ours = teacher_forced(engine.instance(v), v, ids)
+        ours = engine.teacher_forced(v, ids)
         assert ((ours - theirs).abs().max() / theirs.abs().max()).item() < 1e-4
         assert engine.generate(v, ids, GREEDY)[1] == _hf_greedy(hf, ids)
 

@@ -116,3 +116,18 @@ def test_synthetic_dense_model_serves_token_id_prompts():
             assert c.completion_tokens == 8 and all(0 <= t < 300 for t in c.token_ids)
     finally:
         s.stop()
+
+
+def test_a_tokenizer_that_does_not_load_is_one_line_before_any_memory_is_taken(tiny_zoo, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    ckpt = tmp_path / "broken"
+    shutil.copytree(tiny_zoo / "llama" / "kjv", ckpt)
+    (ckpt / "tokenizer.json").write_text("{ not json")
+    cmd = [sys.executable, "-m", "moeshare.cli", "serve", str(ckpt), "--port", "0"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("moeshare: error:")]
+    assert len(errors) == 1 and "the tokenizer does not load" in errors[0] and str(ckpt) in errors[0]

@@ -58,7 +58,11 @@ def publish(tmp: Path, out: Path) -> None:
     if os.path.lexists(out):
         old = leftover(out, "old")
         out.rename(old)
-        tmp.rename(out)
+        try:
+            tmp.rename(out)
+        except BaseException:
+            old.rename(out)  # `out` stays as it was
+            raise
         if old.is_dir() and not old.is_symlink():
             shutil.rmtree(old)
         else:

@@ -156,6 +156,10 @@ class StreamingSafetensorsWriter:
         self._put(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
         self._next += 1
 
+    def discard(self) -> None:
+        """Close the file after a failed write (the caller removes what was written)."""
+        self._file.close()
+
     def close(self) -> str:
         self._file.close()
         if self._next != len(self._order):
@@ -166,6 +170,10 @@ class StreamingSafetensorsWriter:
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
     """All of `tensors` in one file; returns its sha256."""
     writer = StreamingSafetensorsWriter(path, [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()])
-    for name, t in tensors.items():
-        writer.write(name, t)
+    try:
+        for name, t in tensors.items():
+            writer.write(name, t)
+    except BaseException:
+        writer.discard()
+        raise
     return writer.close()

@@ -7,15 +7,23 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from moeshare.engine.request import FinishReason, Sequence
+from moeshare.errors import MoeshareError, summary
 
 
 def load_tokenizer(directory: Path | None):
-    """The model's tokenizer, or None where it has none (then requests send token ids)."""
+    """The model's tokenizer, or None where it has none (then requests send token ids); a tokenizer that
+    does not load is one line naming its directory."""
     if directory is None or not any(
         (Path(directory) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")
     ):
         return None
-    return AutoTokenizer.from_pretrained(directory)
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except Exception as e:  # transformers raises many kinds (OSError, ValueError, JSON errors)
+        what = summary(e)
+        raise MoeshareError(
+            f"{directory}: the tokenizer does not load ({what}); repair or remove it"
+        ) from None
 
 
 def token_chars(tokenizer) -> int:

@@ -75,6 +75,8 @@ class Engine:
         self._instances.remove(instance)
         for m in instance.models:
             del self._by_model[m]
+        if self.config.torch_device.type == "cuda":  # give its memory back to the device, not the cache,
+            torch.cuda.empty_cache()  # so the next load sizes its KV pool from what is really free
         return instance.models
 
     def models(self) -> list[ModelInfo]:
@@ -85,18 +87,27 @@ class Engine:
         return model in self._by_model
 
     def instance(self, model: str) -> Instance:
-        """The instance serving `model`, for in-process tools that run its forward (the eval scorers)."""
+        """The live instance serving `model`: for in-process inspection (tests, GPU checks), not an API."""
         return self._instance(model)
+
+    @torch.inference_mode()
+    def teacher_forced(self, model: str, ids: list[int]) -> torch.Tensor:
+        """Next-token logits at every position of `ids` [T, V], float32 (the eval scorers): one prefill of
+        `model`'s row outside any batch, its KV blocks borrowed from the instance's pool and returned."""
+        instance = self._instance(model)
+        return instance.runner.prefill_logits(instance.ready_row(model), ids)
 
     def tokenizer(self, model: str):
         """`model`'s tokenizer (None if it has none); an in-process convenience."""
         return self._instance(model).tokenizers[model]
 
     def _instance(self, model: str) -> Instance:
-        if model not in self._by_model:
-            served = ", ".join(self._by_model) or "none"
+        # one lookup and a copy of the names: other threads call this (prepare) while load/unload change it
+        instance = self._by_model.get(model)
+        if instance is None:
+            served = ", ".join(list(self._by_model)) or "none"
             raise UnknownModel(f"unknown model {clip(model)}; served models: {served}")
-        return self._by_model[model]
+        return instance
 
     # ---- requests ----------------------------------------------------------------------------------------
 

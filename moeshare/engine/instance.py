@@ -15,7 +15,7 @@ import torch
 
 from moeshare.engine.api import EngineFailed, ModelInfo, ModelLoad, TokenEvent, Usage
 from moeshare.engine.config import EngineConfig
-from moeshare.engine.detokenize import Detokenizer, load_tokenizer, token_chars
+from moeshare.engine.detokenize import Detokenizer, token_chars
 from moeshare.engine.models import Footprint, Model
 from moeshare.engine.request import (
     FinishReason,
@@ -28,6 +28,7 @@ from moeshare.engine.request import (
 from moeshare.engine.residency import Residency
 from moeshare.engine.runner import Runner
 from moeshare.engine.scheduler import Scheduled, Scheduler
+from moeshare.errors import summary
 from moeshare.memory.blocks import BlockPool
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class Instance:
         pool: BlockPool,
         runner: Runner,
         config: EngineConfig,
+        tokenizers: dict[str, Any],
         offloaded_layers: int = 0,
         placed_bytes: int = 0,
     ) -> None:
@@ -71,7 +73,7 @@ class Instance:
         self.config, self.device = config, runner.device
         self.offloaded_layers, self.placed_bytes = offloaded_layers, placed_bytes
         self.scheduler = Scheduler(pool, residency, config.max_num_seqs, config.max_batched_tokens)
-        self.tokenizers = {m: load_tokenizer(source.tokenizer_dir(v)) for m, v in names.items()}
+        self.tokenizers = tokenizers  # per model name, or None: loaded before any memory was taken
         self.token_chars = {m: token_chars(t) for m, t in self.tokenizers.items()}
         eos = source.config.get("eos_token_id")
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -194,7 +196,7 @@ class Instance:
         log.error(
             "a step of %s failed; its %d request(s) end with an error", where, len(batch), exc_info=error
         )
-        what = (f"{type(error).__name__}: {error}".splitlines() or [""])[0][:200]
+        what = summary(error)
         message = f"the engine step running this request failed ({what})"
         events = []
         for s in batch:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from moeshare.engine.config import EngineConfig
+from moeshare.engine.detokenize import load_tokenizer
 from moeshare.engine.graphs import DecodeGraphs
 from moeshare.engine.instance import Instance
 from moeshare.engine.models import architecture
@@ -66,6 +67,8 @@ def build_instance(
         layout.row_bytes,
         layout.slot_bytes,
     )
+    # tokenizers before any device memory: one that does not load is one line, and nothing was taken
+    tokenizers = {m: load_tokenizer(source.tokenizer_dir(v)) for m, v in names.items()}
     oom = ""
     try:
         pool = BlockPool(blocks, c.block_size, fp.layers, fp.kv_heads, fp.head_dim, dtype, device)
@@ -90,6 +93,7 @@ def build_instance(
         pool,
         Runner(model, pool, device, graphs),
         c,
+        tokenizers,
         offloaded_layers=len(placement.offload),
         placed_bytes=placement.total if left is not None else 0,
     )

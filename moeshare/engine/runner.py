@@ -32,16 +32,14 @@ class Runner:
             rows += [s.row] * s.count
             last.append(len(ids) - 1)
         params = [s.seq.params for s in batch]
+        temperature = [p.temperature for p in params]
+        top_p = [p.top_p for p in params]
+        top_k = [p.top_k for p in params]
+        seeds = [p.seed for p in params]
         steps = [len(s.seq.output_ids) for s in batch]
         if self.graphs is not None and len(ids) == len(batch) and self.graphs.fits(len(batch)):
-            sampling = (
-                [p.temperature for p in params],
-                [p.top_p for p in params],
-                [p.top_k for p in params],
-                [p.seed for p in params],
-                steps,
-            )
             tables = [s.seq.block_table for s in batch]
+            sampling = (temperature, top_p, top_k, seeds, steps)
             chosen, logprobs = self.graphs.run(ids, positions, rows, tables, sampling)
             return chosen.tolist(), logprobs.tolist()
         attn = AttnBatch.build(
@@ -56,14 +54,11 @@ class Runner:
         logits = self.model.logits(hidden[last_t], row_t[last_t])  # [B, V]
         dev = self.device
         sb = SamplingBatch(
-            temperature=torch.tensor([p.temperature for p in params], device=dev),
-            top_p=torch.tensor([p.top_p for p in params], device=dev),
-            top_k=torch.tensor([p.top_k for p in params], device=dev),
-            seeds=self._longs([p.seed for p in params]),
+            temperature=torch.tensor(temperature, device=dev),
+            top_p=torch.tensor(top_p, device=dev),
+            top_k=torch.tensor(top_k, device=dev),
+            seeds=self._longs(seeds),
             steps=self._longs(steps),
-        )
-        temperature, top_p, top_k = (
-            [getattr(p, f) for p in params] for f in ("temperature", "top_p", "top_k")
         )
         chosen, logprobs = sample(logits, sb, mode_for(temperature, top_p, top_k))
         return chosen.tolist(), logprobs.tolist()

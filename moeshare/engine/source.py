@@ -31,18 +31,10 @@ class Source:
     def architecture(self) -> str:
         return self.adapter.name
 
-    def variant_config(self, variant: str) -> dict:
-        return self._store.variant(variant).config if self._store else self.config
-
     def tensor(self, variant: str, name: str) -> torch.Tensor:
         if self._store:
             return self._store.tensor(variant, name)
         return self._ckpt.tensor(name)
-
-    def has_tensor(self, variant: str, name: str) -> bool:
-        if self._store:
-            return name in self._store.variant(variant).tensors
-        return name in self._ckpt.names
 
     def bank_slots(self, layer: str) -> int:
         if self._store:

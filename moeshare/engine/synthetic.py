@@ -125,12 +125,6 @@ class RandomDenseSource(RandomSource):
         self.architecture = "llama"
         self.variants = [name]
 
-    def variant_config(self, variant: str) -> dict:
-        return self.config
-
-    def has_tensor(self, variant: str, name: str) -> bool:
-        return self.adapter.expected_shape(name) is not None
-
     def bank_slots(self, layer: str) -> int:
         return 0
 
@@ -173,9 +167,6 @@ class RandomMixtralSource(RandomSource):
             self.variants = [family[only]]
             self._slot_of, self.slots = self._tables[family[only]], e
             self._tables = {family[only]: list(range(e))}
-
-    def variant_config(self, variant: str) -> dict:
-        return self.config
 
     def bank_slots(self, layer: str) -> int:
         return self.slots

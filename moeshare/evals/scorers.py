@@ -11,7 +11,6 @@ import torch
 from moeshare.checkpoint.hf import load_model
 from moeshare.engine.api import Submit
 from moeshare.engine.engine import Engine
-from moeshare.engine.instance import Instance
 from moeshare.engine.request import FinishReason, SamplingParams
 from moeshare.errors import MoeshareError
 
@@ -31,13 +30,6 @@ class Scorer(Protocol):
         ...
 
 
-@torch.inference_mode()
-def teacher_forced(instance: Instance, model: str, ids: list[int]) -> torch.Tensor:
-    """Next-token logits at every position of `ids` [T, V], float32: one prefill of `model`'s row outside
-    any batch, its KV blocks borrowed from the instance's pool and returned."""
-    return instance.runner.prefill_logits(instance.ready_row(model), ids)
-
-
 class EngineScorer:
     """One model (a variant of a store, or a checkpoint) that an Engine serves."""
 
@@ -47,8 +39,7 @@ class EngineScorer:
         self.engine, self.model = engine, model
 
     def logits(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        instance = self.engine.instance(self.model)
-        return torch.stack([teacher_forced(instance, self.model, row.tolist()).cpu() for row in inputs])
+        return torch.stack([self.engine.teacher_forced(self.model, row.tolist()).cpu() for row in inputs])
 
     def greedy(self, prompts: torch.Tensor, n: int) -> list[list[int]]:
         params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)

@@ -20,7 +20,7 @@ from moeshare.engine.request import (
     UnknownModel,
     clip,
 )
-from moeshare.errors import MoeshareError
+from moeshare.errors import MoeshareError, summary
 from moeshare.server.auth import LOAD_OFF, PATH_CHARS, confine, outside
 from moeshare.server.messages import ListModels, Load, Operation, TakeSnapshot, Ticket, Unload
 from moeshare.server.metrics import Metrics
@@ -63,7 +63,7 @@ def _status(e: Exception) -> tuple[grpc.StatusCode, str]:
         if isinstance(e, kind):
             return code, str(e)
     log.error("internal error in a call", exc_info=e)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}".splitlines()[0]
+    return grpc.StatusCode.INTERNAL, f"internal error: {summary(e, 1000)}"
 
 
 def sampling_params(request: pb.GenerateRequest) -> SamplingParams:

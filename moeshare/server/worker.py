@@ -25,7 +25,7 @@ from moeshare.engine.api import EngineFailed, Submit, TokenEvent, Usage
 from moeshare.engine.engine import Engine
 from moeshare.engine.request import FinishReason, SamplingParams
 from moeshare.engine.synthetic import from_spec
-from moeshare.errors import MoeshareError
+from moeshare.errors import MoeshareError, summary
 from moeshare.server.messages import (
     Ask,
     CancelAll,
@@ -144,7 +144,7 @@ class EngineWorker:
     def _die(self, error: BaseException) -> None:
         """Fail every request and call, now and later, and tell the server."""
         log.critical("the engine thread died", exc_info=error)
-        what = (f"{type(error).__name__}: {error}".splitlines() or [""])[0][:200]
+        what = summary(error)
         message = f"the engine stopped after an internal error ({what}); the server is going down"
         with self._lock:
             self.failure = message
@@ -215,7 +215,8 @@ class EngineWorker:
     def _answer(self, op: Operation) -> Any:
         if isinstance(op, Load):
             device = self.engine.config.device
-            loaded = [m for p in op.paths for m in self.engine.load(named_path(p)[1], named_path(p)[0])]
+            named = [named_path(p) for p in op.paths]
+            loaded = [m for name, path in named for m in self.engine.load(path, name)]
             return loaded + [m for s in op.synthetic for m in self.engine.load(from_spec(s, device))]
         if isinstance(op, Unload):
             return self.engine.unload(op.model)  # its requests' final events come out of the next step

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from moeshare.engine.api import VARIANT
 from moeshare.engine.config import EngineConfig
 from moeshare.engine.models import Footprint, Layout
 from moeshare.engine.models.mixtral import MixtralDims, MultiVariantMixtral, variant_tensor_names
@@ -16,7 +17,7 @@ from moeshare.engine.residency import LazyTensor, Residency
 @dataclass(frozen=True)
 class MoeVariants:
     name: str = "mixtral"
-    kind: str = "variant"
+    kind: str = VARIANT
 
     def footprint(self, config: dict) -> Footprint:
         d = MixtralDims.from_config(config)
