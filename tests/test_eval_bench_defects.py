@@ -153,6 +153,7 @@ def test_serve_with_a_memory_limit_too_small_is_one_line_exit_2() -> None:
     cmd += ["--kv-blocks", "16", "--memory-limit", "0.01"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
+    assert done.stdout == ""  # refused before it listens
     [line] = done.stderr.strip().splitlines()
     assert line.startswith("moeshare: error: the memory limit leaves 0.01 GiB, which cannot hold 2 resident")
     assert "16 KV blocks" in line and "0.02 GiB in all: raise the limit" in line

@@ -18,7 +18,7 @@ import torch
 from moeshare.engine.api import EngineFailed, EngineStats, ModelInfo, Submit, TokenEvent
 from moeshare.engine.config import EngineConfig
 from moeshare.engine.instance import Instance
-from moeshare.engine.planner import build_instance, model_names, open_source
+from moeshare.engine.planner import build_instance, model_names, open_source, plan
 from moeshare.engine.policy import LoadOrder, Policy
 from moeshare.engine.request import FinishReason, SamplingParams, Sequence, UnknownModel, clip
 from moeshare.errors import MoeshareError
@@ -63,6 +63,16 @@ class Engine:
         for m in instance.models:
             self._by_model[m] = instance
         return instance.models
+
+    def check_fits(self, targets: list[tuple[str | Path | Any, str | None]]) -> None:
+        """Raise the one-line error that loading these (target, name) pairs in order would raise for their
+        architecture or the memory limit, without reading weights or allocating anything."""
+        limit = self.config.memory_limit_bytes
+        left = None if limit is None else limit - sum(i.placed_bytes for i in self._instances)
+        for target, _ in targets:
+            placement = plan(open_source(target), self.config, left, target)[-1]
+            if left is not None:
+                left -= placement.total
 
     def unload(self, model: str) -> list[str]:
         """Stop serving the instance that holds `model`: its requests end (CANCELLED, their KV goes back at

@@ -43,13 +43,9 @@ def model_names(source: Any, name: str | None) -> dict[str, str]:
     return {name: source.variants[0]}
 
 
-def build_instance(
-    source: Any, names: dict[str, str], config: EngineConfig, left: int | None, target: object = None
-) -> Instance:
-    """The instance serving `names` of `source` (opened by open_source from `target`), placed in `left`
-    bytes (what is left of the memory limit; None: no limit). Raises MoeshareError with one line, holding
-    nothing, if it does not fit."""
-    target = target if target is not None else source.path
+def plan(source: Any, config: EngineConfig, left: int | None, target: object) -> tuple:
+    """Where an instance of `source` would go: (registry entry, footprint, layout, KV blocks, placement).
+    Allocates nothing; raises the one-line MoeshareError of a source or a memory limit that cannot serve."""
     entry = architecture(source.architecture, target)
     c, dtype, device = config, config.torch_dtype, config.torch_device
     fp = entry.footprint(source.config)
@@ -67,6 +63,18 @@ def build_instance(
         layout.row_bytes,
         layout.slot_bytes,
     )
+    return entry, fp, layout, blocks, placement
+
+
+def build_instance(
+    source: Any, names: dict[str, str], config: EngineConfig, left: int | None, target: object = None
+) -> Instance:
+    """The instance serving `names` of `source` (opened by open_source from `target`), placed in `left`
+    bytes (what is left of the memory limit; None: no limit). Raises MoeshareError with one line, holding
+    nothing, if it does not fit."""
+    target = target if target is not None else source.path
+    entry, fp, layout, blocks, placement = plan(source, config, left, target)
+    c, dtype, device = config, config.torch_dtype, config.torch_device
     # tokenizers before any device memory: one that does not load is one line, and nothing was taken
     tokenizers = {m: load_tokenizer(source.tokenizer_dir(v)) for m, v in names.items()}
     oom = ""

@@ -141,12 +141,11 @@ async def run_server(args: argparse.Namespace, engine: Engine | None = None) -> 
     def on_fatal(message: str) -> None:  # on the engine thread
         loop.call_soon_threadsafe(lambda: failed.done() or failed.set_result(message))
 
-    worker = EngineWorker(
-        engine or Engine([], _engine_config(args)),
-        args.max_queue,
-        metrics.observe if metrics else None,
-        on_fatal,
-    )
+    engine = engine or Engine([], _engine_config(args))
+    if args.memory_limit is not None:  # a limit that cannot hold what is asked for is one line before binding
+        targets = [(path, name) for name, path in map(named_path, args.paths)]
+        engine.check_fits(targets + [(from_spec(spec, "meta"), None) for spec in args.synthetic])
+    worker = EngineWorker(engine, args.max_queue, metrics.observe if metrics else None, on_fatal)
     servicer = MoeShareServicer(worker, metrics, allowed_load_dirs)
     server = grpc.aio.server(interceptors=[BearerAuth(access)], options=SERVER_OPTIONS)
     moeshare_pb2_grpc.add_MoeShareServicer_to_server(servicer, server)
