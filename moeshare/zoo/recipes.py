@@ -46,9 +46,10 @@ class Recipe:
         return getattr(self, name)
 
 
-def mixtral_config(
-    layers: int, hidden: int, intermediate: int, experts: int, heads: int, kv_heads: int, seq_len: int
+def _decoder_config(
+    layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, seq_len: int
 ) -> dict[str, Any]:
+    """What every decoder-only config here shares (Mixtral, Llama, Qwen2)."""
     return {
         "vocab_size": VOCAB_SIZE,
         "hidden_size": hidden,
@@ -56,14 +57,21 @@ def mixtral_config(
         "num_hidden_layers": layers,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
-        "num_local_experts": experts,
-        "num_experts_per_tok": 2,
         "max_position_embeddings": 8 * seq_len,
-        "router_aux_loss_coef": 0.02,
         "tie_word_embeddings": False,
         "pad_token_id": PAD,
         "bos_token_id": BOS,
         "eos_token_id": EOS,
+    }
+
+
+def mixtral_config(
+    layers: int, hidden: int, intermediate: int, experts: int, heads: int, kv_heads: int, seq_len: int
+) -> dict[str, Any]:
+    return _decoder_config(layers, hidden, intermediate, heads, kv_heads, seq_len) | {
+        "num_local_experts": experts,
+        "num_experts_per_tok": 2,
+        "router_aux_loss_coef": 0.02,
     }
 
 
@@ -71,20 +79,7 @@ def dense_config(
     layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, seq_len: int, rope: dict[str, Any]
 ) -> dict[str, Any]:
     """Llama / Qwen2 config keywords; `rope` the rope_parameters, so the zoo exercises a scaled RoPE."""
-    return {
-        "vocab_size": VOCAB_SIZE,
-        "hidden_size": hidden,
-        "intermediate_size": intermediate,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "max_position_embeddings": 8 * seq_len,
-        "rope_parameters": rope,
-        "tie_word_embeddings": False,
-        "pad_token_id": PAD,
-        "bos_token_id": BOS,
-        "eos_token_id": EOS,
-    }
+    return _decoder_config(layers, hidden, intermediate, heads, kv_heads, seq_len) | {"rope_parameters": rope}
 
 
 def qwen2_config(**dims: Any) -> dict[str, Any]:
