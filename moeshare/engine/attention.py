@@ -28,6 +28,27 @@ class AttnBatch:
             q, k_cache, v_cache, self.block_tables, self.context_lens, self.query_start, scale
         )
 
+    def self_attention(
+        self,
+        qkv: torch.Tensor,
+        positions: torch.Tensor,
+        inv_freq: torch.Tensor,
+        kv: torch.Tensor,
+        layer: int,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+    ) -> torch.Tensor:
+        """qkv [T, (Hq + 2 Hkv) D] -> attention output [T, Hq D]: RoPE on q and k, the new K/V stored in
+        `layer` of the KV block pool kv [N, L, 2, B, Hkv, D], then paged attention over each sequence's blocks."""
+        q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+        q, k = ops.rotary(q.view(-1, heads, head_dim), k.view(-1, kv_heads, head_dim), positions, inv_freq)
+        v = v.view(-1, kv_heads, head_dim)
+        k_cache, v_cache = kv[:, layer, 0], kv[:, layer, 1]  # [N, B, Hkv, D] strided views
+        self.store(k_cache, v_cache, k, v)
+        o = self.attend(q, k_cache, v_cache, head_dim**-0.5)  # [T, Hq, D]
+        return o.reshape(-1, heads * head_dim)
+
     @classmethod
     def build(
         cls,

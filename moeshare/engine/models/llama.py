@@ -240,24 +240,16 @@ class DenseLlama:
         attn: AttnBatch,
         kv: torch.Tensor,
     ) -> torch.Tensor:
-        """ids, positions, rows [T] -> final hidden states [T, H]. kv: the page pool [N, L, 2, B, Hkv, D]."""
+        """ids, positions, rows [T] -> final hidden states [T, H]. kv: the KV block pool [N, L, 2, B, Hkv, D]."""
         d, w = self.dims, self.w
-        q_width, kv_width = d.heads * d.head_dim, d.kv_heads * d.head_dim
         h = w["embed"][rows, ids]  # [T, H]
         # each norm also adds the residual branch that precedes it
         h, x = ops.add_rms_norm(h, None, w["0.ln_in"], rows, d.eps)
         for layer in range(d.layers):
             p = f"{layer}."
             qkv = self._linear(x, p + "qkv", rows, p + "qkv_bias" if d.qkv_bias else None)  # [T, q + 2kv]
-            q, k, v = qkv.split([q_width, kv_width, kv_width], dim=-1)
-            q, k = ops.rotary(
-                q.view(-1, d.heads, d.head_dim), k.view(-1, d.kv_heads, d.head_dim), positions, self.inv_freq
-            )
-            v = v.view(-1, d.kv_heads, d.head_dim)
-            k_cache, v_cache = kv[:, layer, 0], kv[:, layer, 1]  # [N, B, Hkv, D] strided views
-            attn.store(k_cache, v_cache, k, v)
-            o = attn.attend(q, k_cache, v_cache, d.head_dim**-0.5)  # [T, Hq, D]
-            o = self._linear(o.reshape(-1, q_width), p + "o", rows, p + "o_bias" if d.o_bias else None)
+            o = attn.self_attention(qkv, positions, self.inv_freq, kv, layer, d.heads, d.kv_heads, d.head_dim)
+            o = self._linear(o, p + "o", rows, p + "o_bias" if d.o_bias else None)
             h, x = ops.add_rms_norm(h, o, w[p + "ln_post"], rows, d.eps)
             gate, up = self._linear(x, p + "gate_up", rows).chunk(2, dim=-1)  # [T, I] each
             mlp = self._linear(F.silu(gate) * up, p + "down", rows)

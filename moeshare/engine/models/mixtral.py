@@ -174,25 +174,16 @@ class MultiVariantMixtral:
         attn: AttnBatch,
         kv: torch.Tensor,
     ) -> torch.Tensor:
-        """ids, positions, rows [T] -> final hidden states [T, H]. kv: the page pool [N, L, 2, B, Hkv, D]."""
+        """ids, positions, rows [T] -> final hidden states [T, H]. kv: the KV block pool [N, L, 2, B, Hkv, D]."""
         d, w = self.dims, self.w
-        kv_width = d.kv_heads * d.head_dim
         h = w["embed"][rows, ids]  # [T, H]
         # each norm also adds the residual branch that precedes it: one kernel instead of a dozen
         h, x = ops.add_rms_norm(h, None, w["0.ln_in"], rows, d.eps)
         for layer in range(d.layers):
             p = f"{layer}."
-            q, k, v = ops.grouped_linear(x, w[p + "qkv"], rows).split(
-                [d.heads * d.head_dim] + [kv_width] * 2, dim=-1
-            )
-            q, k = ops.rotary(
-                q.view(-1, d.heads, d.head_dim), k.view(-1, d.kv_heads, d.head_dim), positions, self.inv_freq
-            )
-            v = v.view(-1, d.kv_heads, d.head_dim)
-            k_cache, v_cache = kv[:, layer, 0], kv[:, layer, 1]  # [N, B, Hkv, D] strided views
-            attn.store(k_cache, v_cache, k, v)
-            o = attn.attend(q, k_cache, v_cache, d.head_dim**-0.5)  # [T, Hq, D]
-            o = ops.grouped_linear(o.reshape(-1, d.heads * d.head_dim), w[p + "o"], rows)
+            qkv = ops.grouped_linear(x, w[p + "qkv"], rows)  # [T, q + 2kv]
+            o = attn.self_attention(qkv, positions, self.inv_freq, kv, layer, d.heads, d.kv_heads, d.head_dim)
+            o = ops.grouped_linear(o, w[p + "o"], rows)
             h, x = ops.add_rms_norm(h, o, w[p + "ln_post"], rows, d.eps)
             nxt = w[f"{layer + 1}.ln_in"] if layer + 1 < d.layers else w["norm"]
             h, x = ops.add_rms_norm(h, self._moe(layer, x, rows), nxt, rows, d.eps)
