@@ -224,6 +224,39 @@ def test_top_k_one_is_greedy_and_logprobs_are_reported(store, alone):
     assert usage.arrival <= usage.first_token <= usage.finish
 
 
+def test_queued_steps_give_the_tokens_of_lockstep_steps_and_return_every_block(store, alone):
+    """A step queued before the last one is read back (the default) and lockstep steps agree token for token,
+    also for requests that stop on a token or a string while their next row is already queued."""
+    full, _ = Engine([store]).generate("kjv", PROMPTS["kjv"], GREEDY)
+    stop_token = alone["python"][5]
+    runs = {}
+    for overlap in (True, False):
+        engine = Engine([store], EngineConfig(overlap=overlap))
+        ids = {v: _submit(engine, v, PROMPTS[v], GREEDY) for v in VARIANTS}
+        outcomes = _collect_steps(engine, 2)
+        ids["stop-string"] = _submit(
+            engine, "kjv", PROMPTS["kjv"], SamplingParams(max_tokens=32, temperature=0, stop=(full[9:13],))
+        )
+        params = SamplingParams(max_tokens=32, temperature=0, stop_token_ids=(stop_token,))
+        ids["stop-token"] = _submit(engine, "python", PROMPTS["python"], params)
+        _drain(engine, outcomes)
+        runs[overlap] = {k: (outcomes[i].tokens, outcomes[i].final.finish_reason) for k, i in ids.items()}
+        stats = engine.stats()
+        assert stats.kv_blocks_used == 0 and stats.running == stats.waiting == 0 and not engine.has_work()
+    assert runs[True] == runs[False]
+    assert {v: runs[True][v][0] for v in VARIANTS} == alone
+    tokens, reason = runs[True]["stop-token"]
+    assert tokens == alone["python"][: alone["python"].index(stop_token) + 1] and reason is FinishReason.STOP
+    assert runs[True]["stop-string"][1] is FinishReason.STOP
+
+
+def _collect_steps(engine: Engine, n: int) -> dict[int, Outcome]:
+    outcomes: dict[int, Outcome] = {}
+    for _ in range(n):
+        _collect(outcomes, engine.step())
+    return outcomes
+
+
 def test_stop_strings_and_max_tokens(store):
     engine = Engine([store])
     full, _ = engine.generate("kjv", PROMPTS["kjv"], GREEDY)
@@ -242,11 +275,11 @@ def test_cancel_frees_blocks_at_once(store):
     engine = Engine([store])
     seq = _submit(engine, "kjv", PROMPTS["kjv"], GREEDY)
     engine.step()
-    engine.step()
+    engine.step()  # the first token is read back, the second is queued
     assert engine.stats().kv_blocks_used > 0
     final = engine.cancel(seq)
     assert final.finished and final.finish_reason is FinishReason.CANCELLED
-    assert final.usage.completion_tokens == 2
+    assert final.usage.completion_tokens == 1
     assert engine.stats().kv_blocks_used == 0 and not engine.has_work()
     assert engine.cancel(seq) is None
 

@@ -93,7 +93,8 @@ def test_the_final_event_carries_usage(kjv):
 def test_unload_ends_running_requests_with_a_final_cancelled_event_and_frees_their_kv(kjv):
     engine = Engine([kjv])
     handle = engine.submit(Submit("kjv", PROMPT, SamplingParams(max_tokens=50, ignore_eos=True)))
-    engine.step()
+    engine.step()  # queues the prefill
+    engine.step()  # reads its token back and queues the next
     assert engine.stats().kv_blocks_used > 0
     assert engine.unload("kjv") == ["kjv"]
     assert engine.models() == [] and engine.stats().kv_blocks_used == 0
@@ -141,5 +142,16 @@ def test_the_policy_decides_which_instances_run(kjv, tiny_zoo):
     policy = Picks()
     engine = Engine([kjv, tiny_zoo / "mixtral" / "python"], EngineConfig(), policy)
     engine.submit(Submit("python", "def f(", SamplingParams(max_tokens=2)))
+    assert engine.step() == []  # the batch is queued; its events come out of the next step
     assert [ev.model for ev in engine.step()] == ["python"]
-    assert policy.seen == [["kjv", "python"]]
+    assert policy.seen == [["kjv", "python"]] * 2
+
+
+def test_a_queued_batch_is_read_back_even_when_the_policy_picks_nothing(kjv):
+    policy = Picks()
+    engine = Engine([kjv], policy=policy)
+    engine.submit(Submit("kjv", PROMPT, SamplingParams(max_tokens=2)))
+    assert engine.step() == []
+    policy.pick = lambda instances: []
+    (ev,) = engine.step()
+    assert ev.model == "kjv" and not ev.finished and engine.stats().running == 1

@@ -28,6 +28,9 @@ class EngineConfig:
     max_batched_tokens: int = 2048
     max_tokens_limit: int = 4096
     cuda_graphs: bool = True  # capture decode steps per batch size (CUDA only)
+    # queue each step before reading back the last one's tokens (host work hides behind the GPU's); off:
+    # every step's events come out of that step
+    overlap: bool = True
 
     def validate(self) -> None:
         """Refuse settings under which requests could never run (the scheduler would spin forever)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tokenizers.decoders import DecodeStream
 from transformers import AutoTokenizer
 
 from moeshare.engine.request import FinishReason, Sequence
@@ -45,30 +46,56 @@ def settled(text: str, stops: tuple[str, ...]) -> str:
     return text[: len(text) - hold]
 
 
+def _backend(tokenizer):
+    """The Rust tokenizer that decodes a stream one token at a time, or None: decode the whole output each
+    time (no tokenizer, a slow one, or one whose decode also cleans up spaces, which a stream cannot)."""
+    if tokenizer is None or getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return None
+    return getattr(tokenizer, "backend_tokenizer", None)
+
+
 class Detokenizer:
     """Per running sequence, the text streamed so far."""
 
     def __init__(self, tokenizers: dict, eos: set[int], context: int) -> None:
         self.tokenizers, self.eos, self.context = tokenizers, eos, context
-        self.texts: dict[int, str] = {}
+        self.backends = {m: _backend(t) for m, t in tokenizers.items()}
+        self.texts: dict[int, str] = {}  # streamed to the client
+        self.decoded: dict[int, str] = {}  # decoded so far (streamed sequences)
+        self.streams: dict[int, DecodeStream] = {}
+
+    def _decode(self, seq: Sequence, token: int) -> str:
+        """The text of seq.output_ids, one step further than last time (O(1) per token when streamed)."""
+        backend = self.backends[seq.model]
+        if backend is None:
+            tokenizer = self.tokenizers[seq.model]
+            return tokenizer.decode(seq.output_ids, skip_special_tokens=True) if tokenizer else ""
+        stream = self.streams.get(seq.seq_id)
+        if stream is None:
+            stream = self.streams[seq.seq_id] = DecodeStream(skip_special_tokens=True)
+        text = self.decoded.get(seq.seq_id, "") + (stream.step(backend, token) or "")
+        self.decoded[seq.seq_id] = text
+        return text
 
     def advance(self, seq: Sequence, token: int) -> tuple[str, FinishReason | None]:
         """After `token` joined seq.output_ids: the text it adds, and why the sequence ends (None: it goes on)."""
         p = seq.params
-        tokenizer = self.tokenizers[seq.model]
         old = self.texts.get(seq.seq_id, "")
-        text = tokenizer.decode(seq.output_ids, skip_special_tokens=True) if tokenizer else ""
+        text = self._decode(seq, token)
         reason = None
         if (token in self.eos and not p.ignore_eos) or token in p.stop_token_ids:
             reason = FinishReason.STOP
-        for stop in p.stop:
-            at = text.find(stop, max(0, len(old) - len(stop)))
-            if at >= 0:
-                text, reason = text[:at], FinishReason.STOP
         if reason is None and len(seq.output_ids) >= p.max_tokens:
             reason = FinishReason.LENGTH
         if reason is None and len(seq) >= self.context:
             reason = FinishReason.CONTEXT
+        if reason is not None and self.backends[seq.model] is not None:
+            # the whole decode once at the end: a stream holds back an incomplete character that it shows
+            text = self.tokenizers[seq.model].decode(seq.output_ids, skip_special_tokens=True)
+        for stop in p.stop:
+            at = text.find(stop, max(0, len(old) - len(stop)))
+            if at >= 0:
+                text, reason = text[:at], FinishReason.STOP
         stable = text if reason else settled(text, p.stop)
         delta = stable[len(old) :] if stable.startswith(old) else ""
         self.texts[seq.seq_id] = old + delta
@@ -76,3 +103,5 @@ class Detokenizer:
 
     def forget(self, seq_id: int) -> None:
         self.texts.pop(seq_id, None)
+        self.decoded.pop(seq_id, None)
+        self.streams.pop(seq_id, None)

@@ -152,8 +152,12 @@ class Engine:
         """One batch for each instance the policy picks. A batch that fails ends its own requests with
         FinishReason.ERROR and the engine serves on; raises EngineFailed only if the device is broken."""
         events, self._outbox = self._outbox, []
-        for instance in self.policy.pick(self._instances):
+        picked = self.policy.pick(self._instances)
+        for instance in picked:
             events += instance.step()
+        for instance in self._instances:  # a batch queued by the last step is read back whatever runs now
+            if instance not in picked:
+                events += instance.read_back()
         for ev in events:
             if ev.finished:
                 self._by_seq.pop(ev.seq_id, None)

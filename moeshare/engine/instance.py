@@ -3,6 +3,11 @@ its scheduler queue, its runner (forward, CUDA graphs, sampling) and its detoken
 
 An instance is handed its block pool and its placement (what it may take of the memory limit) by the planner;
 it never sizes or allocates memory itself. Within it, requests are Sequences; outside it, plain events.
+
+A step queues the next batch on the device before it reads back the tokens of the batch queued by the step
+before (config.overlap), so the host's scheduling and detokenizing run while the GPU computes: a step's
+events are those of the batch before it. A sequence that stops on a token the host has not seen yet (eos,
+a stop string) runs one more row whose token is dropped.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from moeshare.engine.request import (
     Status,
 )
 from moeshare.engine.residency import Residency
-from moeshare.engine.runner import Runner
+from moeshare.engine.runner import Launched, Runner
 from moeshare.engine.scheduler import Scheduled, Scheduler
 from moeshare.errors import summary
 from moeshare.memory.blocks import BlockPool
@@ -72,7 +77,10 @@ class Instance:
         )
         self.config, self.device = config, runner.device
         self.offloaded_layers, self.placed_bytes = offloaded_layers, placed_bytes
-        self.scheduler = Scheduler(pool, residency, config.max_num_seqs, config.max_batched_tokens)
+        self.scheduler = Scheduler(
+            pool, residency, config.max_num_seqs, config.max_batched_tokens, footprint.context
+        )
+        self._inflight: Launched | None = None  # the batch queued by the last step, not read back yet
         self.tokenizers = tokenizers  # per model name, or None: loaded before any memory was taken
         self.token_chars = {m: token_chars(t) for m, t in self.tokenizers.items()}
         eos = source.config.get("eos_token_id")
@@ -127,7 +135,8 @@ class Instance:
         self.scheduler.add(seq)
 
     def has_work(self) -> bool:
-        return bool(self.scheduler.running or self.scheduler.waiting)
+        queued = self._inflight is not None and any(not s.seq.finished for s in self._inflight.batch)
+        return bool(self.scheduler.running or self.scheduler.waiting or queued)
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """End a sequence: its blocks go back at once."""
@@ -150,23 +159,53 @@ class Instance:
     # ---- stepping ----------------------------------------------------------------------------------------
 
     def step(self) -> list[TokenEvent]:
-        """One batch. A batch that fails ends its own sequences with FinishReason.ERROR (their KV goes back);
-        raises EngineFailed only if the device itself is broken."""
+        """Queue the next batch, then read back the one queued before it: that batch's events. A batch that
+        fails ends its own sequences with FinishReason.ERROR (their KV goes back); raises EngineFailed only
+        if the device itself is broken."""
+        prev, self._inflight = self._inflight, None
         batch = self.scheduler.schedule()
-        if not batch:
-            return []
-        try:
-            chosen, logprobs = self.runner.run(batch)
-            return self._advance(batch, chosen, logprobs)
-        except Exception as e:
-            return self._fail(batch, e)
+        launched, failed = None, None
+        if batch:
+            try:
+                launched = self.runner.launch(batch, prev)
+            except Exception as e:
+                failed = e
+            else:
+                for s in batch:
+                    s.seq.pending += 1
+        events = self._collect(prev) if prev is not None else []
+        if failed is not None:
+            events += self._fail(batch, failed)
+        if launched is not None:
+            if self.config.overlap:
+                self._inflight = launched
+            else:
+                events += self._collect(launched)
+        return events
 
-    def _advance(self, batch: list[Scheduled], chosen: list[int], logprobs: list[float]) -> list[TokenEvent]:
+    def read_back(self) -> list[TokenEvent]:
+        """The events of the batch queued by the last step, without queueing another."""
+        prev, self._inflight = self._inflight, None
+        return self._collect(prev) if prev is not None else []
+
+    def _collect(self, launched: Launched) -> list[TokenEvent]:
+        events: list[TokenEvent] = []
+        try:
+            chosen, logprobs = launched.read()
+            self._advance(launched.batch, chosen, logprobs, events)
+        except Exception as e:
+            return events + self._fail(launched.batch, e)
+        return events
+
+    def _advance(
+        self, batch: list[Scheduled], chosen: list[int], logprobs: list[float], events: list[TokenEvent]
+    ) -> None:
         now = time.perf_counter()
-        events = []
         for s, token, lp in zip(batch, chosen, logprobs, strict=True):
             seq = s.seq
-            seq.num_cached = s.start + s.count
+            seq.pending -= 1
+            if seq.finished:
+                continue  # cancelled, or stopped on an earlier token while this row was queued
             seq.output_ids.append(token)
             if seq.params.logprobs:
                 seq.logprobs.append(lp)
@@ -189,7 +228,6 @@ class Instance:
                     usage(seq) if done else None,
                 )  # fmt: skip
             )
-        return events
 
     def _fail(self, batch: list[Scheduled], error: Exception) -> list[TokenEvent]:
         where = self.source.path or self.models[0]
@@ -200,8 +238,9 @@ class Instance:
         message = f"the engine step running this request failed ({what})"
         events = []
         for s in batch:
-            if not s.seq.finished:  # one that finished before the failure lost its last event: tell it too
-                self.finish(s.seq, FinishReason.ERROR)
+            if s.seq.finished:
+                continue  # its final event is out already (cancelled, or stopped before this batch)
+            self.finish(s.seq, FinishReason.ERROR)
             events.append(final_event(s.seq, FinishReason.ERROR, message))
         if self.device.type == "cuda":
             try:  # an error on the device itself is sticky: every later step would fail the same way

@@ -14,7 +14,7 @@ import torch
 
 from moeshare.engine.config import EngineConfig
 from moeshare.engine.detokenize import load_tokenizer
-from moeshare.engine.graphs import DecodeGraphs
+from moeshare.engine.graphs import DecodeGraphs, LastTokens
 from moeshare.engine.instance import Instance
 from moeshare.engine.models import architecture
 from moeshare.engine.placement import default_blocks, out_of_memory, place
@@ -81,9 +81,10 @@ def build_instance(
     try:
         pool = BlockPool(blocks, c.block_size, fp.layers, fp.kv_heads, fp.head_dim, dtype, device)
         model, residency = entry.build(source, names, layout, placement.offload, c, dtype, device)
+        last = LastTokens(c.max_num_seqs, device)
         graphs = None
         if device.type == "cuda" and c.cuda_graphs and not placement.offload:
-            graphs = DecodeGraphs(model, pool, device, c.max_num_seqs, fp.context)
+            graphs = DecodeGraphs(model, pool, device, c.max_num_seqs, fp.context, last)
             graphs.capture()
     except torch.OutOfMemoryError as e:  # kept outside the handler, so nothing holds what was allocated
         oom = str(e).split("\n")[0]
@@ -99,7 +100,7 @@ def build_instance(
         model,
         residency,
         pool,
-        Runner(model, pool, device, graphs),
+        Runner(model, pool, device, last, graphs),
         c,
         tokenizers,
         offloaded_layers=len(placement.offload),

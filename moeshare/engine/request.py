@@ -98,7 +98,8 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: FinishReason | None = None
     block_table: list[int] = field(default_factory=list)
-    num_cached: int = 0  # tokens whose KV is in the cache
+    num_cached: int = 0  # tokens whose KV is in the cache (or being written by a launched step)
+    pending: int = 0  # tokens sampled by a launched step whose ids the host has not read back yet (0 or 1)
     arrival: float = 0.0
     first_token_time: float | None = None
     finish_time: float | None = None
@@ -107,6 +108,24 @@ class Sequence:
     @property
     def token_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    def tokens(self, start: int, count: int) -> list[int]:
+        """token_ids[start : start + count] without building the whole list."""
+        p = len(self.prompt_ids)
+        if start >= p:
+            return self.output_ids[start - p : start - p + count]
+        return self.prompt_ids[start : start + count] + self.output_ids[: max(0, start + count - p)]
+
+    @property
+    def ahead(self) -> int:
+        """Tokens once the pending ones are read back: where the next token goes."""
+        return len(self.prompt_ids) + len(self.output_ids) + self.pending
+
+    def last_after_pending(self, context: int) -> bool:
+        """Whether the pending token ends the sequence by length (max_tokens or the context) whatever it is."""
+        return self.pending > 0 and (
+            len(self.output_ids) + self.pending >= self.params.max_tokens or self.ahead >= context
+        )
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)

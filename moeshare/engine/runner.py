@@ -1,33 +1,77 @@
 """One step of one instance on the device: the scheduled batch's inputs, the forward (a captured CUDA graph
-when every sequence decodes one token), the LM head and sampling -> chosen tokens and their logprobs."""
+when every sequence decodes one token), the LM head and sampling -> chosen tokens and their logprobs.
+
+`launch` only queues the step: its sampled tokens come back to pinned host memory behind an event, and
+`Launched.read` waits for them. A decode whose input is the token the previous launch sampled reads it on
+the device (LastTokens), so the next step can be queued before the host has seen the last one's tokens.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from moeshare.engine.attention import AttnBatch
-from moeshare.engine.graphs import DecodeGraphs
+from moeshare.engine.graphs import DecodeGraphs, LastTokens
 from moeshare.engine.models import Model
 from moeshare.engine.sampling import SamplingBatch, mode_for, sample
 from moeshare.engine.scheduler import Scheduled
 from moeshare.memory.blocks import BlockPool
 
 
+@dataclass
+class Launched:
+    """A step queued on the device: its batch and where its tokens come back."""
+
+    batch: list[Scheduled]
+    chosen: torch.Tensor  # [n] int64 on the host (pinned on CUDA), filled when `done` fires
+    logprobs: torch.Tensor  # [n] float32 likewise
+    done: torch.cuda.Event | None  # None on CPU: already there
+    row_of: dict[int, int]  # seq_id -> its row in the batch (where the next step finds its token)
+
+    def read(self) -> tuple[list[int], list[float]]:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.chosen.tolist(), self.logprobs.tolist()
+
+
 class Runner:
     def __init__(
-        self, model: Model, pool: BlockPool, device: torch.device, graphs: DecodeGraphs | None = None
+        self,
+        model: Model,
+        pool: BlockPool,
+        device: torch.device,
+        last: LastTokens,
+        graphs: DecodeGraphs | None = None,
     ) -> None:
-        self.model, self.pool, self.device, self.graphs = model, pool, device, graphs
+        self.model, self.pool, self.device, self.last, self.graphs = model, pool, device, last, graphs
 
     def _longs(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64, device=self.device)
+        host = torch.tensor(values, dtype=torch.int64)
+        if self.device.type != "cuda":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)  # queued, not waited for
+
+    def _floats(self, values: list[float]) -> torch.Tensor:
+        host = torch.tensor(values, dtype=torch.float32)
+        return host.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else host
 
     @torch.inference_mode()
-    def run(self, batch: list[Scheduled]) -> tuple[list[int], list[float]]:
-        """The next token of every scheduled sequence, and its logprob."""
-        ids, positions, rows, last = [], [], [], []
+    def launch(self, batch: list[Scheduled], prev: Launched | None) -> Launched:
+        """Queue the step that samples the next token of every scheduled sequence. A decode whose input token
+        is still pending reads it from `prev`, the step launched just before."""
+        ids, src, positions, rows, last = [], [], [], [], []
+        none = self.last.none
         for s in batch:
-            ids += s.seq.token_ids[s.start : s.start + s.count]
+            seq = s.seq
+            if s.start >= len(seq):  # the input is the token `prev` sampled: read on the device
+                assert prev is not None and s.count == 1, "a pending token comes from the step before"
+                ids.append(0)
+                src.append(prev.row_of[seq.seq_id])
+            else:
+                ids += seq.tokens(s.start, s.count)
+                src += [none] * s.count
             positions += range(s.start, s.start + s.count)
             rows += [s.row] * s.count
             last.append(len(ids) - 1)
@@ -36,12 +80,12 @@ class Runner:
         top_p = [p.top_p for p in params]
         top_k = [p.top_k for p in params]
         seeds = [p.seed for p in params]
-        steps = [len(s.seq.output_ids) for s in batch]
+        steps = [len(s.seq.output_ids) + s.seq.pending for s in batch]  # the index of the token drawn now
         if self.graphs is not None and len(ids) == len(batch) and self.graphs.fits(len(batch)):
             tables = [s.seq.block_table for s in batch]
             sampling = (temperature, top_p, top_k, seeds, steps)
-            chosen, logprobs = self.graphs.run(ids, positions, rows, tables, sampling)
-            return chosen.tolist(), logprobs.tolist()
+            chosen, logprobs = self.graphs.run(ids, src, positions, rows, tables, sampling)
+            return self._back(batch, chosen, logprobs)
         attn = AttnBatch.build(
             [s.seq.block_table for s in batch],
             [s.start for s in batch],
@@ -49,19 +93,35 @@ class Runner:
             self.pool.block_size,
             self.device,
         )
+        ids_t = self._longs(ids)
+        if any(i != none for i in src):
+            ids_t += self.last.ids[self._longs(src)]
         row_t, last_t = self._longs(rows), self._longs(last)
-        hidden = self.model.forward(self._longs(ids), self._longs(positions), row_t, attn, self.pool.kv)
+        hidden = self.model.forward(ids_t, self._longs(positions), row_t, attn, self.pool.kv)
         logits = self.model.logits(hidden[last_t], row_t[last_t])  # [B, V]
-        dev = self.device
         sb = SamplingBatch(
-            temperature=torch.tensor(temperature, device=dev),
-            top_p=torch.tensor(top_p, device=dev),
-            top_k=torch.tensor(top_k, device=dev),
+            temperature=self._floats(temperature),
+            top_p=self._floats(top_p),
+            top_k=self._longs(top_k),
             seeds=self._longs(seeds),
             steps=self._longs(steps),
         )
         chosen, logprobs = sample(logits, sb, mode_for(temperature, top_p, top_k))
-        return chosen.tolist(), logprobs.tolist()
+        self.last.ids[: len(batch)].copy_(chosen)
+        return self._back(batch, chosen, logprobs)
+
+    def _back(self, batch: list[Scheduled], chosen: torch.Tensor, logprobs: torch.Tensor) -> Launched:
+        """Queue the copy of the step's tokens to the host."""
+        row_of = {s.seq.seq_id: i for i, s in enumerate(batch)}
+        if self.device.type != "cuda":
+            return Launched(batch, chosen, logprobs, None, row_of)
+        host_c = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=True)
+        host_l = torch.empty(logprobs.shape, dtype=logprobs.dtype, pin_memory=True)
+        host_c.copy_(chosen, non_blocking=True)
+        host_l.copy_(logprobs, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return Launched(batch, host_c, host_l, done, row_of)
 
     @torch.inference_mode()
     def prefill_logits(self, row: int, ids: list[int]) -> torch.Tensor:

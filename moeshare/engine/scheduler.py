@@ -6,6 +6,10 @@ No variant starves: once a request has waited `starve_steps` steps for its varia
 resident row is busy, no new sequence of a resident variant is admitted until a row drains and the waiting
 variant is swapped in. Its wait is then bounded by the longest remaining generation (max_tokens) of one
 row's running sequences plus one weight copy.
+
+A step may be scheduled while the previous one is still on the device (the engine overlaps the host's work
+with the GPU's): a sequence's pending token then counts towards its length, and a sequence whose pending token
+is its last by length is not scheduled again.
 """
 
 from __future__ import annotations
@@ -33,12 +37,14 @@ class Scheduler:
         residency: Residency,
         max_num_seqs: int,
         max_batched_tokens: int,
+        context: int | None = None,
         starve_steps: int = 8,
     ) -> None:
         self.pool = pool
         self.residency = residency
         self.max_num_seqs = max_num_seqs
         self.max_batched_tokens = max_batched_tokens
+        self.context = context if context is not None else 1 << 62
         self.starve_steps = starve_steps
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -84,23 +90,25 @@ class Scheduler:
         busy = self.busy_rows()
         # decodes first: every running sequence computes its newest token
         for seq in list(self.running):
-            if seq not in self.running:
-                continue  # preempted below to make room for an older one
-            while not self._grow(seq, len(seq)):
+            if seq.status is not Status.RUNNING or seq.last_after_pending(self.context):
+                continue  # preempted below to make room for an older one, or ends when its token is read
+            while not self._grow(seq, seq.ahead):
                 victim = max(self.running, key=lambda s: (s.arrival, s.seq_id))
                 self._preempt(victim)
                 # the newest may have been scheduled already: it runs in no batch without its blocks
                 out = [s for s in out if s.seq is not victim]
                 if victim is seq:
                     break
-            if seq in self.running:
-                out.append(Scheduled(seq, self.residency.row_of[seq.model], len(seq) - 1, 1))
+            if seq.status is Status.RUNNING:
+                out.append(Scheduled(seq, self.residency.row_of[seq.model], seq.ahead - 1, 1))
         tokens = len(out)
         starving = any(w >= self.starve_steps for w in self._waited.values())
         # then prefills, first come first served among those whose variant's weights are in place
         for seq in list(self.waiting):
             if len(self.running) >= self.max_num_seqs:
                 break
+            if seq.pending:
+                continue  # preempted with a token still on the device: it rejoins once that is read
             row = self.residency.row(seq.model, busy)
             if row is None:
                 self._waited[seq.seq_id] = self._waited.get(seq.seq_id, 0) + 1
@@ -119,4 +127,6 @@ class Scheduler:
             busy.add(row)
             out.append(Scheduled(seq, row, seq.num_cached, count))
             tokens += count
+        for s in out:
+            s.seq.num_cached = s.start + s.count
         return out
