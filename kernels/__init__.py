@@ -10,16 +10,20 @@ import os
 
 import torch
 
+from .activation_ref import silu_mul_ref
+from .greedy_ref import greedy_pick_ref
 from .grouped_gemm_ref import fused_moe_ref, grouped_linear_ref
-from .norm_rope_ref import add_rms_norm_ref, rotary_ref
+from .norm_rope_ref import add_rms_norm_ref, rotary_ref, rotary_store_ref
 from .paged_attention_ref import paged_attention_ref
 
 try:
+    from . import activation as _act
+    from . import greedy as _greedy
     from . import grouped_gemm as _gemm
     from . import norm_rope as _norm_rope
     from . import paged_attention as _attn
 except ImportError:  # no Triton on this platform: the references serve everything
-    _gemm = _attn = _norm_rope = None
+    _gemm = _attn = _norm_rope = _act = _greedy = None
 
 _FORCE_TRITON = os.environ.get("MOESHARE_TRITON_INTERPRET_TEST") == "1"
 
@@ -75,15 +79,48 @@ def rotary(
     return _norm_rope.rotary(*args) if _triton(q) else rotary_ref(*args)
 
 
+def rotary_store(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_of: torch.Tensor,
+    offset_of: torch.Tensor,
+) -> torch.Tensor:
+    """`rotary`, with the new k and v [T, Hkv, D] stored in k_cache / v_cache [N, B, Hkv, D] at
+    (block_of[t], offset_of[t]) by the same launch -> rotated q [T, Hq, D]."""
+    args = (q, k, v, positions, inv_freq, k_cache, v_cache, block_of, offset_of)
+    return _norm_rope.rotary_store(*args) if _triton(q) else rotary_store_ref(*args)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """Gated MLP activation — gate_up [T, 2I] (gate, then up) -> silu(gate) * up [T, I], rounded as torch does."""
+    return _act.silu_mul(gate_up) if _triton(gate_up) else silu_mul_ref(gate_up)
+
+
+def greedy_pick(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy sampling — logits [B, V] in any float dtype -> (argmax [B] int64, its log-probability [B] fp32)."""
+    return _greedy.greedy_pick(logits) if _triton(logits) else greedy_pick_ref(logits)
+
+
 __all__ = [
     "add_rms_norm",
     "add_rms_norm_ref",
     "fused_moe",
     "fused_moe_ref",
+    "greedy_pick",
+    "greedy_pick_ref",
     "grouped_linear",
     "grouped_linear_ref",
     "paged_attention",
     "paged_attention_ref",
     "rotary",
     "rotary_ref",
+    "rotary_store",
+    "rotary_store_ref",
+    "silu_mul",
+    "silu_mul_ref",
 ]

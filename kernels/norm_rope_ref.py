@@ -39,3 +39,22 @@ def rotary_ref(
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
     return rotate(q), rotate(k)
+
+
+def rotary_store_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_of: torch.Tensor,
+    offset_of: torch.Tensor,
+) -> torch.Tensor:
+    """rotary_ref of q and k; the rotated k and v [T, Hkv, D] stored into k_cache / v_cache [N, B, Hkv, D] at
+    (block_of[t], offset_of[t]). Returns the rotated q [T, Hq, D], contiguous."""
+    q, k = rotary_ref(q, k, positions, inv_freq)
+    k_cache[block_of, offset_of] = k
+    v_cache[block_of, offset_of] = v
+    return q.contiguous()

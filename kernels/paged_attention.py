@@ -15,6 +15,7 @@ of parts whose partial softmax states are merged by a second kernel (flash decod
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -34,9 +35,36 @@ class AttnConfig:
     num_stages: int = 2
 
 
-def attn_config(decode: bool) -> AttnConfig:
-    """The fastest of a sweep on an H100 (scripts/check_kernels_gpu.py --tune), for decode and prefill."""
-    return AttnConfig(16, 128, 4, 3) if decode else AttnConfig(64, 64)
+@dataclass(frozen=True)
+class Tuned:
+    """One GPU's choices: decode tiles for few and for many sequences, and the most key splits."""
+
+    decode: AttnConfig
+    decode_many: AttnConfig  # from MANY sequences up
+    max_splits: int
+
+
+MANY = 64
+# the fastest of a sweep per GPU (scripts/check_kernels_gpu.py --tune: 8 kv heads, head_dim 128, pages of 16);
+# the H100's serve any GPU not listed
+TUNED = {
+    "H100": Tuned(AttnConfig(16, 128, 4, 3), AttnConfig(16, 128, 4, 3), 16),
+    "H200": Tuned(AttnConfig(16, 128, 4, 3), AttnConfig(16, 64, 4, 4), 8),
+}
+
+
+@functools.cache
+def tuned(device: torch.device) -> Tuned:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((t for key, t in TUNED.items() if key in name), TUNED["H100"])
+
+
+def attn_config(decode: bool, num_seqs: int, device: torch.device) -> AttnConfig:
+    """Tiles for decode (by how many sequences) and prefill on this device."""
+    if not decode:
+        return AttnConfig(64, 64)
+    t = tuned(device)
+    return t.decode_many if num_seqs >= MANY else t.decode
 
 
 @triton.jit
@@ -208,7 +236,7 @@ def paged_attention(
         return out
     group = num_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
-    cfg = config or attn_config(decode=num_tokens <= 2 * num_seqs)
+    cfg = config or attn_config(num_tokens <= 2 * num_seqs, num_seqs, q.device)
     block_m = max(cfg.block_m, group_pad)
     block_q, block_n = block_m // group_pad, cfg.block_n
     block_d = max(16, triton.next_power_of_2(head_dim))
@@ -216,7 +244,8 @@ def paged_attention(
     chunks = (num_tokens + num_seqs * (block_q - 1)) // block_q
     if num_splits is None:
         max_tiles = triton.cdiv(block_tables.shape[1] * page, block_n)
-        num_splits = max(1, min(16, _num_sms(q.device) // (chunks * num_kv_heads), max_tiles // 2))
+        most = tuned(q.device).max_splits
+        num_splits = max(1, min(most, _num_sms(q.device) // (chunks * num_kv_heads), max_tiles // 2))
         num_splits = 1 << (num_splits.bit_length() - 1)  # a power of two: fewer compiled variants
     part_m = part_l = part_acc = out  # unused when there is one split
     if num_splits > 1:

@@ -31,6 +31,7 @@ gemm = import_module(K.__name__ + ".grouped_gemm")
 attn = import_module(K.__name__ + ".paged_attention")
 
 HIDDEN, INTER, SLOTS, TOP_K, VARIANTS, VOCAB = 4096, 14336, 16, 2, 4, 32000
+LLAMA3_VOCAB = 128256
 HEADS, KV_HEADS, HEAD_DIM, PAGE, LAYERS = 32, 8, 128, 16, 2
 DECODE_T = (1, 8, 32, 64, 128)
 PREFILL_T = 512
@@ -188,6 +189,59 @@ def check_norm_rope(copy: float) -> list[Row]:
     return rows
 
 
+def check_decode_fused(copy: float) -> list[Row]:
+    """The greedy pick, silu * up and rotary + KV store at Llama-3-8B sizes. silu_mul and rotary_store must be
+    the unfused ops bit for bit, the greedy pick torch's argmax; each prints the unfused ops' time beside it."""
+    rows = []
+    for b in (1, 128):
+        logits = randn(b, LLAMA3_VOCAB, scale=3)
+        ref = K.greedy_pick_ref(logits)
+        if not torch.equal(K.greedy_pick(logits)[0], ref[0]):
+            print(f"  greedy_pick B={b}: the chosen tokens differ from torch's argmax", flush=True)
+        unfused = graph_time_us(partial(K.greedy_pick_ref, logits))
+        print(f"  greedy_pick B={b}: unfused .float() + log_softmax + argmax {unfused:.1f} us", flush=True)
+        rows.append(row("greedy_pick", b, partial(K.greedy_pick, logits), ref, logits.nbytes, copy))
+    for t in (1, 128):
+        gate_up = randn(t, 2 * INTER)
+        ref = K.silu_mul_ref(gate_up)
+        if not torch.equal(K.silu_mul(gate_up), ref):
+            print(f"  silu_mul T={t}: differs from torch's F.silu(gate) * up", flush=True)
+        unfused = graph_time_us(partial(K.silu_mul_ref, gate_up))
+        print(f"  silu_mul T={t}: unfused F.silu(gate) * up {unfused:.1f} us", flush=True)
+        rows.append(row("silu_mul", t, partial(K.silu_mul, gate_up), ref, 3 * t * INTER * 2, copy))
+    inv_freq = 1.0 / (5e5 ** (torch.arange(0, HEAD_DIM, 2, dtype=torch.float32, device=DEV) / HEAD_DIM))
+    rows += [rotary_store_row(t, inv_freq, copy) for t in (1, 128)]
+    return rows
+
+
+def rotary_store_row(t: int, inv_freq: torch.Tensor, copy: float) -> Row:
+    """q, k, v as views of a fused qkv output; the caches strided views of layer 1 of a pool, slots shuffled."""
+    q, k, v = randn(t, (HEADS + 2 * KV_HEADS) * HEAD_DIM).split(
+        [HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], -1
+    )
+    q, k, v = q.view(t, HEADS, HEAD_DIM), k.view(t, KV_HEADS, HEAD_DIM), v.view(t, KV_HEADS, HEAD_DIM)
+    pool = randn(triton.cdiv(t, PAGE) + 8, LAYERS, 2, PAGE, KV_HEADS, HEAD_DIM)
+    slots = torch.randperm(pool.shape[0] * PAGE, device=DEV)[:t]
+    positions = torch.randint(0, 32768, (t,), device=DEV)
+    where = (slots // PAGE, slots % PAGE)
+    fused, split, ref_pool = pool.clone(), pool.clone(), pool.clone()
+
+    def run(p: torch.Tensor, fn: Callable = K.rotary_store) -> torch.Tensor:
+        return fn(q, k, v, positions, inv_freq, p[:, 1, 0], p[:, 1, 1], *where)
+
+    def unfused() -> torch.Tensor:  # the engine's former path: rotary, then two index_put
+        q_rot, k_rot = K.rotary(q, k, positions, inv_freq)
+        split[:, 1, 0][where], split[:, 1, 1][where] = k_rot, v
+        return q_rot
+
+    if not (torch.equal(run(fused), unfused()) and torch.equal(fused, split)):
+        print(f"  rotary_store T={t}: differs from rotary + index_put", flush=True)
+    print(f"  rotary_store T={t}: unfused rotary + 2 index_put {graph_time_us(unfused):.1f} us", flush=True)
+    ref = (run(ref_pool, K.rotary_store_ref), ref_pool)
+    nbytes = 2 * t * (HEADS + 2 * KV_HEADS) * HEAD_DIM * 2
+    return row("rotary_store", t, lambda: (run(fused), fused), ref, nbytes, copy)
+
+
 def graph_replays_follow_new_routing() -> dict[str, float]:
     """Capture once, then change the routing / block tables in place: replays must match the reference."""
     errs = {}
@@ -296,7 +350,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     print(f"device-to-device copy_: {copy:.0f} GB/s", flush=True)
     rows = []
-    for check in (check_moe, check_linear, check_attention, check_norm_rope):
+    for check in (check_moe, check_linear, check_attention, check_norm_rope, check_decode_fused):
         rows += check(copy)
     graph = graph_replays_follow_new_routing()
     print(

@@ -212,6 +212,108 @@ def rotary_of_strided_q_and_k_views_in_one_launch() -> None:
                 _close(kk, k_ref)
 
 
+def _kernel(name: str) -> ModuleType:
+    k, _, _ = _modules()
+    return import_module(f"{k.__name__}.{name}")
+
+
+def _kv_case(num_tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, seed: int):
+    """The rotary case plus v, a pool [N, L, 2, B, Hkv, D] and a distinct shuffled cache slot per token."""
+    q, k, positions, inv_freq = _rotary_case(num_tokens, heads, kv_heads, head_dim, dtype, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    v = torch.randn(num_tokens, kv_heads * 3, head_dim, generator=g).to(dtype)[:, 1::3]  # strided heads
+    page = 4
+    pool = torch.randn(num_tokens // page + 3, 2, 2, page, kv_heads, head_dim, generator=g).to(dtype)
+    slots = torch.randperm(pool.shape[0] * page, generator=g)[:num_tokens]
+    return q, k, v, positions, inv_freq, pool, slots // page, slots % page
+
+
+@check
+def greedy_pick_first_argmax_and_logprob_over_tiles() -> None:
+    k = _kernel("greedy")
+    ref = _kernel("greedy_ref").greedy_pick_ref
+    g = torch.Generator().manual_seed(12)
+    logits = torch.randn(7, 1000, generator=g) * 3
+    logits[0, [3, 700]] = 50.0  # ties in different tiles and lanes: the first index wins
+    logits[1, [130, 258]] = 40.0  # the same lane of two tiles (tile 128)
+    logits[2, [150, 200, 999]] = 45.0  # an earlier lane in the later tile
+    logits[3, :] = float("-inf")
+    logits[3, [17, 901]] = -2.0  # all but two masked out
+    logits[4, :] = -3.5  # one value everywhere
+    for dtype in (torch.float32, torch.bfloat16):
+        x = logits.to(dtype)
+        want, want_lp = ref(x)
+        for block_v in (None, 128, 64):  # one tile; ragged tiles
+            chosen, logprob = k.greedy_pick(x, block_v=block_v)
+            assert chosen.dtype == torch.int64 and logprob.dtype == torch.float32
+            assert torch.equal(chosen, want), (dtype, block_v, chosen, want)
+            torch.testing.assert_close(logprob, want_lp, atol=1e-5, rtol=1e-5)
+    one = torch.tensor([[1.5]])
+    assert k.greedy_pick(one)[0].item() == 0 and k.greedy_pick(one)[1].item() == 0.0
+    assert k.greedy_pick(torch.zeros(0, 10))[0].shape == (0,)
+
+
+@check
+def greedy_sampling_through_the_kernel_draws_the_filtered_samplers_tokens() -> None:
+    from moeshare.engine.sampling import FILTERED, GREEDY, SamplingBatch, sample
+
+    g = torch.Generator().manual_seed(13)
+    logits = (torch.randn(6, 3000, generator=g) * 3).bfloat16()
+    n = logits.shape[0]
+    ones = torch.ones(n)
+    batch = SamplingBatch(0 * ones, ones, torch.zeros(n, dtype=torch.int64), torch.arange(n), torch.zeros(n))
+    fast, fast_lp = sample(logits, batch, GREEDY)
+    full, full_lp = sample(logits, batch, FILTERED)
+    assert torch.equal(fast, full), (fast, full)
+    torch.testing.assert_close(fast_lp, full_lp, atol=1e-5, rtol=1e-5)
+
+
+@check
+def silu_mul_of_gate_up_rows_any_count() -> None:
+    k, _, _ = _modules()
+    g = torch.Generator().manual_seed(14)
+    for dtype in (torch.float32, torch.bfloat16):
+        for tokens, inter in ((0, 48), (1, 48), (7, 300), (3, 1500)):  # one ragged block; two blocks
+            wide = (torch.randn(tokens, 2 * inter + 8, generator=g) * 4).to(dtype)
+            gate_up = wide[:, : 2 * inter]  # rows strided past the 2I columns
+            out, ref = k.silu_mul(gate_up), k.silu_mul_ref(gate_up)
+            assert out.shape == (tokens, inter) and out.dtype == dtype and out.is_contiguous()
+            if dtype == torch.float32:  # numpy's exp against torch's: an ulp or so
+                torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+            elif tokens:  # the interpreter truncates fp32 -> bf16 where the GPU rounds to nearest even
+                _close(out, ref)
+
+
+@check
+def rotary_store_is_rotary_then_index_put_in_one_launch() -> None:
+    k, _, _ = _modules()
+    for dtype in (torch.float32, torch.bfloat16):
+        for tokens, heads, kv_heads, head_dim in (
+            (7, 4, 2, 16),
+            (3, 14, 4, 128),
+            (5, 3, 1, 24),
+            (0, 4, 2, 16),
+        ):
+            case = _kv_case(max(tokens, 1), heads, kv_heads, head_dim, dtype, seed=tokens + head_dim)
+            q, kk, v, positions, inv_freq, pool, block_of, offset_of = case
+            q, kk, v, positions, block_of, offset_of = (
+                x[:tokens] for x in (q, kk, v, positions, block_of, offset_of)
+            )
+            fused, split, ref = pool.clone(), pool.clone(), pool.clone()
+            caches = [(p[:, 1, 0], p[:, 1, 1]) for p in (fused, split, ref)]  # strided views of layer 1
+            args = (positions, inv_freq)
+            q_out = k.rotary_store(q, kk, v, *args, *caches[0], block_of, offset_of)
+            q_rot, k_rot = k.rotary(q, kk, *args)
+            caches[1][0][block_of, offset_of] = k_rot
+            caches[1][1][block_of, offset_of] = v
+            assert q_out.is_contiguous() and q_out.shape == q.shape
+            assert torch.equal(q_out, q_rot) and torch.equal(fused, split), (dtype, tokens, heads, head_dim)
+            q_ref = k.rotary_store_ref(q, kk, v, *args, *caches[2], block_of, offset_of)
+            if tokens:
+                _close(q_out, q_ref)
+                _close(fused, ref)
+
+
 def _run_checks() -> dict[str, str]:
     assert os.environ.get("TRITON_INTERPRET") == "1", (
         "run the checks through pytest, or set TRITON_INTERPRET=1"
@@ -253,6 +355,21 @@ def test_cpu_tensors_use_the_norm_and_rotary_references() -> None:
     outs = [*k.add_rms_norm(*norm_args), *k.rotary(*_rotary_case(3, 4, 2, 16, torch.float32, seed=0))]
     refs = [*k.add_rms_norm_ref(*norm_args), *k.rotary_ref(*_rotary_case(3, 4, 2, 16, torch.float32, seed=0))]
     assert all(torch.equal(out, ref) for out, ref in zip(outs, refs, strict=True))
+
+
+def test_cpu_tensors_use_the_greedy_silu_mul_and_rotary_store_references() -> None:
+    k, _, _ = _modules()
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)).bfloat16()
+    assert all(
+        torch.equal(a, b) for a, b in zip(k.greedy_pick(logits), k.greedy_pick_ref(logits), strict=True)
+    )
+    gate_up = torch.randn(3, 32).bfloat16()
+    assert torch.equal(k.silu_mul(gate_up), k.silu_mul_ref(gate_up))
+    q, kk, v, positions, inv_freq, pool, block_of, offset_of = _kv_case(5, 4, 2, 16, torch.float32, seed=0)
+    a, b = pool.clone(), pool.clone()
+    q_a = k.rotary_store(q, kk, v, positions, inv_freq, a[:, 0, 0], a[:, 0, 1], block_of, offset_of)
+    q_b = k.rotary_store_ref(q, kk, v, positions, inv_freq, b[:, 0, 0], b[:, 0, 1], block_of, offset_of)
+    assert torch.equal(q_a, q_b) and torch.equal(a, b) and not torch.equal(a, pool)
 
 
 def test_routing_prep_shapes_depend_only_on_token_count() -> None:

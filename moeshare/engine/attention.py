@@ -17,10 +17,6 @@ class AttnBatch:
     context_lens: torch.Tensor  # [nseq] tokens cached after this step, new ones included
     query_start: torch.Tensor  # [nseq + 1] where each sequence's new tokens start in the step
 
-    def store(self, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        k_cache[self.block_of, self.offset_of] = k
-        v_cache[self.block_of, self.offset_of] = v
-
     def attend(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
     ) -> torch.Tensor:
@@ -40,12 +36,12 @@ class AttnBatch:
         head_dim: int,
     ) -> torch.Tensor:
         """qkv [T, (Hq + 2 Hkv) D] -> attention output [T, Hq D]: RoPE on q and k, the new K/V stored in
-        `layer` of the KV block pool kv [N, L, 2, B, Hkv, D], then paged attention over each sequence's blocks."""
+        `layer` of the KV block pool kv [N, L, 2, B, Hkv, D] (one launch for both), then paged attention over
+        each sequence's blocks."""
         q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-        q, k = ops.rotary(q.view(-1, heads, head_dim), k.view(-1, kv_heads, head_dim), positions, inv_freq)
-        v = v.view(-1, kv_heads, head_dim)
+        q, k, v = q.view(-1, heads, head_dim), k.view(-1, kv_heads, head_dim), v.view(-1, kv_heads, head_dim)
         k_cache, v_cache = kv[:, layer, 0], kv[:, layer, 1]  # [N, B, Hkv, D] strided views
-        self.store(k_cache, v_cache, k, v)
+        q = ops.rotary_store(q, k, v, positions, inv_freq, k_cache, v_cache, self.block_of, self.offset_of)
         o = self.attend(q, k_cache, v_cache, head_dim**-0.5)  # [T, Hq, D]
         return o.reshape(-1, heads * head_dim)
 

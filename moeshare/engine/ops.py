@@ -1,5 +1,23 @@
 """The engine's kernels: Triton on CUDA tensors, the pure-torch references elsewhere (see moeshare.kernels)."""
 
-from moeshare.kernels import add_rms_norm, fused_moe, grouped_linear, paged_attention, rotary
+from moeshare.kernels import (
+    add_rms_norm,
+    fused_moe,
+    greedy_pick,
+    grouped_linear,
+    paged_attention,
+    rotary,
+    rotary_store,
+    silu_mul,
+)
 
-__all__ = ["add_rms_norm", "fused_moe", "grouped_linear", "paged_attention", "rotary"]
+__all__ = [
+    "add_rms_norm",
+    "fused_moe",
+    "greedy_pick",
+    "grouped_linear",
+    "paged_attention",
+    "rotary",
+    "rotary_store",
+    "silu_mul",
+]

@@ -98,7 +98,7 @@ class Runner:
             ids_t += self.last.ids[self._longs(src)]
         row_t, last_t = self._longs(rows), self._longs(last)
         hidden = self.model.forward(ids_t, self._longs(positions), row_t, attn, self.pool.kv)
-        logits = self.model.logits(hidden[last_t], row_t[last_t])  # [B, V]
+        logits = self.model.head(hidden[last_t], row_t[last_t])  # [B, V] in the model dtype
         sb = SamplingBatch(
             temperature=self._floats(temperature),
             top_p=self._floats(top_p),

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moeshare.engine import ops
+
 _M1, _M2, _M3 = 0x5851F42D4C957F2D, 0x14057B7EF767814F, 0x2545F4914F6CDD1D  # odd, below 2**63
 
 
@@ -61,13 +63,13 @@ def mode_for(temperature: list[float], top_p: list[float], top_k: list[int]) -> 
 def sample(
     logits: torch.Tensor, batch: SamplingBatch, mode: str = FILTERED
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chosen token ids [B] and their log-probabilities under the unmodified distribution [B]."""
+    """logits [B, V] in the model's dtype or float32 -> chosen token ids [B] and their log-probabilities under
+    the unmodified distribution [B] (float32)."""
+    if mode == GREEDY:  # one pass over the logits in their own dtype: no float32 copy, no [B, V] logprobs
+        return ops.greedy_pick(logits)
     logits = logits.float()  # [B, V]
     logprobs = torch.log_softmax(logits, dim=-1)
     greedy = batch.temperature <= 0
-    if mode == GREEDY:
-        chosen = logits.argmax(dim=-1)
-        return chosen, logprobs.gather(1, chosen[:, None]).squeeze(1)
     scaled = logits / torch.where(greedy, 1.0, batch.temperature)[:, None]
     vocab = logits.shape[-1]
     if mode == PLAIN:

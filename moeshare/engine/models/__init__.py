@@ -56,7 +56,13 @@ class Model(Protocol):
         kv: torch.Tensor,
     ) -> torch.Tensor: ...
 
-    def logits(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor: ...
+    def head(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """hidden [B, H] -> LM-head logits [B, V] in the model's dtype: what sampling takes."""
+        ...
+
+    def logits(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """`head` in float32: what scoring takes."""
+        ...
 
 
 class Architecture(Protocol):

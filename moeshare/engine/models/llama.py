@@ -251,12 +251,16 @@ class DenseLlama:
             o = attn.self_attention(qkv, positions, self.inv_freq, kv, layer, d.heads, d.kv_heads, d.head_dim)
             o = self._linear(o, p + "o", rows, p + "o_bias" if d.o_bias else None)
             h, x = ops.add_rms_norm(h, o, w[p + "ln_post"], rows, d.eps)
-            gate, up = self._linear(x, p + "gate_up", rows).chunk(2, dim=-1)  # [T, I] each
-            mlp = self._linear(F.silu(gate) * up, p + "down", rows)
+            gate_up = self._linear(x, p + "gate_up", rows)  # [T, 2I]
+            mlp = self._linear(ops.silu_mul(gate_up), p + "down", rows)
             nxt = w[f"{layer + 1}.ln_in"] if layer + 1 < d.layers else w["norm"]
             h, x = ops.add_rms_norm(h, mlp, nxt, rows, d.eps)
         return x
 
+    def head(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """hidden [B, H] (the last position of each sequence) -> [B, V] in the model's dtype (for sampling)."""
+        return self._linear(hidden, "lm_head", rows)
+
     def logits(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """hidden [B, H] (the last position of each sequence) -> [B, V] in float32."""
-        return self._linear(hidden, "lm_head", rows).float()
+        """`head` in float32 (for scoring)."""
+        return self.head(hidden, rows).float()

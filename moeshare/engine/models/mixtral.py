@@ -205,6 +205,10 @@ class MultiVariantMixtral:
             bank = self.staging
         return ops.fused_moe(x, bank["w13"], bank["w2"], slots, top.to(x.dtype))
 
+    def head(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """hidden [B, H] (the last position of each sequence) -> [B, V] in the model's dtype (for sampling)."""
+        return ops.grouped_linear(hidden, self.w["lm_head"], rows)
+
     def logits(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """hidden [B, H] (the last position of each sequence) -> [B, V] in float32."""
-        return ops.grouped_linear(hidden, self.w["lm_head"], rows).float()
+        """`head` in float32 (for scoring)."""
+        return self.head(hidden, rows).float()
