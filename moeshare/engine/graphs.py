@@ -55,6 +55,17 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}
         self.out: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self._mempool = None
+        # pinned host copies of the inputs, two sets taken in turn: the set a step fills was last copied two
+        # steps ago, and the host has waited for that step's tokens since, so its copy is done
+        self._staging = [
+            (
+                torch.zeros(10, n, dtype=torch.int64, pin_memory=True),
+                torch.ones(2, n, dtype=torch.float32, pin_memory=True),
+                torch.zeros(n, self.width, dtype=torch.int32, pin_memory=True),
+            )
+            for _ in range(2)
+        ]
+        self._turn = 0
 
     def _step(self, b: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
         i = self.ints[:, :b]
@@ -64,7 +75,7 @@ class DecodeGraphs:
         )
         ids = i[IDS] + self.last.ids[i[SRC]]
         hidden = self.model.forward(ids, i[POS], i[ROWS], attn, self.pool.kv)
-        logits = self.model.logits(hidden, i[ROWS])
+        logits = self.model.head(hidden, i[ROWS])
         params = SamplingBatch(self.floats[0, :b], self.floats[1, :b], i[TOP_K], i[SEED], i[STEP])
         chosen, logprobs = sample(logits, params, mode)
         self.last.ids[:b].copy_(chosen)
@@ -115,33 +126,23 @@ class DecodeGraphs:
         b = next(s for s in self.sizes if s >= n)
         bs = self.pool.block_size
         temperature, top_p, top_k, seeds, steps = sampling
-        pos = np.asarray(positions, dtype=np.int64)
-        blocks = np.array([t[p // bs] for t, p in zip(tables, positions, strict=True)], dtype=np.int64)
-        packed = np.stack(
-            [
-                np.asarray(ids),
-                np.asarray(src),
-                pos,
-                np.asarray(rows),
-                blocks,
-                pos % bs,
-                pos + 1,
-                np.asarray(top_k),
-                np.asarray(seeds),
-                np.asarray(steps),
-            ]
-        ).astype(np.int64)
-        table = np.full((n, self.width), self.pool.scratch_block, dtype=np.int32)
-        for i, t in enumerate(tables):
+        ints_t, floats_t, table_t = self._staging[self._turn]
+        self._turn ^= 1
+        ints, floats, table = ints_t.numpy(), floats_t.numpy(), table_t.numpy()
+        for row, values in ((IDS, ids), (SRC, src), (POS, positions), (ROWS, rows), (TOP_K, top_k)):
+            ints[row, :n] = values
+        ints[SEED, :n], ints[STEP, :n] = seeds, steps
+        pos = ints[POS, :n]
+        ints[BLOCK, :n] = [t[p // bs] for t, p in zip(tables, positions, strict=True)]
+        np.remainder(pos, bs, out=ints[OFFSET, :n])
+        np.add(pos, 1, out=ints[CTX, :n])
+        floats[0, :n], floats[1, :n] = temperature, top_p
+        for i, t in enumerate(tables):  # entries past a table's end are never read (context_lens bounds them)
             table[i, : len(t)] = t
-        floats = np.array([temperature, top_p], dtype=np.float32)
-        for dst, host in (
-            (self.ints[:, :n], packed),
-            (self.floats[:, :n], floats),
-            (self.block_tables[:n], table),
-        ):
-            # from pinned memory, so the copy is queued behind the step in flight instead of waiting for it
-            dst.copy_(torch.from_numpy(host).pin_memory(), non_blocking=True)
+        # whole buffers (contiguous) from pinned memory: queued behind the step in flight, not waited for
+        self.ints.copy_(ints_t, non_blocking=True)
+        self.floats.copy_(floats_t, non_blocking=True)
+        self.block_tables[:n].copy_(table_t[:n], non_blocking=True)
         self._pad(n, b)
         mode = mode_for(temperature, top_p, top_k)
         self.graphs[b, mode].replay()
