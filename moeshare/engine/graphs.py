@@ -66,6 +66,7 @@ class DecodeGraphs:
             for _ in range(2)
         ]
         self._turn = 0
+        self._shown = np.zeros((n, self.width), dtype=np.int32)  # what block_tables holds on the device
 
     def _step(self, b: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
         i = self.ints[:, :b]
@@ -107,6 +108,18 @@ class DecodeGraphs:
         self.ints[CTX, start:end] = 1
         self.floats[:, start:end] = 1.0
         self.block_tables[start:end] = self.pool.scratch_block
+        self._shown[start:end] = self.pool.scratch_block
+
+    def _copy_changed_rows(self, table: np.ndarray, table_t: torch.Tensor, lens: list[int]) -> None:
+        """Copy the rows of the block tables whose entries in use differ from the device's (one contiguous
+        range; none in most decode steps: a table grows once per block of tokens)."""
+        n, w = len(lens), max(lens)
+        in_use = np.arange(w) < np.asarray(lens)[:, None]
+        changed = np.flatnonzero(((table[:n, :w] != self._shown[:n, :w]) & in_use).any(axis=1))
+        if changed.size:
+            lo, hi = int(changed[0]), int(changed[-1]) + 1
+            self.block_tables[lo:hi].copy_(table_t[lo:hi], non_blocking=True)
+            self._shown[lo:hi] = table[lo:hi]
 
     def fits(self, n: int) -> bool:
         return n <= self.sizes[-1]
@@ -142,7 +155,7 @@ class DecodeGraphs:
         # whole buffers (contiguous) from pinned memory: queued behind the step in flight, not waited for
         self.ints.copy_(ints_t, non_blocking=True)
         self.floats.copy_(floats_t, non_blocking=True)
-        self.block_tables[:n].copy_(table_t[:n], non_blocking=True)
+        self._copy_changed_rows(table, table_t, [len(t) for t in tables])
         self._pad(n, b)
         mode = mode_for(temperature, top_p, top_k)
         self.graphs[b, mode].replay()
