@@ -110,3 +110,20 @@ def test_a_sequence_preempted_after_it_was_scheduled_leaves_the_batch():
     batch = sched.schedule()
     assert newer not in [s.seq for s in batch] and not newer.block_table and newer in sched.waiting
     assert all(s.seq.block_table for s in batch)
+
+
+def test_a_row_whose_pending_token_may_end_it_preempts_nobody():
+    # a's pending token may be its stop token: when its next row needs a block the pool lacks, it waits for
+    # the read-back instead of preempting b (whose whole prefix would be recomputed for a dropped row)
+    sched = _scheduler(blocks=4, block_size=4)
+    a, b = _seq("a", 7, arrival=0.0), _seq("b", 8, arrival=1.0)
+    sched.add(a)
+    sched.add(b)
+    assert [s.seq for s in sched.schedule()] == [a, b]  # a: 2 blocks, b: 2 blocks, the pool is full
+    a.pending = b.pending = 1  # both steps queued, tokens not read back
+    # a's next token is its 8th (fits its 2 blocks); b's is its 9th (needs a 3rd block)
+    batch = sched.schedule()
+    assert [s.seq for s in batch] == [a] and b.status is Status.RUNNING and sched.preemptions == 0
+    a.pending, b.pending = 1, 0  # b's token is read back: now it preempts as before (b is the newest)
+    b.output_ids.append(7)
+    assert [s.seq for s in sched.schedule()] == [a] and b.status is Status.WAITING and sched.preemptions == 1

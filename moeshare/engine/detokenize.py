@@ -62,18 +62,23 @@ class Detokenizer:
         self.backends = {m: _backend(t) for m, t in tokenizers.items()}
         self.texts: dict[int, str] = {}  # streamed to the client
         self.decoded: dict[int, str] = {}  # decoded so far (streamed sequences)
-        self.streams: dict[int, DecodeStream] = {}
+        self.streams: dict[int, DecodeStream | None] = {}  # None: this one decodes whole
 
     def _decode(self, seq: Sequence, token: int) -> str:
         """The text of seq.output_ids, one step further than last time (O(1) per token when streamed)."""
         backend = self.backends[seq.model]
-        if backend is None:
-            tokenizer = self.tokenizers[seq.model]
+        tokenizer = self.tokenizers[seq.model]
+        stream = self.streams.get(seq.seq_id, ...)
+        if backend is None or stream is None:
             return tokenizer.decode(seq.output_ids, skip_special_tokens=True) if tokenizer else ""
-        stream = self.streams.get(seq.seq_id)
-        if stream is None:
+        if stream is ...:
             stream = self.streams[seq.seq_id] = DecodeStream(skip_special_tokens=True)
-        text = self.decoded.get(seq.seq_id, "") + (stream.step(backend, token) or "")
+        try:
+            piece = stream.step(backend, token) or ""
+        except Exception:  # a stream that cannot go on (e.g. an invalid prefix): decode whole from now on
+            self.streams[seq.seq_id] = None
+            return tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        text = self.decoded.get(seq.seq_id, "") + piece
         self.decoded[seq.seq_id] = text
         return text
 
@@ -89,7 +94,7 @@ class Detokenizer:
             reason = FinishReason.LENGTH
         if reason is None and len(seq) >= self.context:
             reason = FinishReason.CONTEXT
-        if reason is not None and self.backends[seq.model] is not None:
+        if reason is not None and self.streams.get(seq.seq_id) is not None:
             # the whole decode once at the end: a stream holds back an incomplete character that it shows
             text = self.tokenizers[seq.model].decode(seq.output_ids, skip_special_tokens=True)
         for stop in p.stop:

@@ -92,6 +92,8 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status is not Status.RUNNING or seq.last_after_pending(self.context):
                 continue  # preempted below to make room for an older one, or ends when its token is read
+            if seq.pending and not self._grow(seq, seq.ahead):
+                continue  # its token may end it: it preempts nobody for a row that could be dropped
             while not self._grow(seq, seq.ahead):
                 victim = max(self.running, key=lambda s: (s.arrival, s.seq_id))
                 self._preempt(victim)
