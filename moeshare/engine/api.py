@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from moeshare.engine.request import FinishReason, SamplingParams
 from moeshare.errors import MoeshareError
+from moeshare.memory.pages import PageStats
 
 VARIANT = "variant"  # a fine-tune inside a store; the store's variants share one bank of experts
 DENSE = "dense"  # a dense checkpoint: one model, one row, no bank
@@ -103,3 +104,4 @@ class EngineStats:
     preemptions: int
     offloaded_layers: int
     models: list[ModelLoad] = field(default_factory=list)
+    pages: PageStats | None = None  # the elastic KV pool's pages (None: fixed pools)

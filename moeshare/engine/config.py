@@ -22,6 +22,10 @@ class EngineConfig:
     # whole variant (experts included) from pinned host memory; nothing is shared on the device
     swap_whole_variants: bool = False
     kv_blocks: int | None = None  # default: from kv_memory_fraction of free GPU memory, 512 on CPU
+    # one elastic KV pool of this many bytes for every instance (pages mapped on demand, given back when
+    # their blocks are): an instance's KV range then spans the whole pool unless kv_blocks caps it
+    kv_pool_bytes: int | None = None
+    kv_page_bytes: int = 2 << 20  # the elastic pool's page on CPU (CUDA uses the driver's granularity)
     kv_memory_fraction: float = 0.5
     block_size: int = 16
     max_num_seqs: int = 64
@@ -42,6 +46,8 @@ class EngineConfig:
             "max_resident_variants": self.max_resident_variants,
             "max_resident_bytes": self.max_resident_bytes,
             "kv_blocks": self.kv_blocks,
+            "kv_pool_bytes": self.kv_pool_bytes,
+            "kv_page_bytes": self.kv_page_bytes,
         }
         for name, value in at_least_one.items():
             if value is not None and value < 1:

@@ -22,6 +22,7 @@ from moeshare.engine.planner import build_instance, model_names, open_source, pl
 from moeshare.engine.policy import LoadOrder, Policy
 from moeshare.engine.request import FinishReason, SamplingParams, Sequence, UnknownModel, clip
 from moeshare.errors import MoeshareError
+from moeshare.memory.pages import PageManager
 
 __all__ = ["Engine", "EngineConfig", "EngineFailed", "TokenEvent"]
 
@@ -44,6 +45,11 @@ class Engine:
             index = self.device.index if self.device.index is not None else torch.cuda.current_device()
             total = torch.cuda.get_device_properties(index).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), index)
+        self.pages = None
+        if self.config.kv_pool_bytes is not None:
+            self.pages = PageManager.for_device(
+                self.device, self.config.kv_pool_bytes, self.config.kv_page_bytes
+            )
         for path in paths:
             self.load(path)
 
@@ -56,9 +62,7 @@ class Engine:
         names = model_names(source, name)
         if clash := [m for m in names if m in self._by_model]:
             raise MoeshareError(f"{target}: model {clash[0]!r} is already served; unload it first")
-        limit = self.config.memory_limit_bytes
-        left = None if limit is None else limit - sum(i.placed_bytes for i in self._instances)
-        instance = build_instance(source, names, self.config, left, target)
+        instance = build_instance(source, names, self.config, self._left(), target, self.pages)
         self._instances.append(instance)
         for m in instance.models:
             self._by_model[m] = instance
@@ -67,12 +71,19 @@ class Engine:
     def check_fits(self, targets: list[tuple[str | Path | Any, str | None]]) -> None:
         """Raise the one-line error that loading these (target, name) pairs in order would raise for their
         architecture or the memory limit, without reading weights or allocating anything."""
-        limit = self.config.memory_limit_bytes
-        left = None if limit is None else limit - sum(i.placed_bytes for i in self._instances)
+        left = self._left()
         for target, _ in targets:
-            placement = plan(open_source(target), self.config, left, target)[-1]
+            placement = plan(open_source(target), self.config, left, target, self.pages)[-1]
             if left is not None:
                 left -= placement.total
+
+    def _left(self) -> int | None:
+        """What the memory limit leaves for the next instance (None: no limit)."""
+        limit = self.config.memory_limit_bytes
+        if limit is None:
+            return None
+        pool = self.pages.total_pages * self.pages.page_bytes if self.pages is not None else 0
+        return limit - pool - sum(i.placed_bytes for i in self._instances)
 
     def unload(self, model: str) -> list[str]:
         """Stop serving the instance that holds `model`: its requests end (CANCELLED, their KV goes back at
@@ -83,6 +94,7 @@ class Engine:
             self._by_seq.pop(ev.seq_id, None)
             self._outbox.append(ev)
         self._instances.remove(instance)
+        instance.pool.release()
         for m in instance.models:
             del self._by_model[m]
         if self.config.torch_device.type == "cuda":  # give its memory back to the device, not the cache,
@@ -178,6 +190,7 @@ class Engine:
             preemptions=sum(i.scheduler.preemptions for i in xs),
             offloaded_layers=sum(i.offloaded_layers for i in xs),
             models=[load for i in xs for load in i.loads()],
+            pages=self.pages.stats() if self.pages is not None else None,
         )
 
     # ---- conveniences ------------------------------------------------------------------------------------

@@ -123,10 +123,10 @@ class Instance:
         if any(not 0 <= t < vocab for t in ids):
             raise InvalidRequest(f"prompt has token ids outside [0, {vocab})")
         total = min(len(ids) + params.max_tokens, context)
-        if self.pool.blocks_for(total) > self.pool.num_blocks:
+        if self.pool.blocks_for(total) > self.pool.capacity:
             raise RequestTooLarge(
                 f"prompt + max_tokens = {total} tokens needs {self.pool.blocks_for(total)} KV blocks; "
-                f"the pool has {self.pool.num_blocks}: lower max_tokens or shorten the prompt"
+                f"the pool has {self.pool.capacity}: lower max_tokens or shorten the prompt"
             )
         return ids
 

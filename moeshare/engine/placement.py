@@ -73,14 +73,16 @@ def place(
     blocks: int,
     row_bytes: int,
     slot_bytes: int,
+    kv_elsewhere: bool = False,
 ) -> Placement:
     """The placement of a store in `limit` bytes (what is left of the memory limit; None: no limit, every bank
     on the device): KV (`blocks` and a scratch block), work space and `rows` resident rows of `row_bytes`
     first, then as many MoE layers' banks (`slots` per layer, `slot_bytes` each) as fit beside one staging
-    bank for the rest. Raises MoeshareError, before anything is allocated, when not even one layer fits."""
+    bank for the rest (`kv_elsewhere`: the KV blocks live in the engine's elastic pool, counted there).
+    Raises MoeshareError, before anything is allocated, when not even one layer fits."""
     if blocks < 1:
         raise MoeshareError(f"the KV pool needs at least one block, got {blocks}")
-    kv = block_bytes(c, fp, dtype) * (blocks + 1)
+    kv = 0 if kv_elsewhere else block_bytes(c, fp, dtype) * (blocks + 1)  # elastic: the engine's pool
     work = max(work_bytes(c, fp, dtype), load_bytes(fp, dtype))
     work += CUDA_ALLOCATOR_SLACK if device.type == "cuda" else 0
     fixed = kv + work + rows * row_bytes

@@ -22,6 +22,8 @@ from moeshare.engine.runner import Runner
 from moeshare.engine.source import Source
 from moeshare.errors import MoeshareError
 from moeshare.memory.blocks import BlockPool
+from moeshare.memory.elastic import ElasticBlockPool, block_stride
+from moeshare.memory.pages import PageManager
 
 
 def open_source(target: str | Path | Any) -> Any:
@@ -43,14 +45,27 @@ def model_names(source: Any, name: str | None) -> dict[str, str]:
     return {name: source.variants[0]}
 
 
-def plan(source: Any, config: EngineConfig, left: int | None, target: object) -> tuple:
+def plan(
+    source: Any, config: EngineConfig, left: int | None, target: object, pages: PageManager | None = None
+) -> tuple:
     """Where an instance of `source` would go: (registry entry, footprint, layout, KV blocks, placement).
-    Allocates nothing; raises the one-line MoeshareError of a source or a memory limit that cannot serve."""
+    With `pages` (the elastic pool) its KV range spans the pool and takes nothing of `left`. Allocates
+    nothing; raises the one-line MoeshareError of a source or a memory limit that cannot serve."""
     entry = architecture(source.architecture, target)
     c, dtype, device = config, config.torch_dtype, config.torch_device
     fp = entry.footprint(source.config)
     layout = entry.layout(source, c, dtype)
-    blocks = c.kv_blocks or default_blocks(c, fp, dtype, device, left)
+    if pages is not None:
+        per_block = BlockPool.block_bytes(c.block_size, fp.layers, fp.kv_heads, fp.head_dim, dtype)
+        whole = pages.total_pages * pages.page_bytes // block_stride(per_block, pages.page_bytes) - 1
+        blocks = min(c.kv_blocks or whole, whole)
+        if blocks < 1:
+            raise MoeshareError(
+                f"{target}: one KV block ({per_block} bytes) and the scratch block do not fit in the "
+                f"{pages.total_pages * pages.page_bytes} bytes of --kv-pool-bytes: raise it"
+            )
+    else:
+        blocks = c.kv_blocks or default_blocks(c, fp, dtype, device, left)
     placement = place(
         left,
         c,
@@ -62,24 +77,32 @@ def plan(source: Any, config: EngineConfig, left: int | None, target: object) ->
         blocks,
         layout.row_bytes,
         layout.slot_bytes,
+        kv_elsewhere=pages is not None,
     )
     return entry, fp, layout, blocks, placement
 
 
 def build_instance(
-    source: Any, names: dict[str, str], config: EngineConfig, left: int | None, target: object = None
+    source: Any,
+    names: dict[str, str],
+    config: EngineConfig,
+    left: int | None,
+    target: object = None,
+    pages: PageManager | None = None,
 ) -> Instance:
     """The instance serving `names` of `source` (opened by open_source from `target`), placed in `left`
     bytes (what is left of the memory limit; None: no limit). Raises MoeshareError with one line, holding
     nothing, if it does not fit."""
     target = target if target is not None else source.path
-    entry, fp, layout, blocks, placement = plan(source, config, left, target)
+    entry, fp, layout, blocks, placement = plan(source, config, left, target, pages)
     c, dtype, device = config, config.torch_dtype, config.torch_device
     # tokenizers before any device memory: one that does not load is one line, and nothing was taken
     tokenizers = {m: load_tokenizer(source.tokenizer_dir(v)) for m, v in names.items()}
     oom = ""
+    kv = (blocks, c.block_size, fp.layers, fp.kv_heads, fp.head_dim, dtype)
+    pool = ElasticBlockPool(pages, next(iter(names)), *kv) if pages is not None else None
     try:
-        pool = BlockPool(blocks, c.block_size, fp.layers, fp.kv_heads, fp.head_dim, dtype, device)
+        pool = pool or BlockPool(*kv, device)
         model, residency = entry.build(source, names, layout, placement.offload, c, dtype, device)
         last = LastTokens(c.max_num_seqs, device)
         graphs = None
@@ -89,6 +112,8 @@ def build_instance(
     except torch.OutOfMemoryError as e:  # kept outside the handler, so nothing holds what was allocated
         oom = str(e).split("\n")[0]
     if oom:
+        if isinstance(pool, ElasticBlockPool):
+            pool.release()
         torch.cuda.empty_cache()
         raise MoeshareError(out_of_memory(target, placement, left, oom))
     return Instance(

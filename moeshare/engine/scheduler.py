@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from moeshare.engine.request import Sequence, Status
 from moeshare.engine.residency import Residency
-from moeshare.memory.blocks import BlockPool
+from moeshare.memory.blocks import BlockPool, OutOfBlocks
 
 
 @dataclass
@@ -79,7 +79,10 @@ class Scheduler:
             return True
         if need > self.pool.free_blocks:
             return False
-        seq.block_table += self.pool.allocate(need)
+        try:  # a pool over shared pages may find fewer than it estimated: another model took them
+            seq.block_table += self.pool.allocate(need)
+        except OutOfBlocks:
+            return False
         return True
 
     def busy_rows(self) -> set[int]:

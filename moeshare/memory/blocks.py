@@ -43,6 +43,14 @@ class BlockPool:
         self._free: deque[int] = deque(range(num_blocks))
 
     @property
+    def capacity(self) -> int:
+        """The most blocks one request could ever hold."""
+        return self.num_blocks
+
+    def release(self) -> None:
+        """Nothing to give back but the tensor itself."""
+
+    @property
     def free_blocks(self) -> int:
         return len(self._free)
 

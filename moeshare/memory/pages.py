@@ -1,0 +1,295 @@
+"""Physical device memory in pages, shared by every instance of an engine.
+
+An instance reserves a virtual range sized to the most it may ever use and gets a tensor view over it, so its
+kernels and captured CUDA graphs see fixed addresses; the PageManager maps a physical page into a range when
+the range's user needs it and unmaps it when it does not, so a page one model gives back is usable by any
+other at once. The manager holds a budget of pages; a map beyond it fails (the caller preempts or waits).
+A page given back is unmapped only once the work queued on the device when it was given back is done (a
+queued step may still write a freed block); until then it counts as mapped and its owner may take it back.
+
+Two backends stand behind it: on CUDA, the driver's virtual memory API (cuMemAddressReserve, cuMemCreate,
+cuMemMap, cuMemSetAccess, cuMemUnmap, cuMemRelease) through the cuda-bindings package; on CPU, ordinary
+memory (the range is one lazily committed tensor and mapping is bookkeeping), so every scheduling and
+accounting behaviour is tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from moeshare.errors import MoeshareError
+
+PAGE_BYTES = 2 << 20  # the CUDA driver's allocation granularity on current GPUs
+
+
+class Backend(Protocol):
+    page_bytes: int
+
+    def reserve(self, nbytes: int) -> int:
+        """A virtual range of nbytes (a multiple of page_bytes): its base address."""
+        ...
+
+    def tensor(self, base: int, nbytes: int) -> torch.Tensor:
+        """A uint8 tensor over the range (its first page must be mapped: torch asks the driver about it)."""
+        ...
+
+    def map(self, base: int, offset: int) -> object:
+        """Back the page at base + offset with physical memory; returns its handle."""
+        ...
+
+    def unmap(self, base: int, offset: int, handle: object) -> None: ...
+
+    def release(self, base: int, nbytes: int) -> None: ...
+
+
+class HostBackend:
+    """Ordinary memory: a range is one tensor (the OS commits its pages when they are first written)."""
+
+    def __init__(self, page_bytes: int = PAGE_BYTES) -> None:
+        self.page_bytes = page_bytes
+        self._ranges: dict[int, torch.Tensor] = {}
+
+    def reserve(self, nbytes: int) -> int:
+        t = torch.empty(nbytes, dtype=torch.uint8)
+        self._ranges[t.data_ptr()] = t
+        return t.data_ptr()
+
+    def tensor(self, base: int, nbytes: int) -> torch.Tensor:
+        return self._ranges[base]
+
+    def map(self, base: int, offset: int) -> object:
+        return None
+
+    def unmap(self, base: int, offset: int, handle: object) -> None:
+        pass
+
+    def release(self, base: int, nbytes: int) -> None:
+        del self._ranges[base]
+
+
+class _CudaArray:
+    """A device address range as __cuda_array_interface__, for torch.as_tensor (no copy, not owned)."""
+
+    def __init__(self, ptr: int, nbytes: int) -> None:
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes,),
+            "typestr": "|u1",
+            "data": (ptr, False),
+            "version": 3,
+        }
+
+
+class CudaBackend:
+    """The CUDA driver's virtual memory API on one device; physical pages are kept for reuse once made."""
+
+    def __init__(self, device: torch.device) -> None:
+        try:  # only where there is a GPU
+            from cuda.bindings import driver as cu
+        except ImportError:  # cuda-python before 12.6 named it cuda.cuda
+            from cuda import cuda as cu
+
+        self.cu, self.device = cu, device
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.init()  # the primary context the driver calls run in
+        self.index = index
+        prop = cu.CUmemAllocationProp()
+        prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+        prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        prop.location.id = index
+        self.prop = prop
+        flag = cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM
+        granularity = self._ok(cu.cuMemGetAllocationGranularity(prop, flag))
+        self.page_bytes = max(PAGE_BYTES, int(granularity))
+        access = cu.CUmemAccessDesc()
+        access.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        access.location.id = index
+        access.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+        self.access = access
+        self._spare: list[object] = []  # physical pages unmapped and kept for the next map
+        self._ok(cu.cuInit(0))
+        self._context = self._ok(cu.cuDevicePrimaryCtxRetain(self._ok(cu.cuDeviceGet(index))))
+
+    def _ok(self, result: tuple) -> object:
+        err, *rest = result
+        if err != self.cu.CUresult.CUDA_SUCCESS:
+            name = self.cu.cuGetErrorName(err)[1]
+            raise MoeshareError(f"CUDA virtual memory call failed: {name.decode() if name else err}")
+        return rest[0] if len(rest) == 1 else None
+
+    def _current(self) -> None:
+        """Make the device's primary context current on this thread (driver calls need one)."""
+        cu = self.cu
+        if self._ok(cu.cuCtxGetCurrent()) != self._context:
+            self._ok(cu.cuCtxSetCurrent(self._context))
+
+    def reserve(self, nbytes: int) -> int:
+        self._current()
+        return int(self._ok(self.cu.cuMemAddressReserve(nbytes, self.page_bytes, 0, 0)))
+
+    def tensor(self, base: int, nbytes: int) -> torch.Tensor:
+        return torch.as_tensor(_CudaArray(base, nbytes), device=self.device)
+
+    def map(self, base: int, offset: int) -> object:
+        self._current()
+        cu, size = self.cu, self.page_bytes
+        handle = self._spare.pop() if self._spare else self._ok(cu.cuMemCreate(size, self.prop, 0))
+        addr = cu.CUdeviceptr(base + offset)
+        self._ok(cu.cuMemMap(addr, size, 0, handle, 0))
+        self._ok(cu.cuMemSetAccess(addr, size, [self.access], 1))
+        return handle
+
+    def unmap(self, base: int, offset: int, handle: object) -> None:
+        self._current()
+        self._ok(self.cu.cuMemUnmap(self.cu.CUdeviceptr(base + offset), self.page_bytes))
+        self._spare.append(handle)
+
+    def release(self, base: int, nbytes: int) -> None:
+        self._current()
+        self._ok(self.cu.cuMemAddressFree(self.cu.CUdeviceptr(base), nbytes))
+
+    def trim(self) -> None:
+        """Give the kept physical pages back to the device."""
+        while self._spare:
+            self._ok(self.cu.cuMemRelease(self._spare.pop()))
+
+
+@dataclass
+class Region:
+    """One owner's virtual range and which of its pages are mapped."""
+
+    owner: str
+    base: int
+    nbytes: int
+    mapped: dict[int, object] = field(default_factory=dict)  # page index in the range -> physical handle
+    idle: dict[int, object] = field(default_factory=dict)  # mapped pages given back -> event (None: at once)
+
+
+@dataclass(frozen=True)
+class PageStats:
+    page_bytes: int
+    total_pages: int
+    free_pages: int
+    mapped: dict[str, int]  # owner -> pages mapped and in use
+    idle: int  # pages given back, still mapped until the work queued before is done (free to take)
+    maps: int
+    unmaps: int
+    map_seconds: float
+    unmap_seconds: float
+
+
+class PageManager:
+    """A budget of `total_pages` physical pages for every region of one device."""
+
+    def __init__(self, total_pages: int, backend: Backend) -> None:
+        if total_pages < 1:
+            raise MoeshareError(f"the page pool needs at least one page, got {total_pages}")
+        self.backend, self.total_pages = backend, total_pages
+        self.page_bytes = backend.page_bytes
+        self.regions: list[Region] = []
+        self._mapped = 0
+        self.maps = self.unmaps = 0
+        self.map_seconds = self.unmap_seconds = 0.0
+
+    @classmethod
+    def for_device(cls, device: torch.device, nbytes: int, page_bytes: int = PAGE_BYTES) -> PageManager:
+        """A manager of `nbytes` (rounded down to pages) on `device`: the driver's on CUDA, memory on CPU."""
+        backend: Backend = CudaBackend(device) if device.type == "cuda" else HostBackend(page_bytes)
+        return cls(max(1, nbytes // backend.page_bytes), backend)
+
+    @property
+    def free_pages(self) -> int:
+        return self.total_pages - self._mapped
+
+    def available_pages(self) -> int:
+        """Pages a map could get now: free ones and those given back but not unmapped yet."""
+        return self.free_pages + sum(len(r.idle) for r in self.regions)
+
+    def pages_for(self, nbytes: int) -> int:
+        return -(-nbytes // self.page_bytes)
+
+    def reserve(self, owner: str, nbytes: int) -> Region:
+        """A virtual range of at least nbytes, no page mapped yet."""
+        size = self.pages_for(nbytes) * self.page_bytes
+        region = Region(owner, self.backend.reserve(size), size)
+        self.regions.append(region)
+        return region
+
+    def view(self, region: Region) -> torch.Tensor:
+        """A uint8 tensor [nbytes] over the region, once its first page is mapped."""
+        assert 0 in region.mapped, "map the region's first page before viewing it"
+        return self.backend.tensor(region.base, region.nbytes)
+
+    def map(self, region: Region, page: int) -> bool:
+        """Back page `page` of the region; False (nothing changes) when the budget has no free page."""
+        if page in region.mapped:
+            region.idle.pop(page, None)
+            return True
+        if self._mapped >= self.total_pages:
+            self.reap()
+        if self._mapped >= self.total_pages:
+            self.reap(wait=True)
+        if self._mapped >= self.total_pages:
+            return False
+        t0 = time.perf_counter()
+        region.mapped[page] = self.backend.map(region.base, page * self.page_bytes)
+        self.map_seconds += time.perf_counter() - t0
+        self._mapped += 1
+        self.maps += 1
+        return True
+
+    def give_back(self, region: Region, page: int) -> None:
+        """The region no longer needs the page: unmapped once the work queued now is done."""
+        event = None
+        if isinstance(self.backend, CudaBackend):
+            event = torch.cuda.Event()
+            event.record()
+        region.idle[page] = event
+
+    def reap(self, wait: bool = False) -> None:
+        """Unmap the given-back pages whose queued work is done (with `wait`, all of them, waiting)."""
+        for region in self.regions:
+            for page, event in list(region.idle.items()):
+                if event is not None and not event.query():
+                    if not wait:
+                        continue
+                    event.synchronize()
+                del region.idle[page]
+                self.unmap(region, page)
+
+    def unmap(self, region: Region, page: int) -> None:
+        t0 = time.perf_counter()
+        self.backend.unmap(region.base, page * self.page_bytes, region.mapped.pop(page))
+        self.unmap_seconds += time.perf_counter() - t0
+        self._mapped -= 1
+        self.unmaps += 1
+
+    def release(self, region: Region) -> None:
+        """Unmap every page of the region and give its range back (after the work queued on the device)."""
+        if isinstance(self.backend, CudaBackend):
+            torch.cuda.synchronize(self.backend.device)
+        region.idle.clear()
+        for page in list(region.mapped):
+            self.unmap(region, page)
+        self.backend.release(region.base, region.nbytes)
+        self.regions.remove(region)
+
+    def stats(self) -> PageStats:
+        mapped = Counter({r.owner: 0 for r in self.regions})
+        for r in self.regions:
+            mapped[r.owner] += len(r.mapped) - len(r.idle)
+        return PageStats(
+            self.page_bytes,
+            self.total_pages,
+            self.free_pages,
+            dict(mapped),
+            sum(len(r.idle) for r in self.regions),
+            self.maps,
+            self.unmaps,
+            self.map_seconds,
+            self.unmap_seconds,
+        )
