@@ -141,6 +141,11 @@ class Client:
     def unload_model(self, name: str) -> list[str]:
         return list(self.stub.UnloadModel(pb.UnloadModelRequest(name=name), metadata=self.metadata).unloaded)
 
+    def set_kv_limits(self, name: str, min_gib: float = 0.0, max_gib: float | None = None) -> None:
+        """Admin: keep min_gib of the elastic KV pool for `name`'s store or checkpoint, cap it at max_gib."""
+        req = pb.SetKvLimitsRequest(name=name, min_gib=min_gib, max_gib=max_gib)
+        self.stub.SetKvLimits(req, metadata=self.metadata)
+
     def close(self) -> None:
         self.channel.close()
 

@@ -143,3 +143,33 @@ def test_two_models_short_of_pages_preempt_and_both_finish_with_their_tokens(tin
     assert (
         stats.preemptions > 0 and stats.kv_blocks_used == 0 and stats.pages.mapped == {"kjv": 1, "python": 1}
     )
+
+
+def test_a_minimum_keeps_pages_for_its_model_and_a_maximum_caps_one():
+    pages = PageManager(6, HostBackend(PAGE))
+    a, b = _pool(pages, "a"), _pool(pages, "b")
+    pages.set_limits("b", least=3)
+    with pytest.raises(OutOfBlocks):
+        a.allocate(7 + 2 * 8 + 1)  # its scratch page and two more: the other two free pages are b's
+    assert a.used_blocks == 0 and a.free_blocks == 7 + 2 * 8 and a.capacity == 3 * 8 - 1
+    held = a.allocate(7 + 2 * 8)
+    assert pages.stats().mapped == {"a": 3, "b": 1} and b.free_blocks == 7 + 2 * 8
+    b.allocate(7 + 2 * 8)  # b's kept pages are there for it
+    a.free(held)
+    pages.set_limits("a", most=2)
+    assert a.capacity == 2 * 8 - 1
+    with pytest.raises(OutOfBlocks):
+        a.allocate(2 * 8)
+    assert len(a.allocate(2 * 8 - 1)) == 15 and pages.stats().mapped == {"a": 2, "b": 3}
+
+
+def test_page_limits_that_contradict_each_other_or_the_pool_are_one_line_and_change_nothing():
+    pages = PageManager(6, HostBackend(PAGE))
+    pages.set_limits("a", least=4)
+    with pytest.raises(
+        MoeshareError, match=r"^b: 3 pages kept for it and 4 for the others exceed the pool's 6"
+    ):
+        pages.set_limits("b", least=3)
+    with pytest.raises(MoeshareError, match=r"least <= most and most >= 1, got least 2, most 1$"):
+        pages.set_limits("b", least=2, most=1)
+    assert set(pages.limits) == {"a"}

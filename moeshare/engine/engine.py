@@ -101,6 +101,26 @@ class Engine:
             torch.cuda.empty_cache()  # so the next load sizes its KV pool from what is really free
         return instance.models
 
+    def set_kv_limits(self, model: str, least_bytes: int = 0, most_bytes: int | None = None) -> None:
+        """Keep `least_bytes` of the elastic KV pool for `model`'s instance and hold it to `most_bytes` (None:
+        no cap), rounded to pages. A one-line MoeshareError, nothing changed, for fixed pools, limits that
+        contradict the pool or each other, or a maximum below one request of the model's full context."""
+        instance = self._instance(model)
+        pages = self.pages
+        if pages is None:
+            raise MoeshareError("KV limits are for the elastic KV pool: give --kv-pool GIB (kv_pool_bytes)")
+        least = pages.pages_for(least_bytes)
+        most = None if most_bytes is None else most_bytes // pages.page_bytes
+        pool = instance.pool
+        if most is not None:
+            need = -(-(pool.blocks_for(instance.context) + 1) // pool.blocks_per_unit) * pool.pages_per_unit
+            if most < need:
+                raise MoeshareError(
+                    f"{model}: a KV maximum of {most} pages ({most_bytes / 2**30:.3f} GiB) cannot hold one "
+                    f"request of its {instance.context}-token context ({need} pages): raise it"
+                )
+        pages.set_limits(pool.region.owner, least, most)
+
     def models(self) -> list[ModelInfo]:
         return [info for i in self._instances for info in i.info()]
 

@@ -84,7 +84,7 @@ class ElasticBlockPool:
     @property
     def capacity(self) -> int:
         """The most blocks one request could ever hold: the range, or the whole page budget if smaller."""
-        budget = self.pages.total_pages // self.pages_per_unit * self.blocks_per_unit - self.blocks_per_unit
+        budget = self.pages.most(self.region.owner) // self.pages_per_unit * self.blocks_per_unit - 1
         return max(0, min(self.num_blocks, budget))
 
     @property
@@ -95,7 +95,7 @@ class ElasticBlockPool:
     def free_blocks(self) -> int:
         """Blocks this pool could hand out now: free ones in its mapped units and in units the budget can map."""
         mapped = sum(len(self._free[u]) for u in self._partial)
-        units = min(len(self._unmapped), self.pages.available_pages() // self.pages_per_unit)
+        units = min(len(self._unmapped), self.pages.room(self.region.owner) // self.pages_per_unit)
         return mapped + sum(len(self._free[u]) for u in heapq.nsmallest(units, self._unmapped))
 
     def blocks_for(self, tokens: int) -> int:

@@ -170,6 +170,15 @@ class Region:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """One owner's share of the pages: `least` are kept for it even when it does not use them, it never holds
+    more than `most` (None: no cap)."""
+
+    least: int = 0
+    most: int | None = None
+
+
+@dataclass(frozen=True)
 class PageStats:
     page_bytes: int
     total_pages: int
@@ -191,6 +200,7 @@ class PageManager:
         self.backend, self.total_pages = backend, total_pages
         self.page_bytes = backend.page_bytes
         self.regions: list[Region] = []
+        self.limits: dict[str, Limits] = {}
         self._mapped = 0
         self.maps = self.unmaps = 0
         self.map_seconds = self.unmap_seconds = 0.0
@@ -209,6 +219,38 @@ class PageManager:
         """Pages a map could get now: free ones and those given back but not unmapped yet."""
         return self.free_pages + sum(len(r.idle) for r in self.regions)
 
+    def set_limits(self, owner: str, least: int = 0, most: int | None = None) -> None:
+        """Keep `least` pages for `owner` and hold it to `most`; a one-line MoeshareError, nothing changed, if
+        the limits contradict each other or the budget."""
+        if least < 0 or (most is not None and most < max(1, least)):
+            raise MoeshareError(
+                f"{owner}: page limits must have 0 <= least <= most and most >= 1, got least {least}, most {most}"
+            )
+        others = sum(lim.least for o, lim in self.limits.items() if o != owner)
+        if others + least > self.total_pages:
+            raise MoeshareError(
+                f"{owner}: {least} pages kept for it and {others} for the others exceed the pool's "
+                f"{self.total_pages}: lower the minimums or grow the pool"
+            )
+        self.limits[owner] = Limits(least, most)
+
+    def in_use(self, owner: str) -> int:
+        return sum(len(r.mapped) - len(r.idle) for r in self.regions if r.owner == owner)
+
+    def _kept_for_others(self, owner: str) -> int:
+        return sum(max(0, lim.least - self.in_use(o)) for o, lim in self.limits.items() if o != owner)
+
+    def most(self, owner: str) -> int:
+        """The most pages `owner` could ever hold."""
+        cap = self.limits.get(owner, Limits()).most
+        free_of_others = self.total_pages - sum(lim.least for o, lim in self.limits.items() if o != owner)
+        return min(cap, free_of_others) if cap is not None else free_of_others
+
+    def room(self, owner: str) -> int:
+        """Pages `owner` could map now (given-back pages count: they can be unmapped for it)."""
+        cap = self.most(owner) - self.in_use(owner)
+        return max(0, min(cap, self.available_pages() - self._kept_for_others(owner)))
+
     def pages_for(self, nbytes: int) -> int:
         return -(-nbytes // self.page_bytes)
 
@@ -225,15 +267,21 @@ class PageManager:
         return self.backend.tensor(region.base, region.nbytes)
 
     def map(self, region: Region, page: int) -> bool:
-        """Back page `page` of the region; False (nothing changes) when the budget has no free page."""
-        if page in region.mapped:
-            region.idle.pop(page, None)
+        """Back page `page` of the region; False (nothing changes) when the budget has no page for its owner
+        (none free, or those left are kept for other owners' minimums, or the owner is at its maximum)."""
+        if page in region.mapped and page not in region.idle:
             return True
-        if self._mapped >= self.total_pages:
-            self.reap()
-        if self._mapped >= self.total_pages:
-            self.reap(wait=True)
-        if self._mapped >= self.total_pages:
+        if self.in_use(region.owner) >= self.most(region.owner):
+            return False
+        if page in region.idle:  # still mapped: taking it back costs nothing
+            del region.idle[page]
+            return True
+        kept = self._kept_for_others(region.owner)
+        for wait in (False, True):
+            if self.free_pages - kept > 0:
+                break
+            self.reap(wait)
+        if self.free_pages - kept <= 0:
             return False
         t0 = time.perf_counter()
         region.mapped[page] = self.backend.map(region.base, page * self.page_bytes)

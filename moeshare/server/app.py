@@ -21,7 +21,7 @@ from moeshare.errors import MoeshareError
 from moeshare.server.auth import Access, BearerAuth, is_loopback, load_dirs, read_token
 from moeshare.server.bind import SERVER_OPTIONS, check_port, probe, tls_credentials
 from moeshare.server.command import build_parser
-from moeshare.server.messages import CancelAll, Load, TakeSnapshot
+from moeshare.server.messages import CancelAll, Load, SetKvLimits, TakeSnapshot
 from moeshare.server.metrics import Metrics
 from moeshare.server.servicer import MoeShareServicer
 from moeshare.server.worker import EngineWorker, named_path
@@ -36,6 +36,11 @@ def _check_numbers(args: argparse.Namespace) -> None:
     """Settings under which the server would start but never answer (or not start with a traceback)."""
     if args.memory_limit is not None and not (math.isfinite(args.memory_limit) and args.memory_limit > 0):
         raise MoeshareError(f"--memory-limit must be > 0 GiB, got {args.memory_limit}")
+    if args.kv_pool is not None and not (math.isfinite(args.kv_pool) and args.kv_pool > 0):
+        raise MoeshareError(f"--kv-pool must be > 0 GiB, got {args.kv_pool}")
+    if (args.kv_min or args.kv_max) and args.kv_pool is None:
+        raise MoeshareError("--kv-min and --kv-max share out the elastic KV pool: give --kv-pool GIB too")
+    kv_limits(args)
     for flag, value in (
         ("--max-queue", args.max_queue),
         ("--max-num-seqs", args.max_num_seqs),
@@ -97,6 +102,24 @@ def check_admin_args(args: argparse.Namespace, token: str | None) -> tuple[Acces
     return access, load_dirs(args.allow_load_dir)
 
 
+def kv_limits(args: argparse.Namespace) -> dict[str, tuple[int, int | None]]:
+    """--kv-min / --kv-max as model -> (least bytes, most bytes or None)."""
+    limits: dict[str, tuple[int, int | None]] = {}
+    for flag, specs in (("--kv-min", args.kv_min), ("--kv-max", args.kv_max)):
+        for spec in specs:
+            model, _, value = spec.partition("=")
+            try:
+                gib = float(value)
+            except ValueError:
+                gib = math.nan
+            if not model or not (math.isfinite(gib) and gib >= 0):
+                raise MoeshareError(f"{flag} {spec!r}: give MODEL=GIB with a number of GiB >= 0")
+            least, most = limits.get(model, (0, None))
+            nbytes = int(gib * 2**30)
+            limits[model] = (nbytes, most) if flag == "--kv-min" else (least, nbytes)
+    return limits
+
+
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         device=args.device,
@@ -105,6 +128,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         max_num_seqs=args.max_num_seqs,
         memory_limit_bytes=None if args.memory_limit is None else int(args.memory_limit * 2**30),
         swap_whole_variants=args.swap_whole_variants,
+        kv_pool_bytes=None if args.kv_pool is None else int(args.kv_pool * 2**30),
     )
 
 
@@ -189,6 +213,8 @@ async def run_server(args: argparse.Namespace, engine: Engine | None = None) -> 
         await asyncio.wait([loading, stopping, failed], return_when=asyncio.FIRST_COMPLETED)
         if not stop.is_set() and not failed.done():
             models = loading.result()  # raises the load's error
+            for model, (least, most) in kv_limits(args).items():  # an unknown model or a bad limit: one line
+                await asyncio.wrap_future(worker.ask(SetKvLimits(model, least, most)))
             servicer.ready = True
             await set_health(health_pb2.HealthCheckResponse.SERVING)
             print(f"moeshare: serving {', '.join(models)}", flush=True)

@@ -17,7 +17,7 @@ from moeshare.engine.request import clip
 from moeshare.errors import MoeshareError
 
 PROTECTED = "/moeshare.v1.MoeShare/"
-ADMIN_CALLS = frozenset({PROTECTED + "LoadStore", PROTECTED + "UnloadModel"})
+ADMIN_CALLS = frozenset({PROTECTED + "LoadStore", PROTECTED + "UnloadModel", PROTECTED + "SetKvLimits"})
 DENIED = "missing or wrong bearer token (metadata authorization: Bearer ...)"
 ADMIN_DENIED = (
     "admin call: missing or wrong admin token (metadata authorization: Bearer <the --admin-token-file token>)"

@@ -57,6 +57,28 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--grace", type=float, default=5.0, help="seconds in-flight streams get at shutdown (default 5)"
     )
     p.add_argument("--kv-blocks", type=int, help="KV blocks per store (default: from free device memory)")
+    p.add_argument(
+        "--kv-pool",
+        type=float,
+        metavar="GIB",
+        help="one elastic KV pool of GIB for every served model: pages of device memory are mapped as a "
+        "model's KV blocks grow and given back as they shrink, so memory follows the load (default: a fixed "
+        "pool per store or checkpoint)",
+    )
+    p.add_argument(
+        "--kv-min",
+        action="append",
+        default=[],
+        metavar="MODEL=GIB",
+        help="keep GIB of the elastic KV pool for MODEL's store or checkpoint even when idle (repeatable)",
+    )
+    p.add_argument(
+        "--kv-max",
+        action="append",
+        default=[],
+        metavar="MODEL=GIB",
+        help="hold MODEL's store or checkpoint to GIB of the elastic KV pool (repeatable)",
+    )
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step (default 64)")
     p.add_argument(
         "--memory-limit",

@@ -55,7 +55,16 @@ class CancelAll:
     """End every running request with a final CANCELLED event (shutdown)."""
 
 
-Operation = Load | Unload | ListModels | TakeSnapshot | CancelAll
+@dataclass(frozen=True)
+class SetKvLimits:
+    """Keep least_bytes of the elastic KV pool for `model`'s instance, hold it to most_bytes (None: no cap)."""
+
+    model: str
+    least_bytes: int = 0
+    most_bytes: int | None = None
+
+
+Operation = Load | Unload | ListModels | TakeSnapshot | CancelAll | SetKvLimits
 
 
 @dataclass(eq=False)

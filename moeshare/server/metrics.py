@@ -45,9 +45,36 @@ class Metrics:
                 lambda: len(self._engine.get("resident_variants", [])),
             ),
             "moeshare_swap_ins_total": ("Variant weights copied in", lambda: self._engine.get("swap_ins", 0)),
+            "moeshare_kv_pages_free": (
+                "Elastic KV pool pages free",
+                lambda: self._pages.get("free_pages", 0),
+            ),
+            "moeshare_kv_pages_idle": (
+                "Elastic KV pool pages given back, unmapped once queued work is done",
+                lambda: self._pages.get("idle", 0),
+            ),
+            "moeshare_kv_page_maps_total": (
+                "Elastic KV pool pages mapped",
+                lambda: self._pages.get("maps", 0),
+            ),
+            "moeshare_kv_page_unmaps_total": (
+                "Elastic KV pool pages unmapped",
+                lambda: self._pages.get("unmaps", 0),
+            ),
+            "moeshare_kv_page_map_seconds_total": (
+                "Time spent mapping and unmapping elastic KV pool pages",
+                lambda: self._pages.get("map_seconds", 0.0) + self._pages.get("unmap_seconds", 0.0),
+            ),
         }
+        self._pages: dict[str, Any] = {}
         for name, (doc, fn) in gauges.items():
             Gauge(name, doc, registry=r).set_function(fn)
+        self.pages_in_use = Gauge(
+            "moeshare_kv_pages_in_use",
+            "Elastic KV pool pages in use, per store or checkpoint",
+            ["model"],
+            registry=r,
+        )
         self._http: Any = None
 
     def observe(self, model: str, ttft: float, tpot: float | None, e2e: float) -> None:
@@ -63,6 +90,9 @@ class Metrics:
         """Latest engine counters for the gauges (set by the server's refresh task)."""
         self._engine = asdict(engine_stats)
         self._queue_depth = queue_depth
+        self._pages = self._engine.get("pages") or {}
+        for model, n in self._pages.get("mapped", {}).items():
+            self.pages_in_use.labels(model).set(n)
 
     def serve(self, host: str, port: int) -> int:
         """Start the HTTP endpoint; returns the bound port."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from pathlib import Path
@@ -21,8 +22,9 @@ from moeshare.engine.request import (
     clip,
 )
 from moeshare.errors import MoeshareError, summary
+from moeshare.memory.pages import PageStats
 from moeshare.server.auth import LOAD_OFF, PATH_CHARS, confine, outside
-from moeshare.server.messages import ListModels, Load, Operation, TakeSnapshot, Ticket, Unload
+from moeshare.server.messages import ListModels, Load, Operation, SetKvLimits, TakeSnapshot, Ticket, Unload
 from moeshare.server.metrics import Metrics
 from moeshare.server.snapshot import Snapshot
 from moeshare.server.worker import EngineWorker, QueueFull
@@ -267,9 +269,25 @@ class MoeShareServicer(moeshare_pb2_grpc.MoeShareServicer):
             swap_ins=s.swap_ins,
             swap_seconds=s.swap_seconds,
             preemptions=s.preemptions,
+            kv_pages=_kv_pages(s.pages) if s.pages is not None else None,
         )
 
     # ---- admin -------------------------------------------------------------------------------------------
+
+    async def SetKvLimits(
+        self, request: pb.SetKvLimitsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SetKvLimitsResponse:
+        try:
+            self._check_ready()
+            most = request.max_gib if request.HasField("max_gib") else None
+            for what, gib in (("min_gib", request.min_gib), ("max_gib", most)):
+                if gib is not None and not (math.isfinite(gib) and gib >= 0):
+                    raise InvalidRequest(f"{what} must be a number of GiB >= 0, got {gib}")
+            least = int(request.min_gib * 2**30)
+            await self._ask(SetKvLimits(request.name, least, None if most is None else int(most * 2**30)))
+        except Exception as e:  # the error's status; INTERNAL with a message for anything unforeseen
+            await self._abort(context, request.name, e)
+        return pb.SetKvLimitsResponse()
 
     async def LoadStore(
         self, request: pb.LoadStoreRequest, context: grpc.aio.ServicerContext
@@ -307,3 +325,17 @@ class MoeShareServicer(moeshare_pb2_grpc.MoeShareServicer):
         except Exception as e:  # the error's status; INTERNAL with a message for anything unforeseen
             await self._abort(context, request.name, e)
         return pb.UnloadModelResponse(unloaded=unloaded)
+
+
+def _kv_pages(p: PageStats) -> pb.KvPages:
+    return pb.KvPages(
+        page_bytes=p.page_bytes,
+        total=p.total_pages,
+        free=p.free_pages,
+        idle=p.idle,
+        in_use=p.mapped,
+        maps=p.maps,
+        unmaps=p.unmaps,
+        map_seconds=p.map_seconds,
+        unmap_seconds=p.unmap_seconds,
+    )

@@ -34,6 +34,7 @@ from moeshare.server.messages import (
     Load,
     Message,
     Operation,
+    SetKvLimits,
     Stop,
     SubmitRequest,
     TakeSnapshot,
@@ -218,6 +219,8 @@ class EngineWorker:
             named = [named_path(p) for p in op.paths]
             loaded = [m for name, path in named for m in self.engine.load(path, name)]
             return loaded + [m for s in op.synthetic for m in self.engine.load(from_spec(s, device))]
+        if isinstance(op, SetKvLimits):
+            return self.engine.set_kv_limits(op.model, op.least_bytes, op.most_bytes)
         if isinstance(op, Unload):
             return self.engine.unload(op.model)  # its requests' final events come out of the next step
         if isinstance(op, ListModels):

@@ -153,7 +153,7 @@ class ModelStats(_message.Message):
     def __init__(self, name: _Optional[str] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., ttft_p50_seconds: _Optional[float] = ..., ttft_p99_seconds: _Optional[float] = ..., tpot_p50_seconds: _Optional[float] = ..., tpot_p99_seconds: _Optional[float] = ..., requests_total: _Optional[int] = ..., resident: _Optional[bool] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("models", "kv_blocks_used", "kv_blocks_free", "resident_variants", "swap_ins", "swap_seconds", "preemptions")
+    __slots__ = ("models", "kv_blocks_used", "kv_blocks_free", "resident_variants", "swap_ins", "swap_seconds", "preemptions", "kv_pages")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_FREE_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +161,7 @@ class StatsResponse(_message.Message):
     SWAP_INS_FIELD_NUMBER: _ClassVar[int]
     SWAP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    KV_PAGES_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelStats]
     kv_blocks_used: int
     kv_blocks_free: int
@@ -168,7 +169,51 @@ class StatsResponse(_message.Message):
     swap_ins: int
     swap_seconds: float
     preemptions: int
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelStats, _Mapping]]] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., resident_variants: _Optional[_Iterable[str]] = ..., swap_ins: _Optional[int] = ..., swap_seconds: _Optional[float] = ..., preemptions: _Optional[int] = ...) -> None: ...
+    kv_pages: KvPages
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelStats, _Mapping]]] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., resident_variants: _Optional[_Iterable[str]] = ..., swap_ins: _Optional[int] = ..., swap_seconds: _Optional[float] = ..., preemptions: _Optional[int] = ..., kv_pages: _Optional[_Union[KvPages, _Mapping]] = ...) -> None: ...
+
+class KvPages(_message.Message):
+    __slots__ = ("page_bytes", "total", "free", "idle", "in_use", "maps", "unmaps", "map_seconds", "unmap_seconds")
+    class InUseEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    PAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    FREE_FIELD_NUMBER: _ClassVar[int]
+    IDLE_FIELD_NUMBER: _ClassVar[int]
+    IN_USE_FIELD_NUMBER: _ClassVar[int]
+    MAPS_FIELD_NUMBER: _ClassVar[int]
+    UNMAPS_FIELD_NUMBER: _ClassVar[int]
+    MAP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    UNMAP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    page_bytes: int
+    total: int
+    free: int
+    idle: int
+    in_use: _containers.ScalarMap[str, int]
+    maps: int
+    unmaps: int
+    map_seconds: float
+    unmap_seconds: float
+    def __init__(self, page_bytes: _Optional[int] = ..., total: _Optional[int] = ..., free: _Optional[int] = ..., idle: _Optional[int] = ..., in_use: _Optional[_Mapping[str, int]] = ..., maps: _Optional[int] = ..., unmaps: _Optional[int] = ..., map_seconds: _Optional[float] = ..., unmap_seconds: _Optional[float] = ...) -> None: ...
+
+class SetKvLimitsRequest(_message.Message):
+    __slots__ = ("name", "min_gib", "max_gib")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MIN_GIB_FIELD_NUMBER: _ClassVar[int]
+    MAX_GIB_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    min_gib: float
+    max_gib: float
+    def __init__(self, name: _Optional[str] = ..., min_gib: _Optional[float] = ..., max_gib: _Optional[float] = ...) -> None: ...
+
+class SetKvLimitsResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class LoadStoreRequest(_message.Message):
     __slots__ = ("path",)

@@ -69,6 +69,11 @@ class MoeShareStub:
                 request_serializer=moeshare_dot_v1_dot_moeshare__pb2.UnloadModelRequest.SerializeToString,
                 response_deserializer=moeshare_dot_v1_dot_moeshare__pb2.UnloadModelResponse.FromString,
                 _registered_method=True)
+        self.SetKvLimits = channel.unary_unary(
+                '/moeshare.v1.MoeShare/SetKvLimits',
+                request_serializer=moeshare_dot_v1_dot_moeshare__pb2.SetKvLimitsRequest.SerializeToString,
+                response_deserializer=moeshare_dot_v1_dot_moeshare__pb2.SetKvLimitsResponse.FromString,
+                _registered_method=True)
 
 
 class MoeShareServicer:
@@ -122,6 +127,14 @@ class MoeShareServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetKvLimits(self, request, context):
+        """Admin: share out the elastic KV pool (--kv-pool): keep min_gib for a model's store or checkpoint and hold
+        it to max_gib (unset: no cap).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MoeShareServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -159,6 +172,11 @@ def add_MoeShareServicer_to_server(servicer, server):
                     servicer.UnloadModel,
                     request_deserializer=moeshare_dot_v1_dot_moeshare__pb2.UnloadModelRequest.FromString,
                     response_serializer=moeshare_dot_v1_dot_moeshare__pb2.UnloadModelResponse.SerializeToString,
+            ),
+            'SetKvLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetKvLimits,
+                    request_deserializer=moeshare_dot_v1_dot_moeshare__pb2.SetKvLimitsRequest.FromString,
+                    response_serializer=moeshare_dot_v1_dot_moeshare__pb2.SetKvLimitsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -350,6 +368,33 @@ class MoeShare:
             '/moeshare.v1.MoeShare/UnloadModel',
             moeshare_dot_v1_dot_moeshare__pb2.UnloadModelRequest.SerializeToString,
             moeshare_dot_v1_dot_moeshare__pb2.UnloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetKvLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moeshare.v1.MoeShare/SetKvLimits',
+            moeshare_dot_v1_dot_moeshare__pb2.SetKvLimitsRequest.SerializeToString,
+            moeshare_dot_v1_dot_moeshare__pb2.SetKvLimitsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,97 @@
+"""A real server on 127.0.0.1 with one elastic KV pool for two dense checkpoints: the serve flags, GetStats'
+pages, the admin call that shares the pool out, and one-line refusals."""
+
+import subprocess
+import sys
+
+import grpc
+import pytest
+from test_server import Server
+
+from moeshare.client import Client
+
+MIB = 1 / 1024  # GiB
+
+
+@pytest.fixture(scope="module")
+def pool_server(tiny_zoo):
+    s = Server(
+        tiny_zoo / "llama" / "kjv",
+        tiny_zoo / "qwen2" / "python",
+        "--kv-pool",
+        str(10 * MIB),  # five pages of 2 MiB
+        "--kv-min",
+        f"kjv={4 * MIB}",
+        "--kv-max",
+        f"python={4 * MIB}",
+        "--allow-admin-without-token",
+    )
+    yield s
+    s.stop()
+
+
+def _code(call) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    return err.value.code(), err.value.details()
+
+
+def test_two_models_share_one_pool_and_get_stats_shows_its_pages(pool_server):
+    with Client(pool_server.address) as client:
+        for model, prompt in (("kjv", "And God said"), ("python", "def f(")):
+            assert client.complete(model, prompt, max_tokens=8, temperature=0).token_ids
+        pages = client.stats().kv_pages
+    assert pages.total == 5 and pages.page_bytes == 2 << 20 and pages.maps >= 2
+    assert dict(pages.in_use) == {"kjv": 1, "python": 1}  # the scratch blocks' pages; the rest given back
+    assert pages.free + pages.idle == 3
+
+
+def test_the_admin_call_shares_the_pool_out_and_refuses_what_cannot_be(pool_server):
+    with Client(pool_server.address) as client:
+        client.set_kv_limits("python", min_gib=2 * MIB, max_gib=2 * MIB)
+        code, message = _code(lambda: client.set_kv_limits("python", min_gib=8 * MIB))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and message == (
+            "python: 4 pages kept for it and 2 for the others exceed the pool's 5: lower the minimums or grow "
+            "the pool"
+        )
+        code, message = _code(lambda: client.set_kv_limits("python", max_gib=MIB / 4))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "cannot hold one request" in message
+        code, _ = _code(lambda: client.set_kv_limits("nope", min_gib=MIB))
+        assert code == grpc.StatusCode.NOT_FOUND
+        code, message = _code(lambda: client.set_kv_limits("kjv", min_gib=-1))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "min_gib must be a number of GiB >= 0" in message
+        assert client.complete("python", "def f(", max_tokens=4, temperature=0).token_ids
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--kv-min", "kjv=0.1"],
+            "--kv-min and --kv-max share out the elastic KV pool: give --kv-pool GIB too",
+        ),
+        (
+            ["--kv-pool", "0.01", "--kv-max", "kjv=lots"],
+            "--kv-max 'kjv=lots': give MODEL=GIB with a number of GiB >= 0",
+        ),
+        (["--kv-pool", "-1"], "--kv-pool must be > 0 GiB, got -1.0"),
+        (
+            ["--kv-pool", "0.01", "--kv-min", "kjv=0.01"],
+            "kjv: 6 pages kept for it and 0 for the others exceed the pool's 5",
+        ),
+    ],
+)
+def test_bad_pool_flags_are_one_line(tiny_zoo, flags, message):
+    cmd = [
+        sys.executable,
+        "-m",
+        "moeshare.cli",
+        "serve",
+        str(tiny_zoo / "llama" / "kjv"),
+        "--port",
+        "0",
+        *flags,
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and message in lines[0], out.stderr
