@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -85,7 +86,7 @@ def decode(config: EngineConfig, batches: list[int], prompt: int, gen: int) -> t
     return speed, {"tokens": tokens, "pages": pages}
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path)
     ap.add_argument("--batches", default="1,8,32,64")
@@ -134,13 +135,19 @@ def main() -> None:
         for r in rows
     ]
     print("\n".join(lines), flush=True)
+    bad = [r for r in rows if not r["same_tokens"] or abs(r["diff"]) > 0.02] + (
+        [] if costs["view_reads_back"] else [costs]
+    )
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "check_memory_gpu.md").write_text("\n".join(lines) + "\n")
         (args.out / "check_memory_gpu.json").write_text(
             json.dumps({"gpu": gpu, "pages": costs, "decode": rows}, indent=1) + "\n"
         )
+    if bad:
+        print(f"check_memory_gpu: FAILED: {bad}", file=sys.stderr)
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -173,3 +173,21 @@ def test_page_limits_that_contradict_each_other_or_the_pool_are_one_line_and_cha
     with pytest.raises(MoeshareError, match=r"least <= most and most >= 1, got least 2, most 1$"):
         pages.set_limits("b", least=2, most=1)
     assert set(pages.limits) == {"a"}
+
+
+def test_capacity_leaves_out_the_pages_other_models_never_give_back_and_a_shrunk_share_ends_a_waiting_request(
+    tiny_zoo,
+):
+    pages = PageManager(4, HostBackend(PAGE))
+    a, b = _pool(pages, "a", blocks=100), _pool(pages, "b", blocks=100)
+    assert a.capacity == 3 * 8 - 1  # b's scratch page is b's for good
+    assert len(a.allocate(a.capacity)) == 23
+    engine = Engine(
+        [tiny_zoo / "llama" / "kjv", tiny_zoo / "qwen2" / "python"],
+        EngineConfig(kv_pool_bytes=8 * BIG_PAGE, kv_page_bytes=BIG_PAGE),
+    )
+    waiting = engine.submit(Submit("kjv", [5] * 20, SamplingParams(max_tokens=40, ignore_eos=True)))
+    engine.set_kv_limits("python", least_bytes=7 * BIG_PAGE)  # kjv's share shrinks to its scratch page
+    (ended,) = [ev for ev in engine.step() if ev.seq_id == waiting]
+    assert ended.finish_reason.value == "error" and "share of the pool now holds 1" in ended.error
+    assert not engine.has_work() and engine.stats().kv_blocks_used == 0

@@ -52,6 +52,9 @@ class EngineConfig:
         for name, value in at_least_one.items():
             if value is not None and value < 1:
                 raise MoeshareError(f"{name} must be at least 1, got {value}")
+        page = self.kv_page_bytes
+        if page < 4096 or page & (page - 1):
+            raise MoeshareError(f"kv_page_bytes must be a power of two of at least 4096, got {page}")
         if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
             raise MoeshareError(f"device {self.device}: no CUDA device is available here; use cpu")
 

@@ -40,16 +40,17 @@ class Engine:
         self._by_seq: dict[int, Instance] = {}
         self._outbox: list[TokenEvent] = []  # final events of requests ended between steps (an unload)
         self._steps = 0
-        limit = self.config.memory_limit_bytes
-        if limit is not None and self.device.type == "cuda":  # hold the caching allocator to the limit too
-            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-            total = torch.cuda.get_device_properties(index).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), index)
         self.pages = None
-        if self.config.kv_pool_bytes is not None:
+        if self.config.kv_pool_bytes is not None:  # its pages are made now, outside torch's allocator
             self.pages = PageManager.for_device(
                 self.device, self.config.kv_pool_bytes, self.config.kv_page_bytes
             )
+        limit = self.config.memory_limit_bytes
+        if limit is not None and self.device.type == "cuda":  # hold the caching allocator to the rest too
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            total = torch.cuda.get_device_properties(index).total_memory
+            pool = self.pages.total_pages * self.pages.page_bytes if self.pages is not None else 0
+            torch.cuda.set_per_process_memory_fraction(max(0.0, min(1.0, (limit - pool) / total)), index)
         for path in paths:
             self.load(path)
 

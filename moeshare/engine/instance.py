@@ -163,6 +163,7 @@ class Instance:
         fails ends its own sequences with FinishReason.ERROR (their KV goes back); raises EngineFailed only
         if the device itself is broken."""
         prev, self._inflight = self._inflight, None
+        refused = self._beyond_the_pool()
         batch = self.scheduler.schedule()
         launched, failed = None, None
         if batch:
@@ -173,7 +174,7 @@ class Instance:
             else:
                 for s in batch:
                     s.seq.pending += 1
-        events = self._collect(prev) if prev is not None else []
+        events = refused + (self._collect(prev) if prev is not None else [])
         if failed is not None:
             events += self._fail(batch, failed)
         if launched is not None:
@@ -181,6 +182,21 @@ class Instance:
                 self._inflight = launched
             else:
                 events += self._collect(launched)
+        return events
+
+    def _beyond_the_pool(self) -> list[TokenEvent]:
+        """End the waiting sequences that no longer fit the pool at all (an elastic pool's share of this model
+        can shrink: another model's minimum, or a lower maximum), so they do not hold up the queue."""
+        waiting = self.scheduler.waiting
+        if not waiting:
+            return []
+        most = self.pool.capacity
+        events = []
+        for seq in [s for s in waiting if not s.pending and self.pool.blocks_for(len(s) + 1) > most]:
+            self.finish(seq, FinishReason.ERROR)
+            need = self.pool.blocks_for(len(seq) + 1)
+            message = f"this request needs {need} KV blocks; its model's share of the pool now holds {most}"
+            events.append(final_event(seq, FinishReason.ERROR, message))
         return events
 
     def read_back(self) -> list[TokenEvent]:

@@ -111,6 +111,10 @@ def build_instance(
             graphs.capture()
     except torch.OutOfMemoryError as e:  # kept outside the handler, so nothing holds what was allocated
         oom = str(e).split("\n")[0]
+    except BaseException:  # a checkpoint that does not load: its KV range and pages go back too
+        if isinstance(pool, ElasticBlockPool):
+            pool.release()
+        raise
     if oom:
         if isinstance(pool, ElasticBlockPool):
             pool.release()

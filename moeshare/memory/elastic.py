@@ -65,19 +65,27 @@ class ElasticBlockPool:
         self._partial: set[int] = set()  # mapped units with blocks out and blocks free
         self._unmapped = list(range(units))  # a heap: the lowest unit first keeps the range compact
         self._out = 0
-        scratch = self._unit(self.scratch_block)
-        if not self._map(scratch):
+        self._last = self._unit(num_blocks)
+        self._missing = self.blocks_per_unit - len(self._free[self._last])  # blocks the last unit lacks
+        self._unmapped_set = set(self._unmapped)
+        try:
+            scratch = self._unit(self.scratch_block)
+            if not self._map(scratch):
+                raise MoeshareError(f"{owner}: no free page for the KV pool's scratch block")
+            self.region.pinned = self.pages_per_unit
+            self._unmapped.remove(scratch)
+            self._unmapped_set.discard(scratch)
+            heapq.heapify(self._unmapped)
+            self._used[scratch] += 1  # the scratch block keeps its unit mapped
+            if self._free[scratch]:
+                self._partial.add(scratch)
+            shape = (num_blocks + 1, layers, 2, block_size, kv_heads, head_dim)
+            inner = torch.empty(shape[1:], dtype=dtype, device="meta").stride()
+            view = pages.view(self.region).view(dtype)
+            self.kv = view.as_strided(shape, (stride // dtype.itemsize, *inner))  # [N + 1, L, 2, B, Hkv, D]
+        except BaseException:
             pages.release(self.region)
-            raise MoeshareError(f"{owner}: no free page for the KV pool's scratch block")
-        self._unmapped.remove(scratch)
-        heapq.heapify(self._unmapped)
-        self._used[scratch] += 1  # the scratch block keeps its unit mapped
-        if self._free[scratch]:
-            self._partial.add(scratch)
-        shape = (num_blocks + 1, layers, 2, block_size, kv_heads, head_dim)
-        inner = torch.empty(shape[1:], dtype=dtype, device="meta").stride()
-        view = pages.view(self.region).view(dtype)
-        self.kv = view.as_strided(shape, (stride // dtype.itemsize, *inner))  # [N + 1, L, 2, B, Hkv, D]
+            raise
 
     # ---- the BlockPool interface ------------------------------------------------------------------------------
 
@@ -94,9 +102,11 @@ class ElasticBlockPool:
     @property
     def free_blocks(self) -> int:
         """Blocks this pool could hand out now: free ones in its mapped units and in units the budget can map."""
-        mapped = sum(len(self._free[u]) for u in self._partial)
-        units = min(len(self._unmapped), self.pages.room(self.region.owner) // self.pages_per_unit)
-        return mapped + sum(len(self._free[u]) for u in heapq.nsmallest(units, self._unmapped))
+        units = len(self._unmapped)
+        missing = self._missing if self._last in self._unmapped_set else 0
+        mapped = self.num_blocks - self._out - (units * self.blocks_per_unit - missing)
+        can = min(units, self.pages.room(self.region.owner) // self.pages_per_unit)  # the lowest units first
+        return mapped + can * self.blocks_per_unit - (missing if can == units else 0)
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
@@ -104,17 +114,20 @@ class ElasticBlockPool:
     def allocate(self, n: int) -> list[int]:
         """n blocks, partly used units first; raises OutOfBlocks (handing out nothing) if the budget is short."""
         out: list[int] = []
-        while len(out) < n:
-            u = self._next_unit()
-            if u is None:
-                self.free(out)
-                raise OutOfBlocks(f"asked for {n} KV blocks, {len(out)} could be mapped")
-            take = min(n - len(out), len(self._free[u]))
-            out += self._free[u][:take]
-            del self._free[u][:take]
-            self._used[u] += take
-            self._out += take
-            (self._partial.add if self._free[u] else self._partial.discard)(u)
+        try:
+            while len(out) < n:
+                u = self._next_unit()
+                if u is None:
+                    raise OutOfBlocks(f"asked for {n} KV blocks, {len(out)} could be mapped")
+                take = min(n - len(out), len(self._free[u]))
+                out += self._free[u][:take]
+                del self._free[u][:take]
+                self._used[u] += take
+                self._out += take
+                (self._partial.add if self._free[u] else self._partial.discard)(u)
+        except BaseException:  # out of pages, or a driver error: nothing handed out
+            self.free(out)
+            raise
         return out
 
     def free(self, blocks: list[int]) -> None:
@@ -128,6 +141,7 @@ class ElasticBlockPool:
                 for page in self._unit_pages(u):
                     self.pages.give_back(self.region, page)
                 heapq.heappush(self._unmapped, u)
+                self._unmapped_set.add(u)
             else:
                 self._partial.add(u)
 
@@ -149,7 +163,9 @@ class ElasticBlockPool:
             return min(self._partial)
         if not self._unmapped or not self._map(self._unmapped[0]):
             return None
-        return heapq.heappop(self._unmapped)
+        u = heapq.heappop(self._unmapped)
+        self._unmapped_set.discard(u)
+        return u
 
     def _map(self, u: int) -> bool:
         done = []

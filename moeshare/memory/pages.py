@@ -134,13 +134,36 @@ class CudaBackend:
     def tensor(self, base: int, nbytes: int) -> torch.Tensor:
         return torch.as_tensor(_CudaArray(base, nbytes), device=self.device)
 
+    def create(self, pages: int) -> None:
+        """Make `pages` physical pages now, so the budget is the device's from the start (a map never runs
+        out of device memory later); one line if the device does not have them."""
+        self._current()
+        try:
+            for _ in range(pages - len(self._spare)):
+                self._spare.append(self._ok(self.cu.cuMemCreate(self.page_bytes, self.prop, 0)))
+        except MoeshareError as e:
+            self.trim()
+            raise MoeshareError(
+                f"the KV pool's {pages} pages of {self.page_bytes >> 20} MiB do not fit on the device ({e}): "
+                "lower --kv-pool"
+            ) from None
+
     def map(self, base: int, offset: int) -> object:
         self._current()
         cu, size = self.cu, self.page_bytes
         handle = self._spare.pop() if self._spare else self._ok(cu.cuMemCreate(size, self.prop, 0))
         addr = cu.CUdeviceptr(base + offset)
-        self._ok(cu.cuMemMap(addr, size, 0, handle, 0))
-        self._ok(cu.cuMemSetAccess(addr, size, [self.access], 1))
+        try:
+            self._ok(cu.cuMemMap(addr, size, 0, handle, 0))
+        except MoeshareError:
+            self._spare.append(handle)
+            raise
+        try:
+            self._ok(cu.cuMemSetAccess(addr, size, [self.access], 1))
+        except MoeshareError:
+            cu.cuMemUnmap(addr, size)
+            self._spare.append(handle)
+            raise
         return handle
 
     def unmap(self, base: int, offset: int, handle: object) -> None:
@@ -167,6 +190,7 @@ class Region:
     nbytes: int
     mapped: dict[int, object] = field(default_factory=dict)  # page index in the range -> physical handle
     idle: dict[int, object] = field(default_factory=dict)  # mapped pages given back -> event (None: at once)
+    pinned: int = 0  # pages its owner never gives back while it lives (a KV pool's scratch block)
 
 
 @dataclass(frozen=True)
@@ -208,8 +232,12 @@ class PageManager:
     @classmethod
     def for_device(cls, device: torch.device, nbytes: int, page_bytes: int = PAGE_BYTES) -> PageManager:
         """A manager of `nbytes` (rounded down to pages) on `device`: the driver's on CUDA, memory on CPU."""
-        backend: Backend = CudaBackend(device) if device.type == "cuda" else HostBackend(page_bytes)
-        return cls(max(1, nbytes // backend.page_bytes), backend)
+        if device.type != "cuda":
+            return cls(max(1, nbytes // page_bytes), HostBackend(page_bytes))
+        backend = CudaBackend(device)
+        pages = max(1, nbytes // backend.page_bytes)
+        backend.create(pages)
+        return cls(pages, backend)
 
     @property
     def free_pages(self) -> int:
@@ -241,10 +269,18 @@ class PageManager:
         return sum(max(0, lim.least - self.in_use(o)) for o, lim in self.limits.items() if o != owner)
 
     def most(self, owner: str) -> int:
-        """The most pages `owner` could ever hold."""
+        """The most pages `owner` could ever hold: its cap, and what others' minimums and the pages they never
+        give back (their scratch blocks') leave."""
         cap = self.limits.get(owner, Limits()).most
-        free_of_others = self.total_pages - sum(lim.least for o, lim in self.limits.items() if o != owner)
-        return min(cap, free_of_others) if cap is not None else free_of_others
+        others: dict[str, int] = {}
+        for r in self.regions:
+            if r.owner != owner:
+                others[r.owner] = others.get(r.owner, 0) + r.pinned
+        for o, lim in self.limits.items():
+            if o != owner:
+                others[o] = max(others.get(o, 0), lim.least)
+        left = self.total_pages - sum(others.values())
+        return min(cap, left) if cap is not None else left
 
     def room(self, owner: str) -> int:
         """Pages `owner` could map now (given-back pages count: they can be unmapped for it)."""
@@ -293,9 +329,9 @@ class PageManager:
     def give_back(self, region: Region, page: int) -> None:
         """The region no longer needs the page: unmapped once the work queued now is done."""
         event = None
-        if isinstance(self.backend, CudaBackend):
+        if isinstance(self.backend, CudaBackend):  # on the engine device's stream, whatever device is current
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(self.backend.device))
         region.idle[page] = event
 
     def reap(self, wait: bool = False) -> None:
