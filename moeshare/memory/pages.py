@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -121,15 +123,23 @@ class CudaBackend:
             raise MoeshareError(f"CUDA virtual memory call failed: {name.decode() if name else err}")
         return rest[0] if len(rest) == 1 else None
 
-    def _current(self) -> None:
-        """Make the device's primary context current on this thread (driver calls need one)."""
+    @contextmanager
+    def _on_device(self) -> Iterator[None]:
+        """The device's primary context current on this thread for the driver calls (a thread that has run no
+        CUDA call yet has none), and whatever was current before put back."""
         cu = self.cu
-        if self._ok(cu.cuCtxGetCurrent()) != self._context:
+        before = self._ok(cu.cuCtxGetCurrent())
+        if before != self._context:
             self._ok(cu.cuCtxSetCurrent(self._context))
+        try:
+            yield
+        finally:
+            if before != self._context:
+                cu.cuCtxSetCurrent(before)
 
     def reserve(self, nbytes: int) -> int:
-        self._current()
-        return int(self._ok(self.cu.cuMemAddressReserve(nbytes, self.page_bytes, 0, 0)))
+        with self._on_device():
+            return int(self._ok(self.cu.cuMemAddressReserve(nbytes, self.page_bytes, 0, 0)))
 
     def tensor(self, base: int, nbytes: int) -> torch.Tensor:
         return torch.as_tensor(_CudaArray(base, nbytes), device=self.device)
@@ -137,10 +147,10 @@ class CudaBackend:
     def create(self, pages: int) -> None:
         """Make `pages` physical pages now, so the budget is the device's from the start (a map never runs
         out of device memory later); one line if the device does not have them."""
-        self._current()
         try:
-            for _ in range(pages - len(self._spare)):
-                self._spare.append(self._ok(self.cu.cuMemCreate(self.page_bytes, self.prop, 0)))
+            with self._on_device():
+                for _ in range(pages - len(self._spare)):
+                    self._spare.append(self._ok(self.cu.cuMemCreate(self.page_bytes, self.prop, 0)))
         except MoeshareError as e:
             self.trim()
             raise MoeshareError(
@@ -149,36 +159,37 @@ class CudaBackend:
             ) from None
 
     def map(self, base: int, offset: int) -> object:
-        self._current()
         cu, size = self.cu, self.page_bytes
-        handle = self._spare.pop() if self._spare else self._ok(cu.cuMemCreate(size, self.prop, 0))
-        addr = cu.CUdeviceptr(base + offset)
-        try:
-            self._ok(cu.cuMemMap(addr, size, 0, handle, 0))
-        except MoeshareError:
-            self._spare.append(handle)
-            raise
-        try:
-            self._ok(cu.cuMemSetAccess(addr, size, [self.access], 1))
-        except MoeshareError:
-            cu.cuMemUnmap(addr, size)
-            self._spare.append(handle)
-            raise
+        with self._on_device():
+            handle = self._spare.pop() if self._spare else self._ok(cu.cuMemCreate(size, self.prop, 0))
+            addr = cu.CUdeviceptr(base + offset)
+            try:
+                self._ok(cu.cuMemMap(addr, size, 0, handle, 0))
+            except MoeshareError:
+                self._spare.append(handle)
+                raise
+            try:
+                self._ok(cu.cuMemSetAccess(addr, size, [self.access], 1))
+            except MoeshareError:
+                cu.cuMemUnmap(addr, size)
+                self._spare.append(handle)
+                raise
         return handle
 
     def unmap(self, base: int, offset: int, handle: object) -> None:
-        self._current()
-        self._ok(self.cu.cuMemUnmap(self.cu.CUdeviceptr(base + offset), self.page_bytes))
+        with self._on_device():
+            self._ok(self.cu.cuMemUnmap(self.cu.CUdeviceptr(base + offset), self.page_bytes))
         self._spare.append(handle)
 
     def release(self, base: int, nbytes: int) -> None:
-        self._current()
-        self._ok(self.cu.cuMemAddressFree(self.cu.CUdeviceptr(base), nbytes))
+        with self._on_device():
+            self._ok(self.cu.cuMemAddressFree(self.cu.CUdeviceptr(base), nbytes))
 
     def trim(self) -> None:
         """Give the kept physical pages back to the device."""
-        while self._spare:
-            self._ok(self.cu.cuMemRelease(self._spare.pop()))
+        with self._on_device():
+            while self._spare:
+                self._ok(self.cu.cuMemRelease(self._spare.pop()))
 
 
 @dataclass
