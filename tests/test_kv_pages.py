@@ -179,7 +179,8 @@ def test_capacity_leaves_out_the_pages_other_models_never_give_back_and_a_shrunk
     tiny_zoo,
 ):
     pages = PageManager(4, HostBackend(PAGE))
-    a, b = _pool(pages, "a", blocks=100), _pool(pages, "b", blocks=100)
+    a = _pool(pages, "a", blocks=100)
+    _pool(pages, "b", blocks=100)
     assert a.capacity == 3 * 8 - 1  # b's scratch page is b's for good
     assert len(a.allocate(a.capacity)) == 23
     engine = Engine(
