@@ -23,6 +23,7 @@ from moeshare.engine.api import Submit
 from moeshare.engine.engine import Engine, EngineConfig
 from moeshare.engine.request import SamplingParams
 from moeshare.engine.synthetic import RandomDenseSource, llama_config
+from moeshare.memory.blocks import BlockPool
 from moeshare.memory.pages import PageManager
 
 
@@ -150,7 +151,7 @@ def main() -> int:
     print(f"{gpu}: {costs}", flush=True)
     prompt, most = 512, max(batches)
     blocks = most * (prompt + args.gen) // 16 + 64
-    kv_bytes = blocks * 2 * 8 * 16 * 8 * 128 * 2
+    kv_bytes = blocks * BlockPool.block_bytes(16, 8, 8, 128, torch.bfloat16)  # 8 layers, 8 KV heads of 128
     common = dict(device="cuda", max_num_seqs=most, max_batched_tokens=most * prompt)
     fixed, f_out = decode(EngineConfig(kv_blocks=blocks, **common), batches, prompt, args.gen)
     elastic, e_out = decode(EngineConfig(kv_pool_bytes=kv_bytes, **common), batches, prompt, args.gen)

@@ -49,8 +49,9 @@ class Engine:
         if limit is not None and self.device.type == "cuda":  # hold the caching allocator to the rest too
             index = self.device.index if self.device.index is not None else torch.cuda.current_device()
             total = torch.cuda.get_device_properties(index).total_memory
-            pool = self.pages.total_pages * self.pages.page_bytes if self.pages is not None else 0
-            torch.cuda.set_per_process_memory_fraction(max(0.0, min(1.0, (limit - pool) / total)), index)
+            torch.cuda.set_per_process_memory_fraction(
+                max(0.0, min(1.0, (limit - self._pool_bytes) / total)), index
+            )
         for path in paths:
             self.load(path)
 
@@ -83,8 +84,12 @@ class Engine:
         limit = self.config.memory_limit_bytes
         if limit is None:
             return None
-        pool = self.pages.total_pages * self.pages.page_bytes if self.pages is not None else 0
-        return limit - pool - sum(i.placed_bytes for i in self._instances)
+        return limit - self._pool_bytes - sum(i.placed_bytes for i in self._instances)
+
+    @property
+    def _pool_bytes(self) -> int:
+        """The elastic KV pool's share of the memory limit (0 with fixed pools: each instance places its own)."""
+        return self.pages.total_bytes if self.pages is not None else 0
 
     def unload(self, model: str) -> list[str]:
         """Stop serving the instance that holds `model`: its requests end (CANCELLED, their KV goes back at
@@ -114,7 +119,7 @@ class Engine:
         most = None if most_bytes is None else most_bytes // pages.page_bytes
         pool = instance.pool
         if most is not None:
-            need = -(-(pool.blocks_for(instance.context) + 1) // pool.blocks_per_unit) * pool.pages_per_unit
+            need = pool.pages_to_hold(pool.blocks_for(instance.context))
             if most < need:
                 raise MoeshareError(
                     f"{model}: a KV maximum of {most} pages ({most_bytes / 2**30:.3f} GiB) cannot hold one "

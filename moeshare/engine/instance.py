@@ -135,8 +135,8 @@ class Instance:
         self.scheduler.add(seq)
 
     def has_work(self) -> bool:
-        queued = self._inflight is not None and any(not s.seq.finished for s in self._inflight.batch)
-        return bool(self.scheduler.running or self.scheduler.waiting or queued)
+        # a queued batch's unfinished sequences are running or waiting: nothing else to count
+        return bool(self.scheduler.running or self.scheduler.waiting)
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """End a sequence: its blocks go back at once."""
@@ -192,9 +192,11 @@ class Instance:
             return []
         most = self.pool.capacity
         events = []
-        for seq in [s for s in waiting if not s.pending and self.pool.blocks_for(len(s) + 1) > most]:
-            self.finish(seq, FinishReason.ERROR)
+        for seq in list(waiting):
             need = self.pool.blocks_for(len(seq) + 1)
+            if seq.pending or need <= most:
+                continue
+            self.finish(seq, FinishReason.ERROR)
             message = f"this request needs {need} KV blocks; its model's share of the pool now holds {most}"
             events.append(final_event(seq, FinishReason.ERROR, message))
         return events

@@ -57,12 +57,12 @@ def plan(
     layout = entry.layout(source, c, dtype)
     if pages is not None:
         per_block = BlockPool.block_bytes(c.block_size, fp.layers, fp.kv_heads, fp.head_dim, dtype)
-        whole = pages.total_pages * pages.page_bytes // block_stride(per_block, pages.page_bytes) - 1
+        whole = pages.total_bytes // block_stride(per_block, pages.page_bytes) - 1
         blocks = min(c.kv_blocks or whole, whole)
         if blocks < 1:
             raise MoeshareError(
                 f"{target}: one KV block ({per_block} bytes) and the scratch block do not fit in the "
-                f"{pages.total_pages * pages.page_bytes} bytes of --kv-pool-bytes: raise it"
+                f"{pages.total_bytes} bytes of --kv-pool-bytes: raise it"
             )
     else:
         blocks = c.kv_blocks or default_blocks(c, fp, dtype, device, left)

@@ -47,15 +47,14 @@ class Runner:
     ) -> None:
         self.model, self.pool, self.device, self.last, self.graphs = model, pool, device, last, graphs
 
-    def _longs(self, values: list[int]) -> torch.Tensor:
-        host = torch.tensor(values, dtype=torch.int64)
+    def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        host = torch.tensor(values, dtype=dtype)
         if self.device.type != "cuda":
             return host
         return host.pin_memory().to(self.device, non_blocking=True)  # queued, not waited for
 
-    def _floats(self, values: list[float]) -> torch.Tensor:
-        host = torch.tensor(values, dtype=torch.float32)
-        return host.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else host
+    def _longs(self, values: list[int]) -> torch.Tensor:
+        return self._to_device(values, torch.int64)
 
     @torch.inference_mode()
     def launch(self, batch: list[Scheduled], prev: Launched | None) -> Launched:
@@ -100,8 +99,8 @@ class Runner:
         hidden = self.model.forward(ids_t, self._longs(positions), row_t, attn, self.pool.kv)
         logits = self.model.head(hidden[last_t], row_t[last_t])  # [B, V] in the model dtype
         sb = SamplingBatch(
-            temperature=self._floats(temperature),
-            top_p=self._floats(top_p),
+            temperature=self._to_device(temperature, torch.float32),
+            top_p=self._to_device(top_p, torch.float32),
             top_k=self._longs(top_k),
             seeds=self._longs(seeds),
             steps=self._longs(steps),

@@ -67,14 +67,12 @@ class ElasticBlockPool:
         self._out = 0
         self._last = self._unit(num_blocks)
         self._missing = self.blocks_per_unit - len(self._free[self._last])  # blocks the last unit lacks
-        self._unmapped_set = set(self._unmapped)
         try:
             scratch = self._unit(self.scratch_block)
             if not self._map(scratch):
                 raise MoeshareError(f"{owner}: no free page for the KV pool's scratch block")
             self.region.pinned = self.pages_per_unit
             self._unmapped.remove(scratch)
-            self._unmapped_set.discard(scratch)
             heapq.heapify(self._unmapped)
             self._used[scratch] += 1  # the scratch block keeps its unit mapped
             if self._free[scratch]:
@@ -103,7 +101,7 @@ class ElasticBlockPool:
     def free_blocks(self) -> int:
         """Blocks this pool could hand out now: free ones in its mapped units and in units the budget can map."""
         units = len(self._unmapped)
-        missing = self._missing if self._last in self._unmapped_set else 0
+        missing = self._missing if self._used[self._last] == 0 else 0  # no block out: the unit is unmapped
         mapped = self.num_blocks - self._out - (units * self.blocks_per_unit - missing)
         can = min(units, self.pages.room(self.region.owner) // self.pages_per_unit)  # the lowest units first
         return mapped + can * self.blocks_per_unit - (missing if can == units else 0)
@@ -141,7 +139,6 @@ class ElasticBlockPool:
                 for page in self._unit_pages(u):
                     self.pages.give_back(self.region, page)
                 heapq.heappush(self._unmapped, u)
-                self._unmapped_set.add(u)
             else:
                 self._partial.add(u)
 
@@ -150,6 +147,10 @@ class ElasticBlockPool:
         self.pages.release(self.region)
 
     # ---- units ------------------------------------------------------------------------------------------------
+
+    def pages_to_hold(self, blocks: int) -> int:
+        """Pages `blocks` blocks need at the least, beside the scratch block (whole units)."""
+        return -(-(blocks + 1) // self.blocks_per_unit) * self.pages_per_unit
 
     def _unit(self, block: int) -> int:
         return block // self.blocks_per_unit
@@ -163,9 +164,7 @@ class ElasticBlockPool:
             return min(self._partial)
         if not self._unmapped or not self._map(self._unmapped[0]):
             return None
-        u = heapq.heappop(self._unmapped)
-        self._unmapped_set.discard(u)
-        return u
+        return heapq.heappop(self._unmapped)
 
     def _map(self, u: int) -> bool:
         done = []

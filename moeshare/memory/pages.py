@@ -251,6 +251,10 @@ class PageManager:
         return cls(pages, backend)
 
     @property
+    def total_bytes(self) -> int:
+        return self.total_pages * self.page_bytes
+
+    @property
     def free_pages(self) -> int:
         return self.total_pages - self._mapped
 
