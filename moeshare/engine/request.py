@@ -99,18 +99,14 @@ class Sequence:
     finish_reason: FinishReason | None = None
     block_table: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose KV is in the cache (or being written by a launched step)
-    pending: int = 0  # tokens sampled by a launched step whose ids the host has not read back yet (0 or 1)
+    pending: int = 0  # tokens sampled by launched steps, not read back yet (2 at most: read next, queued now)
     arrival: float = 0.0
     first_token_time: float | None = None
     finish_time: float | None = None
     preemptions: int = 0
 
-    @property
-    def token_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
-
     def tokens(self, start: int, count: int) -> list[int]:
-        """token_ids[start : start + count] without building the whole list."""
+        """(prompt_ids + output_ids)[start : start + count] without building the whole list."""
         p = len(self.prompt_ids)
         if start >= p:
             return self.output_ids[start - p : start - p + count]
