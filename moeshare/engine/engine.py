@@ -199,6 +199,8 @@ class Engine:
         for ev in events:
             if ev.finished:
                 self._by_seq.pop(ev.seq_id, None)
+        if self.pages is not None:  # pages given back this step: one event behind the work queued
+            self.pages.fence()
         self._steps += 1
         return events
 

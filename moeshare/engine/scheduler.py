@@ -77,7 +77,7 @@ class Scheduler:
         need = self.pool.blocks_for(tokens) - len(seq.block_table)
         if need <= 0:
             return True
-        if need > self.pool.free_blocks:
+        if not self.pool.can_allocate(need):
             return False
         try:  # a pool over shared pages may find fewer than it estimated: another model took them
             seq.block_table += self.pool.allocate(need)

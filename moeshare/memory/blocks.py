@@ -1,6 +1,6 @@
 """KV blocks: a pool of fixed-size blocks that sequences borrow and return.
 
-An instance only ever calls `allocate`, `free` and the counters, so the plain backend here (one preallocated
+An instance only ever calls `allocate`, `free`, `can_allocate` and the counters, so the plain backend here (one preallocated
 tensor) and an elastic CUDA virtual-memory backend (2 MiB physical pages mapped on demand) can stand behind
 the same interface.
 """
@@ -57,6 +57,9 @@ class BlockPool:
     @property
     def used_blocks(self) -> int:
         return self.num_blocks - len(self._free)
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= len(self._free)
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)

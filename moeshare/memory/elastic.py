@@ -101,10 +101,20 @@ class ElasticBlockPool:
     def free_blocks(self) -> int:
         """Blocks this pool could hand out now: free ones in its mapped units and in units the budget can map."""
         units = len(self._unmapped)
-        missing = self._missing if self._used[self._last] == 0 else 0  # no block out: the unit is unmapped
+        missing = self._unmapped_missing()
         mapped = self.num_blocks - self._out - (units * self.blocks_per_unit - missing)
         can = min(units, self.pages.room(self.region.owner) // self.pages_per_unit)  # the lowest units first
         return mapped + can * self.blocks_per_unit - (missing if can == units else 0)
+
+    def can_allocate(self, n: int) -> bool:
+        """Whether `allocate(n)` would succeed now; cheap while the mapped units have the blocks (a decode step
+        asks once for every sequence that crosses into a new block)."""
+        mapped_free = (
+            self.num_blocks
+            - self._out
+            - (len(self._unmapped) * self.blocks_per_unit - self._unmapped_missing())
+        )
+        return n <= mapped_free or n <= self.free_blocks
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
@@ -151,6 +161,10 @@ class ElasticBlockPool:
     def pages_to_hold(self, blocks: int) -> int:
         """Pages `blocks` blocks need at the least, beside the scratch block (whole units)."""
         return -(-(blocks + 1) // self.blocks_per_unit) * self.pages_per_unit
+
+    def _unmapped_missing(self) -> int:
+        """Blocks the unmapped units lack of whole units: the last unit's shortfall while it is unmapped."""
+        return self._missing if self._used[self._last] == 0 else 0
 
     def _unit(self, block: int) -> int:
         return block // self.blocks_per_unit

@@ -192,6 +192,9 @@ class CudaBackend:
                 self._ok(self.cu.cuMemRelease(self._spare.pop()))
 
 
+UNFENCED = object()  # a given-back page's place-holder until the next fence records its event
+
+
 @dataclass
 class Region:
     """One owner's virtual range and which of its pages are mapped."""
@@ -200,7 +203,8 @@ class Region:
     base: int
     nbytes: int
     mapped: dict[int, object] = field(default_factory=dict)  # page index in the range -> physical handle
-    idle: dict[int, object] = field(default_factory=dict)  # mapped pages given back -> event (None: at once)
+    idle: dict[int, object] = field(default_factory=dict)  # mapped pages given back -> event (None: at once;
+    # UNFENCED: given back since the last fence, no event yet)
     pinned: int = 0  # pages its owner never gives back while it lives (a KV pool's scratch block)
 
 
@@ -239,6 +243,7 @@ class PageManager:
         self._mapped = 0
         self.maps = self.unmaps = 0
         self.map_seconds = self.unmap_seconds = 0.0
+        self._unfenced: list[tuple[Region, int]] = []  # pages given back since the last fence
 
     @classmethod
     def for_device(cls, device: torch.device, nbytes: int, page_bytes: int = PAGE_BYTES) -> PageManager:
@@ -342,15 +347,29 @@ class PageManager:
         return True
 
     def give_back(self, region: Region, page: int) -> None:
-        """The region no longer needs the page: unmapped once the work queued now is done."""
-        event = None
-        if isinstance(self.backend, CudaBackend):  # on the engine device's stream, whatever device is current
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(self.backend.device))
-        region.idle[page] = event
+        """The region no longer needs the page: unmapped once the work queued before the next fence is done
+        (one event for every page given back between two fences: a request that ends frees many at once)."""
+        if isinstance(self.backend, CudaBackend):
+            region.idle[page] = UNFENCED
+            self._unfenced.append((region, page))
+        else:
+            region.idle[page] = None
+
+    def fence(self) -> None:
+        """Record one event behind the work queued now for the pages given back since the last fence (the
+        engine fences once a step; a reap fences first, so forgetting one is never unsafe, only slower)."""
+        if not self._unfenced:
+            return
+        event = torch.cuda.Event()  # on the engine device's stream, whatever device is current
+        event.record(torch.cuda.current_stream(self.backend.device))
+        for region, page in self._unfenced:
+            if region.idle.get(page) is UNFENCED:  # not taken back (or released) since
+                region.idle[page] = event
+        self._unfenced.clear()
 
     def reap(self, wait: bool = False) -> None:
         """Unmap the given-back pages whose queued work is done (with `wait`, all of them, waiting)."""
+        self.fence()
         for region in self.regions:
             for page, event in list(region.idle.items()):
                 if event is not None and not event.query():
