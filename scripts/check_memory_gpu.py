@@ -3,8 +3,10 @@
 Maps and unmaps pages of the CUDA driver's virtual memory API through PageManager and times them per page;
 checks a tensor over a range reads back what was written; then decodes with an 8-layer Llama-3-8B-size
 random model (bf16, CUDA graphs, 512-token prompts) at batch 1, 8, 32, 64 with a fixed KV pool and with the
-elastic pool of the same bytes: tokens must be identical, throughput within 2%. Last, two models share one pool
-while the load moves from one to the other: pages per model over the steps, plotted.
+elastic pool of the same bytes: tokens must be identical, throughput within 2%. Then two models share one pool
+while the load moves from one to the other: pages per model over the steps, plotted. Last, a full-depth
+Llama-3-8B-size checkpoint written to --scratch is evicted and activated (pinned host memory, and the checkpoint
+with its page cache dropped): times, bandwidth against the measured pinned bandwidth, tokens before and after.
 
     python scripts/check_memory_gpu.py --out evals/results/memory
 """
@@ -13,14 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from moeshare.checkpoint.io import write_checkpoint
 from moeshare.engine.api import Submit
 from moeshare.engine.engine import Engine, EngineConfig
+from moeshare.engine.models.llama import DenseLlama, LlamaDims, tensor_names
 from moeshare.engine.request import SamplingParams
 from moeshare.engine.synthetic import RandomDenseSource, llama_config
 from moeshare.memory.blocks import BlockPool
@@ -105,7 +111,12 @@ def trace(device: str, out: Path | None, layers: int = 8, steps: int = 240) -> l
     dtype = torch.float32 if small else torch.bfloat16
     sources = [RandomDenseSource(cfg, device, dtype, seed=i, name=n) for i, n in enumerate(("a", "b"))]
     engine = Engine(
-        sources, EngineConfig(device=device, kv_pool_bytes=(64 if small else 4096) << 20, max_num_seqs=16)
+        sources,
+        EngineConfig(
+            device=device,
+            pool_bytes=2 * weight_bytes(cfg, dtype) + ((64 if small else 4096) << 20),
+            max_num_seqs=16,
+        ),
     )
     g = torch.Generator().manual_seed(0)
     params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
@@ -144,11 +155,112 @@ def trace(device: str, out: Path | None, layers: int = 8, steps: int = 240) -> l
     return rows
 
 
+def weight_bytes(config: dict, dtype: torch.dtype = torch.bfloat16) -> int:
+    """A dense model's weights, and a little for their range's alignment: what the pool holds beside the KV."""
+    return DenseLlama(LlamaDims.from_config(config), 1, dtype, torch.device("meta")).row_bytes() + (32 << 20)
+
+
+def pinned_bandwidth(nbytes: int = 4 << 30) -> float:
+    """Host-to-device copy bandwidth from pinned memory, bytes/s (best of three)."""
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    best = float("inf")
+    for _ in range(4):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dev.copy_(host, non_blocking=True)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best
+
+
+def write_llama(out: Path, layers: int) -> Path:
+    """A Llama-3-8B-size checkpoint of random weights on disk (bf16 safetensors)."""
+    cfg = llama_config(layers=layers)
+    src = RandomDenseSource(cfg)
+    dims = LlamaDims.from_config(cfg)
+    tensors = ((key, src.tensor("llama", key).cpu()) for key in tensor_names(dims).values())
+    return write_checkpoint(out, cfg, tensors, max_shard_bytes=2 << 30, force=True)
+
+
+def drop_from_page_cache(directory: Path) -> None:
+    """Ask the kernel to forget the files' cached pages, so reading them goes to the disk."""
+    for f in directory.iterdir():
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def eviction(layers: int, scratch: Path) -> dict:
+    """Evict and activate a Llama-3-8B-size model served from a checkpoint on disk: to and from pinned host
+    memory, and dropped and read again from the checkpoint; greedy tokens before and after each cycle."""
+    bandwidth = pinned_bandwidth()
+    ckpt = write_llama(scratch / "llama-8b", layers)
+    try:
+        return _evict_and_activate(ckpt, bandwidth)
+    finally:
+        shutil.rmtree(ckpt)
+
+
+def _evict_and_activate(ckpt: Path, bandwidth: float) -> dict:
+    weights = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+    cfg = EngineConfig(device="cuda", pool_bytes=weights + (8 << 30), max_num_seqs=8, evict_to="host")
+    engine = Engine([ckpt], cfg)
+    name = engine.models()[0].name
+    instance = engine.instance(name)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(10, 30000, (64,), generator=g).tolist() for _ in range(4)]
+    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+
+    def tokens() -> list[list[int]]:
+        ids = [engine.submit(Submit(name, p, params)) for p in prompts]
+        out: dict[int, list[int]] = {i: [] for i in ids}
+        while engine.has_work():
+            for ev in engine.step():
+                out[ev.seq_id] += [ev.token_id] if ev.token_id >= 0 else []
+        return [out[i] for i in ids]
+
+    def timed(fn) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if instance.weights.ready is not None:
+            instance.weights.ready.synchronize()
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    before = tokens()
+    row = {"weights_bytes": instance.weights.nbytes, "pinned_h2d_bytes_per_s": bandwidth}
+    row["evict_first_s"] = timed(lambda: engine.evict(name))  # pins a host buffer the first time
+    engine.pages.reap(wait=True)
+    row["activate_host_s"] = timed(instance.activate)
+    row["same_after_host"] = tokens() == before
+    row["evict_again_s"] = timed(lambda: engine.evict(name))
+    engine.pages.reap(wait=True)
+    row["activate_host_again_s"] = timed(instance.activate)
+    engine.config.evict_to = "disk"
+    instance.weights.host = None  # what an eviction under host-memory pressure keeps
+    row["evict_drop_s"] = timed(lambda: engine.evict(name))
+    engine.pages.reap(wait=True)
+    drop_from_page_cache(ckpt)
+    row["activate_disk_s"] = timed(instance.activate)
+    row["same_after_disk"] = tokens() == before
+    row["activate_host_fraction_of_pinned"] = weights / row["activate_host_again_s"] / bandwidth
+    return row
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path)
     ap.add_argument("--batches", default="1,8,32,64")
     ap.add_argument("--gen", type=int, default=64)
+    ap.add_argument(
+        "--layers", type=int, default=32, help="of the model evicted and activated (32: full depth)"
+    )
+    ap.add_argument("--scratch", type=Path, default=Path("/tmp"), help="where its checkpoint is written")
     args = ap.parse_args()
     batches = [int(x) for x in args.batches.split(",")]
     gpu = torch.cuda.get_device_name()
@@ -161,7 +273,7 @@ def main() -> int:
     runs = decode(
         {
             "fixed": EngineConfig(kv_blocks=blocks, **common),
-            "elastic": EngineConfig(kv_pool_bytes=kv_bytes, **common),
+            "elastic": EngineConfig(pool_bytes=weight_bytes(llama_config(layers=8)) + kv_bytes, **common),
         },
         batches,
         prompt,
@@ -190,7 +302,7 @@ def main() -> int:
         f"a tensor over the range reads back what was written: {costs['view_reads_back']}.",
         "",
         "Decode, 8-layer Llama-3-8B-size random model, bf16, CUDA graphs, 512-token prompts, "
-        f"{args.gen} generated; the elastic pool has the fixed pool's bytes. Both engines take turns at each "
+        f"{args.gen} generated; the elastic pool has the fixed pool's bytes and the weights. Both engines take turns at each "
         "batch, twice: *cold*, the elastic pool maps fresh pages as sequences grow; *warm* (the figure), it "
         "takes back the pages the cold run gave back, as a long-running server does "
         f"(pages at the end: {elastic['pages']}).",
@@ -212,15 +324,43 @@ def main() -> int:
         f"a {peak['a']}, b {peak['b']}; a holds {rows_trace[half - 1]['a']} just before the switch and "
         f"{rows_trace[-1]['a']} at the end.",
     ]
+    ev = eviction(args.layers, args.scratch)
+    gb = ev["weights_bytes"] / 1e9
+    lines += [
+        "",
+        f"Eviction and activation of a {args.layers}-layer Llama-3-8B-size model ({gb:.2f} GB of bf16 weights) "
+        "served from a checkpoint on disk; pinned host-to-device bandwidth measured here "
+        f"{ev['pinned_h2d_bytes_per_s'] / 1e9:.1f} GB/s.",
+        "",
+        "| what | seconds | GB/s | tokens the same after |",
+        "|---|---|---|---|",
+        f"| evict to pinned host memory, first time (pins the buffer) | {ev['evict_first_s']:.3f} | "
+        f"{gb / ev['evict_first_s']:.1f} | |",
+        f"| activate from pinned host memory | {ev['activate_host_s']:.3f} | {gb / ev['activate_host_s']:.1f} | "
+        f"{ev['same_after_host']} |",
+        f"| evict again (the buffer kept) | {ev['evict_again_s']:.3f} | {gb / ev['evict_again_s']:.1f} | |",
+        f"| activate from pinned host memory again | {ev['activate_host_again_s']:.3f} | "
+        f"{gb / ev['activate_host_again_s']:.1f} | |",
+        f"| evict, dropping the weights | {ev['evict_drop_s']:.3f} | | |",
+        f"| activate from the checkpoint on disk (page cache dropped) | {ev['activate_disk_s']:.3f} | "
+        f"{gb / ev['activate_disk_s']:.1f} | {ev['same_after_disk']} |",
+        "",
+        f"Activation from pinned host memory runs at {ev['activate_host_fraction_of_pinned']:.0%} of the pinned "
+        "bandwidth (target: at least 80%, and at most 0.5 s).",
+    ]
     print("\n".join(lines), flush=True)
     bad = [r for r in rows if not r["same_tokens"] or abs(r["diff"]) > 0.02] + (
         [] if costs["view_reads_back"] else [costs]
     )
+    if not (ev["same_after_host"] and ev["same_after_disk"]):
+        bad.append({"eviction": "tokens differ after an evict -> activate cycle"})
+    if ev["activate_host_fraction_of_pinned"] < 0.8 or ev["activate_host_again_s"] > 0.5:
+        bad.append({"activation": "slower than 80% of the pinned bandwidth or 0.5 s"})
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "check_memory_gpu.md").write_text("\n".join(lines) + "\n")
         (args.out / "check_memory_gpu.json").write_text(
-            json.dumps({"gpu": gpu, "pages": costs, "decode": rows}, indent=1) + "\n"
+            json.dumps({"gpu": gpu, "pages": costs, "decode": rows, "eviction": ev}, indent=1) + "\n"
         )
     if bad:
         print(f"check_memory_gpu: FAILED: {bad}", file=sys.stderr)

@@ -74,6 +74,12 @@ def test_a_budget_without_room_for_the_scratch_block_is_one_line():
     assert [r.owner for r in pages.regions] == ["a"]
 
 
+def weights_pages(path, page: int) -> int:
+    """Pages of `page` bytes a checkpoint's weights take in the pool (they live there beside the KV)."""
+    engine = Engine([path], EngineConfig(pool_bytes=1 << 26, pool_page_bytes=page))
+    return engine.instance(engine.models()[0].name).weights.npages
+
+
 def _tokens(engine: Engine, model: str, prompt: str, n: int = 24) -> list[int]:
     return engine.generate(model, prompt, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))[1]
 
@@ -84,10 +90,14 @@ def test_two_models_on_one_elastic_pool_give_their_tokens_alone_and_pages_follow
         "kjv": _tokens(Engine([llama]), "kjv", "And God said"),
         "python": _tokens(Engine([qwen]), "python", "def f("),
     }
-    cfg = EngineConfig(kv_pool_bytes=64 * BIG_PAGE, kv_page_bytes=BIG_PAGE)  # pages of several blocks
+    w = {"kjv weights": weights_pages(llama, BIG_PAGE), "python weights": weights_pages(qwen, BIG_PAGE)}
+    total = 64 + sum(w.values())
+    cfg = EngineConfig(pool_bytes=total * BIG_PAGE, pool_page_bytes=BIG_PAGE)  # pages of several blocks
     engine = Engine([llama, qwen], cfg)
     start = engine.stats().pages
-    assert start.total_pages == 64 and sum(start.mapped.values()) == 2  # the scratch blocks' pages
+    assert (
+        start.total_pages == total and start.mapped == {"kjv": 1, "python": 1} | w
+    )  # weights, scratch blocks
     ids = {
         m: engine.submit(Submit(m, p, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)))
         for m, p in (("kjv", "And God said"), ("python", "def f("))
@@ -106,11 +116,12 @@ def test_two_models_on_one_elastic_pool_give_their_tokens_alone_and_pages_follow
     hungry = engine.instance("kjv").pool
     assert hungry.free_blocks >= (64 - 2) * (BIG_PAGE // block_stride(hungry.kv[0].nbytes, BIG_PAGE))
     engine.unload("python")
-    assert engine.stats().pages.mapped == {"kjv": 1}
+    assert engine.stats().pages.mapped == {"kjv": 1, "kjv weights": w["kjv weights"]}
 
 
 def test_a_request_larger_than_the_whole_pool_is_refused_before_it_runs(tiny_zoo):
-    engine = Engine([tiny_zoo / "llama" / "kjv"], EngineConfig(kv_pool_bytes=4 * PAGE, kv_page_bytes=PAGE))
+    total = 4 + weights_pages(tiny_zoo / "llama" / "kjv", PAGE)
+    engine = Engine([tiny_zoo / "llama" / "kjv"], EngineConfig(pool_bytes=total * PAGE, pool_page_bytes=PAGE))
     cap = engine.instance("kjv").pool.capacity
     with pytest.raises(RequestTooLarge, match=f"KV blocks; the pool has {cap}"):
         engine.submit(Submit("kjv", [5] * 20, SamplingParams(max_tokens=4000)))
@@ -128,8 +139,9 @@ def test_two_models_short_of_pages_preempt_and_both_finish_with_their_tokens(tin
         for m, path in (("kjv", llama), ("python", qwen))
         for p in prompts[m]
     }
-    # 8 pages of 2 blocks (2 of them the scratch blocks): the six requests need 18 blocks at their longest
-    engine = Engine([llama, qwen], EngineConfig(kv_pool_bytes=8 * BIG_PAGE, kv_page_bytes=BIG_PAGE))
+    # 8 KV pages of 2 blocks (2 of them the scratch blocks): the six requests need 18 blocks at their longest
+    w = weights_pages(llama, BIG_PAGE) + weights_pages(qwen, BIG_PAGE)
+    engine = Engine([llama, qwen], EngineConfig(pool_bytes=(8 + w) * BIG_PAGE, pool_page_bytes=BIG_PAGE))
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     ids = {engine.submit(Submit(m, p, params)): (m, p) for m in prompts for p in prompts[m]}
     got: dict[int, list[int]] = {i: [] for i in ids}
@@ -141,7 +153,9 @@ def test_two_models_short_of_pages_preempt_and_both_finish_with_their_tokens(tin
     assert {ids[i]: t for i, t in got.items()} == alone
     stats = engine.stats()
     assert (
-        stats.preemptions > 0 and stats.kv_blocks_used == 0 and stats.pages.mapped == {"kjv": 1, "python": 1}
+        stats.preemptions > 0
+        and stats.kv_blocks_used == 0
+        and {m: n for m, n in stats.pages.mapped.items() if "weights" not in m} == {"kjv": 1, "python": 1}
     )
 
 
@@ -183,12 +197,30 @@ def test_capacity_leaves_out_the_pages_other_models_never_give_back_and_a_shrunk
     _pool(pages, "b", blocks=100)
     assert a.capacity == 3 * 8 - 1  # b's scratch page is b's for good
     assert len(a.allocate(a.capacity)) == 23
-    engine = Engine(
-        [tiny_zoo / "llama" / "kjv", tiny_zoo / "qwen2" / "python"],
-        EngineConfig(kv_pool_bytes=8 * BIG_PAGE, kv_page_bytes=BIG_PAGE),
-    )
+    llama, qwen = tiny_zoo / "llama" / "kjv", tiny_zoo / "qwen2" / "python"
+    kjv_w, python_w = weights_pages(llama, BIG_PAGE), weights_pages(qwen, BIG_PAGE)
+    total = 8 + kjv_w + python_w
+    engine = Engine([llama, qwen], EngineConfig(pool_bytes=total * BIG_PAGE, pool_page_bytes=BIG_PAGE))
+    busy = engine.submit(Submit("python", [5] * 4, SamplingParams(max_tokens=40, ignore_eos=True)))
+    engine.step()  # python runs: its weights cannot leave to make room for kjv
     waiting = engine.submit(Submit("kjv", [5] * 20, SamplingParams(max_tokens=40, ignore_eos=True)))
-    engine.set_kv_limits("python", least_bytes=7 * BIG_PAGE)  # kjv's share shrinks to its scratch page
+    # kjv's share shrinks to its scratch page
+    engine.set_kv_limits("python", least_bytes=(total - kjv_w - python_w - 1) * BIG_PAGE)
     (ended,) = [ev for ev in engine.step() if ev.seq_id == waiting]
     assert ended.finish_reason.value == "error" and "share of the pool now holds 1" in ended.error
+    engine.cancel(busy)
+    engine.step()
     assert not engine.has_work() and engine.stats().kv_blocks_used == 0
+    assert [m.resident for m in engine.models()] == [True, True]
+
+
+def test_a_run_of_pages_maps_all_or_nothing_and_takes_back_its_own_given_back_pages():
+    pages = PageManager(8, HostBackend(PAGE))
+    region = pages.reserve("w", 6 * PAGE)
+    assert pages.map(region, 2)
+    pages.give_back(region, 2)
+    assert pages.map_run(region, 0, 6) and pages.maps == 1 + 5  # page 2 was still mapped: taken back
+    assert pages.stats().mapped == {"w": 6} and pages.stats().idle == 0
+    short = PageManager(4, HostBackend(PAGE))
+    other = short.reserve("w", 6 * PAGE)
+    assert not short.map_run(other, 0, 6) and short.stats().mapped == {"w": 0} and short.maps == 0

@@ -18,8 +18,8 @@ def pool_server(tiny_zoo):
     s = Server(
         tiny_zoo / "llama" / "kjv",
         tiny_zoo / "qwen2" / "python",
-        "--kv-pool",
-        str(10 * MIB),  # five pages of 2 MiB
+        "--pool",
+        str(14 * MIB),  # seven pages of 2 MiB: one for each model's weights, five for KV
         "--kv-min",
         f"kjv={4 * MIB}",
         "--kv-max",
@@ -41,17 +41,18 @@ def test_two_models_share_one_pool_and_get_stats_shows_its_pages(pool_server):
         for model, prompt in (("kjv", "And God said"), ("python", "def f(")):
             assert client.complete(model, prompt, max_tokens=8, temperature=0).token_ids
         pages = client.stats().kv_pages
-    assert pages.total == 5 and pages.page_bytes == 2 << 20 and pages.maps >= 2
-    assert dict(pages.in_use) == {"kjv": 1, "python": 1}  # the scratch blocks' pages; the rest given back
+    assert pages.total == 7 and pages.page_bytes == 2 << 20 and pages.maps >= 4
+    # the weights' pages and the scratch blocks' pages; the rest given back
+    assert dict(pages.in_use) == {"kjv": 1, "python": 1, "kjv weights": 1, "python weights": 1}
     assert pages.free + pages.idle == 3
 
 
 def test_the_admin_call_shares_the_pool_out_and_refuses_what_cannot_be(pool_server):
     with Client(pool_server.address) as client:
         client.set_kv_limits("python", min_gib=2 * MIB, max_gib=2 * MIB)
-        code, message = _code(lambda: client.set_kv_limits("python", min_gib=8 * MIB))
+        code, message = _code(lambda: client.set_kv_limits("python", min_gib=12 * MIB))
         assert code == grpc.StatusCode.FAILED_PRECONDITION and message == (
-            "python: 4 pages kept for it and 2 for the others exceed the pool's 5: lower the minimums or grow "
+            "python: 6 pages kept for it and 2 for the others exceed the pool's 7: lower the minimums or grow "
             "the pool"
         )
         code, message = _code(lambda: client.set_kv_limits("python", max_gib=MIB / 4))
@@ -68,15 +69,15 @@ def test_the_admin_call_shares_the_pool_out_and_refuses_what_cannot_be(pool_serv
     [
         (
             ["--kv-min", "kjv=0.1"],
-            "--kv-min and --kv-max share out the elastic KV pool: give --kv-pool GIB too",
+            "--kv-min and --kv-max share out the elastic KV pool: give --pool GIB too",
         ),
         (
-            ["--kv-pool", "0.01", "--kv-max", "kjv=lots"],
+            ["--pool", "0.01", "--kv-max", "kjv=lots"],
             "--kv-max 'kjv=lots': give MODEL=GIB with a number of GiB >= 0",
         ),
-        (["--kv-pool", "-1"], "--kv-pool must be > 0 GiB, got -1.0"),
+        (["--pool", "-1"], "--pool must be > 0 GiB, got -1.0"),
         (
-            ["--kv-pool", "0.01", "--kv-min", "kjv=0.01"],
+            ["--pool", "0.01", "--kv-min", "kjv=0.01"],
             "kjv: 6 pages kept for it and 0 for the others exceed the pool's 5",
         ),
     ],

@@ -24,8 +24,14 @@ class EngineConfig:
     kv_blocks: int | None = None  # default: from kv_memory_fraction of free GPU memory, 512 on CPU
     # one elastic KV pool of this many bytes for every instance (pages mapped on demand, given back when
     # their blocks are): an instance's KV range then spans the whole pool unless kv_blocks caps it
-    kv_pool_bytes: int | None = None
-    kv_page_bytes: int = 2 << 20  # the elastic pool's page on CPU (CUDA uses the driver's granularity)
+    pool_bytes: int | None = None
+    pool_page_bytes: int = 2 << 20  # the elastic pool's page on CPU (CUDA uses the driver's granularity)
+    # with the pool, every instance's weights live there too and can leave the device: after this many
+    # seconds without a request (None: only when another model needs the pages), to host memory ("host"),
+    # dropped to be read again from the checkpoint ("disk"; stores always go to host memory), or "auto":
+    # host memory while it has room
+    evict_after: float | None = None
+    evict_to: str = "auto"
     kv_memory_fraction: float = 0.5
     block_size: int = 16
     max_num_seqs: int = 64
@@ -46,15 +52,23 @@ class EngineConfig:
             "max_resident_variants": self.max_resident_variants,
             "max_resident_bytes": self.max_resident_bytes,
             "kv_blocks": self.kv_blocks,
-            "kv_pool_bytes": self.kv_pool_bytes,
-            "kv_page_bytes": self.kv_page_bytes,
+            "pool_bytes": self.pool_bytes,
+            "pool_page_bytes": self.pool_page_bytes,
         }
         for name, value in at_least_one.items():
             if value is not None and value < 1:
                 raise MoeshareError(f"{name} must be at least 1, got {value}")
-        page = self.kv_page_bytes
+        if self.evict_to not in ("auto", "host", "disk"):
+            raise MoeshareError(f"evict_to must be auto, host or disk, got {self.evict_to!r}")
+        if self.evict_after is not None and self.evict_after < 0:
+            raise MoeshareError(f"evict_after must be at least 0 seconds, got {self.evict_after}")
+        if self.evict_after is not None and self.pool_bytes is None:
+            raise MoeshareError(
+                "evict_after needs the page pool (pool_bytes / --pool): weights outside it stay"
+            )
+        page = self.pool_page_bytes
         if page < 4096 or page & (page - 1):
-            raise MoeshareError(f"kv_page_bytes must be a power of two of at least 4096, got {page}")
+            raise MoeshareError(f"pool_page_bytes must be a power of two of at least 4096, got {page}")
         if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
             raise MoeshareError(f"device {self.device}: no CUDA device is available here; use cpu")
 

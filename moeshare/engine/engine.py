@@ -18,11 +18,14 @@ import torch
 from moeshare.engine.api import EngineFailed, EngineStats, ModelInfo, Submit, TokenEvent
 from moeshare.engine.config import EngineConfig
 from moeshare.engine.instance import Instance
-from moeshare.engine.planner import build_instance, model_names, open_source, plan
+from moeshare.engine.planner import build_instance, model_names, open_source, plan, weights_owner
 from moeshare.engine.policy import LoadOrder, Policy
 from moeshare.engine.request import FinishReason, SamplingParams, Sequence, UnknownModel, clip
 from moeshare.errors import MoeshareError
 from moeshare.memory.pages import PageManager
+from moeshare.memory.weights import host_bytes_available
+
+HOST_RESERVE = 4 << 30  # host memory an "auto" eviction leaves free beside the copy it makes
 
 __all__ = ["Engine", "EngineConfig", "EngineFailed", "TokenEvent"]
 
@@ -41,9 +44,9 @@ class Engine:
         self._outbox: list[TokenEvent] = []  # final events of requests ended between steps (an unload)
         self._steps = 0
         self.pages = None
-        if self.config.kv_pool_bytes is not None:  # its pages are made now, outside torch's allocator
+        if self.config.pool_bytes is not None:  # its pages are made now, outside torch's allocator
             self.pages = PageManager.for_device(
-                self.device, self.config.kv_pool_bytes, self.config.kv_page_bytes
+                self.device, self.config.pool_bytes, self.config.pool_page_bytes
             )
         limit = self.config.memory_limit_bytes
         if limit is not None and self.device.type == "cuda":  # hold the caching allocator to the rest too
@@ -64,6 +67,10 @@ class Engine:
         names = model_names(source, name)
         if clash := [m for m in names if m in self._by_model]:
             raise MoeshareError(f"{target}: model {clash[0]!r} is already served; unload it first")
+        if self.pages is not None:  # room in the pool for its weights and KV scratch page: idle models leave
+            placement = plan(source, self.config, self._left(), target, self.pages)[-1]
+            need = self.pages.pages_for(placement.rows + placement.banks) + 2  # its ranges' alignment too
+            self._evict_for(None, weights_owner(next(iter(names))), need)
         instance = build_instance(source, names, self.config, self._left(), target, self.pages)
         self._instances.append(instance)
         for m in instance.models:
@@ -77,7 +84,7 @@ class Engine:
         for target, _ in targets:
             placement = plan(open_source(target), self.config, left, target, self.pages)[-1]
             if left is not None:
-                left -= placement.total
+                left -= placement.work if self.pages is not None else placement.total
 
     def _left(self) -> int | None:
         """What the memory limit leaves for the next instance (None: no limit)."""
@@ -101,6 +108,8 @@ class Engine:
             self._outbox.append(ev)
         self._instances.remove(instance)
         instance.pool.release()
+        if instance.weights is not None:
+            instance.weights.release()
         for m in instance.models:
             del self._by_model[m]
         if self.config.torch_device.type == "cuda":  # give its memory back to the device, not the cache,
@@ -114,7 +123,7 @@ class Engine:
         instance = self._instance(model)
         pages = self.pages
         if pages is None:
-            raise MoeshareError("KV limits are for the elastic KV pool: give --kv-pool GIB (kv_pool_bytes)")
+            raise MoeshareError("KV limits are for the elastic KV pool: give --pool GIB (pool_bytes)")
         least = pages.pages_for(least_bytes)
         most = None if most_bytes is None else most_bytes // pages.page_bytes
         pool = instance.pool
@@ -190,6 +199,7 @@ class Engine:
         """One batch for each instance the policy picks. A batch that fails ends its own requests with
         FinishReason.ERROR and the engine serves on; raises EngineFailed only if the device is broken."""
         events, self._outbox = self._outbox, []
+        self._manage_memory()
         picked = self.policy.pick(self._instances)
         for instance in picked:
             events += instance.step()
@@ -201,8 +211,89 @@ class Engine:
                 self._by_seq.pop(ev.seq_id, None)
         if self.pages is not None:  # pages given back this step: one event behind the work queued
             self.pages.fence()
+            if not events:  # nothing ran: wait for an activation's copy rather than spin on it
+                for i in self._instances:
+                    if i.has_work() and i.weights is not None and i.weights.ready is not None:
+                        i.weights.ready.synchronize()
+                        break
         self._steps += 1
         return events
+
+    # ---- weights on and off the device (the page pool) ---------------------------------------------------
+
+    def maintain(self) -> None:
+        """Evict the models idle for longer than evict_after; the server calls it while there is no work."""
+        self._manage_memory()
+
+    def evict(self, model: str) -> None:
+        """Move `model`'s instance's weights off the device now (a one-line error if it has requests in the
+        engine, or its weights are not in the page pool)."""
+        instance = self._instance(model)
+        if instance.weights is None:
+            raise MoeshareError(f"{model}: its weights are not in the page pool (serve with --pool)")
+        if not instance.weights.resident:
+            return
+        if not instance.evictable():
+            raise MoeshareError(f"{model}: it has requests in the engine; evict it once they are done")
+        instance.evict(self._keep_on_host(instance))
+
+    def _keep_on_host(self, instance: Instance) -> bool:
+        """Whether an eviction copies the weights to host memory (else they are read again from the
+        checkpoint): evict_to, and for "auto" whether host memory has room for them."""
+        how = self.config.evict_to
+        if how != "auto" or instance.weights.host is not None:
+            return how != "disk" or instance.weights.host is not None
+        free = host_bytes_available()
+        return free is None or free > 1.25 * instance.weights.nbytes + HOST_RESERVE
+
+    def _manage_memory(self) -> None:
+        """Once a step: bring back evicted models that have requests (evicting idle ones for the pages),
+        evict idle ones for a model whose waiting requests find no KV blocks, and those idle too long."""
+        if self.pages is None:
+            return
+        for instance in self._instances:
+            w = instance.weights
+            if w is not None and not w.resident and instance.has_work():
+                if not instance.activate() and self._evict_for(instance, w.region.owner, w.npages):
+                    instance.activate()
+        for instance in self._instances:
+            waiting = instance.scheduler.waiting
+            if instance.on_device and waiting and not waiting[0].pending:
+                need = instance.pool.blocks_for(len(waiting[0]) + 1)
+                if not instance.pool.can_allocate(need):
+                    owner, pages = instance.pool.region.owner, instance.pool.pages_to_hold(need)
+                    self._evict_for(instance, owner, pages, at_most=1)
+        after = self.config.evict_after
+        if after is not None:
+            now = time.perf_counter()
+            for instance in self._instances:
+                if instance.evictable() and now - instance.last_busy > after:
+                    instance.evict(self._keep_on_host(instance))
+
+    def _evict_for(
+        self, instance: Instance | None, owner: str, pages: int, at_most: int | None = None
+    ) -> bool:
+        """Evict idle instances other than `instance`, least recently busy first, until `owner` has room for
+        `pages` pages of the pool (at most `at_most` of them); whether it has. Evicts nobody if even every
+        idle instance leaving would not make the room."""
+        pool = self.pages
+        idle = [i for i in self._instances if i is not instance and i.evictable()]
+        freed = sum(i.weights.npages for i in idle)
+        could = min(  # the owner's room if every idle instance left: its cap grows, and the free pages
+            pool.most(owner) + freed - pool.in_use(owner),
+            pool.available_pages() + freed - pool.kept_for_others(owner),
+        )
+        if could < pages:
+            return False
+        evicted = 0
+        while self.pages.room(owner) < pages and (at_most is None or evicted < at_most):
+            idle = [i for i in self._instances if i is not instance and i.evictable()]
+            if not idle:
+                return False
+            victim = min(idle, key=lambda i: i.last_busy)
+            victim.evict(self._keep_on_host(victim))
+            evicted += 1
+        return self.pages.room(owner) >= pages
 
     def stats(self) -> EngineStats:
         xs = self._instances

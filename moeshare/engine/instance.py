@@ -35,6 +35,7 @@ from moeshare.engine.runner import Launched, Runner
 from moeshare.engine.scheduler import Scheduled, Scheduler
 from moeshare.errors import summary
 from moeshare.memory.blocks import BlockPool
+from moeshare.memory.weights import WeightArena
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class Instance:
         tokenizers: dict[str, Any],
         offloaded_layers: int = 0,
         placed_bytes: int = 0,
+        weights: WeightArena | None = None,
     ) -> None:
         """`names`: each model name this instance serves -> the source's variant it reads."""
         self.source, self.architecture, self.kind, self.names = source, architecture, kind, names
@@ -87,6 +89,8 @@ class Instance:
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.detok = Detokenizer(self.tokenizers, eos_ids, footprint.context)
         self.seqs: dict[int, Sequence] = {}
+        self.weights = weights  # in the engine's page pool (it can be evicted), or None: where torch put it
+        self.last_busy = time.perf_counter()  # when it last had a request (idle eviction counts from here)
 
     @property
     def models(self) -> list[str]:
@@ -138,6 +142,46 @@ class Instance:
         # a queued batch's unfinished sequences are running or waiting: nothing else to count
         return bool(self.scheduler.running or self.scheduler.waiting)
 
+    # ---- weights on and off the device -------------------------------------------------------------------
+
+    @property
+    def on_device(self) -> bool:
+        """Whether its weights are on the device and usable (an activation's copy done)."""
+        return self.weights is None or (self.weights.resident and self.weights.copied())
+
+    def evictable(self) -> bool:
+        """Its weights can leave the device now: in the pool, on the device, no request of it in the engine
+        and no variant swap under way (a batch still in flight is of finished requests: evict reads it back)."""
+        w = self.weights
+        return (
+            w is not None and w.resident and w.copied() and not self.has_work() and not self.residency.pending
+        )
+
+    @property
+    def reloadable(self) -> bool:
+        """Whether its weights can be dropped on eviction and read again from its checkpoint."""
+        return bool(getattr(self.model, "reloadable", False))
+
+    def evict(self, keep: bool) -> None:
+        """Weights off the device (to host memory with `keep`, else dropped); its pages go back to the pool."""
+        assert self.evictable()
+        events = self.read_back()  # a step queued for requests that have finished since
+        assert not events, "a batch in flight for unfinished requests"
+        self.weights.evict(keep or not self.reloadable)
+
+    def activate(self) -> bool:
+        """Weights back on the device at the same addresses (its captured graphs stay valid): from the host
+        copy on a side stream, or read again from its checkpoint. False if the pool has no room now."""
+        w = self.weights
+        if not w.activate():
+            return False
+        if w.host is None:  # dropped: every row again from the checkpoint, and what the model computes
+            t0 = time.perf_counter()
+            self.model.reload_constants()
+            w.ready = self.residency.reload()
+            w.activate_seconds += time.perf_counter() - t0
+        return True
+
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """End a sequence: its blocks go back at once."""
         seq.status, seq.finish_reason, seq.finish_time = Status.FINISHED, reason, time.perf_counter()
@@ -162,6 +206,10 @@ class Instance:
         """Queue the next batch, then read back the one queued before it: that batch's events. A batch that
         fails ends its own sequences with FinishReason.ERROR (their KV goes back); raises EngineFailed only
         if the device itself is broken."""
+        if not self.on_device:
+            return []  # evicted, or its weights still coming back: its requests wait
+        if self.has_work():
+            self.last_busy = time.perf_counter()
         prev, self._inflight = self._inflight, None
         refused = self._beyond_the_pool()
         batch = self.scheduler.schedule()
@@ -284,7 +332,7 @@ class Instance:
     # ---- what it tells the engine ------------------------------------------------------------------------
 
     def info(self) -> list[ModelInfo]:
-        resident = set(self.residency.resident)
+        resident = set(self.residency.resident) if self.on_device else set()
         path = str(self.source.path) if self.source.path is not None else ""
         return [
             ModelInfo(m, path, self.architecture, self.kind, self.context, m in resident) for m in self.names

@@ -24,6 +24,12 @@ from moeshare.errors import MoeshareError
 from moeshare.memory.blocks import BlockPool
 from moeshare.memory.elastic import ElasticBlockPool, block_stride
 from moeshare.memory.pages import PageManager
+from moeshare.memory.weights import WeightArena, size
+
+
+def weights_owner(model: str) -> str:
+    """The page pool's owner name of an instance's weights (its KV's owner is the model name itself)."""
+    return f"{model} weights"
 
 
 def open_source(target: str | Path | Any) -> Any:
@@ -62,12 +68,12 @@ def plan(
         if blocks < 1:
             raise MoeshareError(
                 f"{target}: one KV block ({per_block} bytes) and the scratch block do not fit in the "
-                f"{pages.total_bytes} bytes of --kv-pool-bytes: raise it"
+                f"{pages.total_bytes} bytes of --pool: raise it"
             )
     else:
         blocks = c.kv_blocks or default_blocks(c, fp, dtype, device, left)
     placement = place(
-        left,
+        None if pages is not None else left,  # with the pool the weights live there: no offloading
         c,
         fp,
         dtype,
@@ -79,6 +85,18 @@ def plan(
         layout.slot_bytes,
         kv_elsewhere=pages is not None,
     )
+    if pages is not None:
+        weights = placement.rows + placement.banks
+        if pages.pages_for(weights) + 1 > pages.total_pages:  # and one page for its KV scratch block
+            raise MoeshareError(
+                f"{target}: its weights ({size(weights)}) and one KV page exceed the pool's "
+                f"{size(pages.total_bytes)}, so it could never be on the device: raise --pool"
+            )
+        if left is not None and placement.work > left:
+            raise MoeshareError(
+                f"{target}: the memory limit leaves {left / 2**30:.2f} GiB beside the pool, below its work "
+                f"space of {placement.work / 2**30:.2f} GiB: raise --memory-limit or lower --pool"
+            )
     return entry, fp, layout, blocks, placement
 
 
@@ -101,9 +119,14 @@ def build_instance(
     oom = ""
     kv = (blocks, c.block_size, fp.layers, fp.kv_heads, fp.head_dim, dtype)
     pool = ElasticBlockPool(pages, next(iter(names)), *kv) if pages is not None else None
+    weights = None
     try:
         pool = pool or BlockPool(*kv, device)
         model, residency = entry.build(source, names, layout, placement.offload, c, dtype, device)
+        if pages is not None:  # the weights move into the pool too: they can leave the device and come back
+            weights = WeightArena(pages, weights_owner(next(iter(names))), model, device)
+            if device.type == "cuda":  # what the model was built in goes back to the device, not the cache
+                torch.cuda.empty_cache()
         last = LastTokens(c.max_num_seqs, device)
         graphs = None
         if device.type == "cuda" and c.cuda_graphs and not placement.offload:
@@ -114,10 +137,14 @@ def build_instance(
     except BaseException:  # a checkpoint that does not load: its KV range and pages go back too
         if isinstance(pool, ElasticBlockPool):
             pool.release()
+        if weights is not None:
+            weights.release()
         raise
     if oom:
         if isinstance(pool, ElasticBlockPool):
             pool.release()
+        if weights is not None:
+            weights.release()
         torch.cuda.empty_cache()
         raise MoeshareError(out_of_memory(target, placement, left, oom))
     return Instance(
@@ -133,5 +160,6 @@ def build_instance(
         c,
         tokenizers,
         offloaded_layers=len(placement.offload),
-        placed_bytes=placement.total if left is not None else 0,
+        placed_bytes=(placement.work if pages is not None else placement.total) if left is not None else 0,
+        weights=weights,
     )

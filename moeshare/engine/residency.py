@@ -103,6 +103,23 @@ class Residency:
             event.record(self._stream)
         self.pending[variant] = _Pending(row, event, begin)
 
+    def reload(self) -> torch.cuda.Event | None:
+        """Copy every resident row in again from where its variant waits (host memory or the checkpoint), on
+        the side stream: the rows' memory was given up and is back empty. Returns the event that fires when
+        all of it is in place (None on CPU: already). Not counted as swaps."""
+        swaps, seconds = self.swap_ins, self.swap_seconds
+        for row, variant in enumerate(self.variant_in):
+            if variant is not None:
+                self._start(variant, row)
+        done = None
+        if self._stream is not None:
+            done = torch.cuda.Event()
+            done.record(self._stream)
+            self._stream.synchronize()
+            self._settle()
+        self.swap_ins, self.swap_seconds = swaps, seconds
+        return done
+
     def _settle(self) -> None:
         for v, p in list(self.pending.items()):
             if p.event.query():

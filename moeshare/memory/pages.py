@@ -44,6 +44,10 @@ class Backend(Protocol):
         """Back the page at base + offset with physical memory; returns its handle."""
         ...
 
+    def map_run(self, base: int, offset: int, count: int) -> list[object]:
+        """Back `count` pages from base + offset at once (one access call for all); their handles."""
+        ...
+
     def unmap(self, base: int, offset: int, handle: object) -> None: ...
 
     def release(self, base: int, nbytes: int) -> None: ...
@@ -67,8 +71,13 @@ class HostBackend:
     def map(self, base: int, offset: int) -> object:
         return None
 
+    def map_run(self, base: int, offset: int, count: int) -> list[object]:
+        return [None] * count
+
     def unmap(self, base: int, offset: int, handle: object) -> None:
-        pass
+        """Fill the page with 0xff bytes (NaN in any float type): whatever still reads an unmapped page on CPU
+        gets garbage, as it would get a fault on a GPU, so tests see it."""
+        self._ranges[base][offset : offset + self.page_bytes].fill_(0xFF)
 
     def release(self, base: int, nbytes: int) -> None:
         del self._ranges[base]
@@ -155,7 +164,7 @@ class CudaBackend:
             self.trim()
             raise MoeshareError(
                 f"the KV pool's {pages} pages of {self.page_bytes >> 20} MiB do not fit on the device ({e}): "
-                "lower --kv-pool"
+                "lower --pool"
             ) from None
 
     def map(self, base: int, offset: int) -> object:
@@ -175,6 +184,29 @@ class CudaBackend:
                 self._spare.append(handle)
                 raise
         return handle
+
+    def map_run(self, base: int, offset: int, count: int) -> list[object]:
+        cu, size = self.cu, self.page_bytes
+        handles: list[object] = []
+        with self._on_device():
+            try:
+                for i in range(count):
+                    handle = (
+                        self._spare.pop() if self._spare else self._ok(cu.cuMemCreate(size, self.prop, 0))
+                    )
+                    try:
+                        self._ok(cu.cuMemMap(cu.CUdeviceptr(base + offset + i * size), size, 0, handle, 0))
+                    except MoeshareError:
+                        self._spare.append(handle)
+                        raise
+                    handles.append(handle)
+                self._ok(cu.cuMemSetAccess(cu.CUdeviceptr(base + offset), count * size, [self.access], 1))
+            except MoeshareError:
+                for i, handle in enumerate(handles):
+                    cu.cuMemUnmap(cu.CUdeviceptr(base + offset + i * size), size)
+                    self._spare.append(handle)
+                raise
+        return handles
 
     def unmap(self, base: int, offset: int, handle: object) -> None:
         with self._on_device():
@@ -285,7 +317,7 @@ class PageManager:
     def in_use(self, owner: str) -> int:
         return sum(len(r.mapped) - len(r.idle) for r in self.regions if r.owner == owner)
 
-    def _kept_for_others(self, owner: str) -> int:
+    def kept_for_others(self, owner: str) -> int:
         return sum(max(0, lim.least - self.in_use(o)) for o, lim in self.limits.items() if o != owner)
 
     def most(self, owner: str) -> int:
@@ -305,7 +337,7 @@ class PageManager:
     def room(self, owner: str) -> int:
         """Pages `owner` could map now (given-back pages count: they can be unmapped for it)."""
         cap = self.most(owner) - self.in_use(owner)
-        return max(0, min(cap, self.available_pages() - self._kept_for_others(owner)))
+        return max(0, min(cap, self.available_pages() - self.kept_for_others(owner)))
 
     def pages_for(self, nbytes: int) -> int:
         return -(-nbytes // self.page_bytes)
@@ -332,7 +364,7 @@ class PageManager:
         if page in region.idle:  # still mapped: taking it back costs nothing
             del region.idle[page]
             return True
-        kept = self._kept_for_others(region.owner)
+        kept = self.kept_for_others(region.owner)
         for wait in (False, True):
             if self.free_pages - kept > 0:
                 break
@@ -346,10 +378,54 @@ class PageManager:
         self.maps += 1
         return True
 
-    def give_back(self, region: Region, page: int) -> None:
+    def map_run(self, region: Region, first: int, count: int) -> bool:
+        """Back pages first .. first + count - 1 of the region, all of them or none (False: the budget has too
+        few for the owner); the pages mapped anew in one driver access call per contiguous run."""
+        pages = range(first, first + count)
+        retake = [p for p in pages if p in region.idle]
+        new = [p for p in pages if p not in region.mapped]
+        if self.in_use(region.owner) + len(retake) + len(new) > self.most(region.owner):
+            return False
+        kept = self.kept_for_others(region.owner)
+        for wait in (False, True):
+            if self.free_pages - kept >= len(new):
+                break
+            self.reap(wait)
+            retake = [p for p in pages if p in region.idle]  # a reap may have unmapped some of ours
+            new = [p for p in pages if p not in region.mapped]
+        if self.free_pages - kept < len(new):
+            return False
+        for p in retake:
+            del region.idle[p]
+        t0 = time.perf_counter()
+        runs: list[list[int]] = []
+        for p in new:
+            if runs and runs[-1][-1] == p - 1:
+                runs[-1].append(p)
+            else:
+                runs.append([p])
+        try:
+            for run in runs:
+                handles = self.backend.map_run(region.base, run[0] * self.page_bytes, len(run))
+                region.mapped.update(zip(run, handles, strict=True))
+                self._mapped += len(run)
+                self.maps += len(run)
+        except BaseException:  # a driver error part-way: what this call took goes back
+            for p in pages:
+                if p in region.mapped and p not in region.idle:
+                    self.unmap(region, p)
+            raise
+        finally:
+            self.map_seconds += time.perf_counter() - t0
+        return True
+
+    def give_back(self, region: Region, page: int, after: torch.cuda.Event | None = None) -> None:
         """The region no longer needs the page: unmapped once the work queued before the next fence is done
-        (one event for every page given back between two fences: a request that ends frees many at once)."""
-        if isinstance(self.backend, CudaBackend):
+        (one event for every page given back between two fences: a request that ends frees many at once),
+        or once `after` fires (work on another stream that reads the page, e.g. an eviction's copy)."""
+        if after is not None:
+            region.idle[page] = after
+        elif isinstance(self.backend, CudaBackend):
             region.idle[page] = UNFENCED
             self._unfenced.append((region, page))
         else:

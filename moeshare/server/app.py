@@ -36,10 +36,10 @@ def _check_numbers(args: argparse.Namespace) -> None:
     """Settings under which the server would start but never answer (or not start with a traceback)."""
     if args.memory_limit is not None and not (math.isfinite(args.memory_limit) and args.memory_limit > 0):
         raise MoeshareError(f"--memory-limit must be > 0 GiB, got {args.memory_limit}")
-    if args.kv_pool is not None and not (math.isfinite(args.kv_pool) and args.kv_pool > 0):
-        raise MoeshareError(f"--kv-pool must be > 0 GiB, got {args.kv_pool}")
-    if (args.kv_min or args.kv_max) and args.kv_pool is None:
-        raise MoeshareError("--kv-min and --kv-max share out the elastic KV pool: give --kv-pool GIB too")
+    if args.pool is not None and not (math.isfinite(args.pool) and args.pool > 0):
+        raise MoeshareError(f"--pool must be > 0 GiB, got {args.pool}")
+    if (args.kv_min or args.kv_max) and args.pool is None:
+        raise MoeshareError("--kv-min and --kv-max share out the elastic KV pool: give --pool GIB too")
     kv_limits(args)
     for flag, value in (
         ("--max-queue", args.max_queue),
@@ -128,7 +128,9 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         max_num_seqs=args.max_num_seqs,
         memory_limit_bytes=None if args.memory_limit is None else int(args.memory_limit * 2**30),
         swap_whole_variants=args.swap_whole_variants,
-        kv_pool_bytes=None if args.kv_pool is None else int(args.kv_pool * 2**30),
+        pool_bytes=None if args.pool is None else int(args.pool * 2**30),
+        evict_after=args.evict_after,
+        evict_to=args.evict_to,
     )
 
 

@@ -58,12 +58,27 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--kv-blocks", type=int, help="KV blocks per store (default: from free device memory)")
     p.add_argument(
-        "--kv-pool",
+        "--pool",
         type=float,
         metavar="GIB",
-        help="one elastic KV pool of GIB for every served model: pages of device memory are mapped as a "
-        "model's KV blocks grow and given back as they shrink, so memory follows the load (default: a fixed "
-        "pool per store or checkpoint)",
+        help="one pool of GIB of device memory in pages for every served model's weights and KV: KV pages are "
+        "mapped as a model's KV blocks grow and given back as they shrink, and a model's weights can leave "
+        "the device for another's (see --evict-after), so memory follows the load (default: weights where "
+        "torch puts them and a fixed KV pool per store or checkpoint)",
+    )
+    p.add_argument(
+        "--evict-after",
+        type=float,
+        metavar="SECONDS",
+        help="with --pool: move a model's weights off the device after SECONDS without a request (default: "
+        "only when another model needs the pages); its next request brings them back",
+    )
+    p.add_argument(
+        "--evict-to",
+        choices=("auto", "host", "disk"),
+        default="auto",
+        help="where evicted weights go: host (pinned) memory, or dropped and read again from the checkpoint "
+        "(disk; stores always go to host memory); auto: host memory while it has room (default)",
     )
     p.add_argument(
         "--kv-min",

@@ -168,8 +168,11 @@ class EngineWorker:
 
     def _serve(self) -> None:
         while True:
+            # with idle eviction, wake up now and then to evict models idle for too long
+            tick = 1.0 if self.engine.config.evict_after is not None else None
             try:
-                item: Message | None = self._inbox.get(block=not self.engine.has_work())
+                busy = self.engine.has_work()
+                item: Message | None = self._inbox.get(block=not busy, timeout=None if busy else tick)
             except queue.Empty:
                 item = None
             while item is not None:
@@ -183,6 +186,8 @@ class EngineWorker:
                     item = None
             if self.engine.has_work():
                 self._dispatch(self.engine.step())
+            else:
+                self.engine.maintain()
             with self._lock:
                 self._waiting = self.engine.stats().waiting
 

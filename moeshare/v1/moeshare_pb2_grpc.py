@@ -128,7 +128,7 @@ class MoeShareServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetKvLimits(self, request, context):
-        """Admin: share out the elastic KV pool (--kv-pool): keep min_gib for a model's store or checkpoint and hold
+        """Admin: share out the elastic KV pool (--pool): keep min_gib for a model's store or checkpoint and hold
         it to max_gib (unset: no cap).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

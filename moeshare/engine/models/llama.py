@@ -166,6 +166,8 @@ def tensor_names(dims: LlamaDims) -> dict[str, str]:
 
 
 class DenseLlama:
+    reloadable = True  # every weight is a row its residency reads from the checkpoint again
+
     def __init__(self, dims: LlamaDims, rows: int, dtype: torch.dtype, device: torch.device) -> None:
         self.dims, self.rows, self.dtype, self.device = dims, rows, dtype, device
         self.offload: frozenset[int] = frozenset()  # no experts: nothing waits in host memory
@@ -202,6 +204,10 @@ class DenseLlama:
             self.w["lm_head"] = self.w["embed"]
             self._views.add("lm_head")
         self.inv_freq = d.rope.inv_freq(d.head_dim).to(device)  # [D / 2] float32
+
+    def reload_constants(self) -> None:
+        """Recompute what the model holds beside its weights (after its memory was given up)."""
+        self.inv_freq.copy_(self.dims.rope.inv_freq(self.dims.head_dim))
 
     def _split(self, fused: str, parts: list[str], sizes: list[int]) -> None:
         for name, view in zip(parts, self.w[fused].split(sizes, dim=1), strict=True):

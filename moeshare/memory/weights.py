@@ -1,0 +1,198 @@
+"""An instance's device weights in one virtual range of the page pool, so they can leave the device and come
+back at the same addresses: captured CUDA graphs stay valid across an evict -> activate cycle.
+
+The model is built as usual, then every device tensor it holds is moved into the range (views keep their
+offsets inside their storage, so a fused weight and its split views, or tied embeddings, stay one memory).
+Evicting copies the range to host memory on a side stream (or keeps nothing, for a model that can re-read
+its weights from its checkpoint) and gives its pages back to the pool behind that copy; activating maps
+pages again and copies the bytes back on the side stream while other models keep running.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from moeshare.errors import MoeshareError
+from moeshare.memory.pages import PageManager
+
+ALIGN = 512  # bytes between storages in the range: enough for any kernel's vector loads
+RUN = 64  # pages mapped with one access call; an activation copies each run while the next one is mapped
+
+
+def size(nbytes: int) -> str:
+    """Bytes for a person: GiB, or MiB below one GiB."""
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def device_tensors(model: object, device: torch.device) -> list[torch.Tensor]:
+    """Every tensor on `device` that the model object holds, through its attributes' dicts, lists and tuples
+    (each tensor object once; views of one storage are separate objects and all listed)."""
+    out: list[torch.Tensor] = []
+    seen: set[int] = set()
+
+    def walk(x: object) -> None:
+        if isinstance(x, torch.Tensor):
+            if id(x) not in seen and x.device.type == device.type and x.device.index == device.index:
+                seen.add(id(x))
+                out.append(x)
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list | tuple):
+            for v in x:
+                walk(v)
+
+    for value in vars(model).values():
+        walk(value)
+    return out
+
+
+def _same_device(device: torch.device) -> torch.device:
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def host_bytes_available() -> int | None:
+    """MemAvailable of /proc/meminfo (None where there is none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class WeightArena:
+    """The weights of one instance in a range of `pages` owned by `owner`."""
+
+    def __init__(self, pages: PageManager, owner: str, model: object, device: torch.device) -> None:
+        device = _same_device(device)
+        tensors = device_tensors(model, device)
+        self.pages, self.device = pages, device
+        starts: dict[int, int] = {}  # storage address -> its offset in the range
+        storages = []
+        size = 0
+        for t in tensors:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in starts:
+                size = -(-size // ALIGN) * ALIGN
+                starts[storage.data_ptr()] = size
+                storages.append(storage)
+                size += storage.nbytes()
+        self.nbytes = max(size, 1)
+        self.npages = pages.pages_for(self.nbytes)
+        self.region = pages.reserve(owner, self.nbytes)
+        try:
+            if not self._map_all():
+                raise MoeshareError(
+                    f"{owner}: its weights need {self.npages} pages ({size(self.nbytes)}) of the "
+                    f"pool and {pages.room(owner)} are free: raise --pool or unload a model"
+                )
+            self.view = pages.view(self.region)[: self.nbytes]
+            for storage in storages:
+                start = starts[storage.data_ptr()]
+                old = torch.empty(0, dtype=torch.uint8, device=device).set_(storage)
+                self.view[start : start + storage.nbytes()].copy_(old)
+            arena = self.view.untyped_storage()
+            with torch.no_grad():
+                for t in tensors:
+                    at = starts[t.untyped_storage().data_ptr()] + t.storage_offset() * t.element_size()
+                    t.set_(arena, at // t.element_size(), t.size(), t.stride())
+        except BaseException:
+            pages.release(self.region)
+            raise
+        self.resident = True
+        self.host: torch.Tensor | None = None  # the copy an eviction left in host memory
+        self.ready: torch.cuda.Event | None = None  # an activation's copy is done when this fires
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.evictions = self.activations = 0
+        self.evict_seconds = self.activate_seconds = 0.0
+
+    def _map_all(self, each=None) -> bool:
+        """Map every page of the range, RUN pages at a time (`each(start, end)` after each run: the bytes that
+        are mapped now), or none (False) when the pool has too few for the owner now."""
+        if self.pages.room(self.region.owner) < self.npages - sum(
+            p in self.region.mapped for p in self.region.idle
+        ):
+            return False
+        page_bytes = self.pages.page_bytes
+        for first in range(0, self.npages, RUN):
+            count = min(RUN, self.npages - first)
+            if not self.pages.map_run(self.region, first, count):  # not for lack of room: checked above
+                raise MoeshareError(f"{self.region.owner}: the pool could not map its weights' pages")
+            if each is not None:
+                each(first * page_bytes, min((first + count) * page_bytes, self.nbytes))
+        self.region.pinned = self.npages  # never given back while resident: others' shares leave them out
+        return True
+
+    def evict(self, keep: bool) -> None:
+        """Leave the device: with `keep`, the bytes go to (pinned) host memory first, on the side stream behind
+        the work queued so far; without, nothing is kept (the owner re-reads its checkpoint on activation).
+        The pages go back to the pool once that is done."""
+        assert self.resident, "evicting weights that are not on the device"
+        t0 = time.perf_counter()
+        done = None
+        if keep:
+            if self.host is None:
+                self.host = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=self._stream is not None)
+            if self._stream is None:
+                self.host.copy_(self.view)
+            else:
+                self._stream.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(self._stream):
+                    self.host.copy_(self.view, non_blocking=True)
+                    done = torch.cuda.Event()
+                    done.record(self._stream)
+        else:
+            self.host = None
+        self.region.pinned = 0
+        for page in range(self.npages):
+            self.pages.give_back(self.region, page, after=done)
+        self.resident = False
+        self.evictions += 1
+        self.evict_seconds += time.perf_counter() - t0
+
+    def activate(self) -> bool:
+        """Map the range again and queue the copy back from host memory on the side stream (`ready` fires
+        when it is done); False, nothing changed, if the pool has too few free pages now. Without a host copy
+        the caller loads the weights into the same tensors."""
+        assert not self.resident, "activating weights that are on the device"
+        t0 = time.perf_counter()
+        host, stream = self.host, self._stream
+
+        def copy(start: int, end: int) -> None:  # each run of pages as soon as it is mapped
+            if stream is None:
+                self.view[start:end].copy_(host[start:end])
+            else:
+                with torch.cuda.stream(stream):
+                    self.view[start:end].copy_(host[start:end], non_blocking=True)
+
+        if not self._map_all(copy if host is not None else None):
+            return False
+        self.ready = None
+        if host is not None and stream is not None:
+            self.ready = torch.cuda.Event()
+            self.ready.record(stream)
+        self.resident = True
+        self.activations += 1
+        self.activate_seconds += time.perf_counter() - t0
+        return True
+
+    def copied(self) -> bool:
+        """Whether the last activation's copy is done (the compute stream then waits for it)."""
+        if self.ready is None:
+            return True
+        if not self.ready.query():
+            return False
+        torch.cuda.current_stream(self.device).wait_event(self.ready)
+        self.ready = None
+        return True
+
+    def release(self) -> None:
+        self.pages.release(self.region)
+        self.host = None

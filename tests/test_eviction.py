@@ -1,0 +1,133 @@
+"""Weights in the page pool: evicted (to host memory, or dropped and read again from the checkpoint) and
+activated at the same addresses, by hand, when idle too long, and when another model needs the pages. On CPU
+an unmapped page is filled with NaN bytes, so weights that did not come back would show in the tokens."""
+
+import pytest
+import torch
+from test_kv_pages import BIG_PAGE, weights_pages
+
+from moeshare.consolidate.pipeline import Options, consolidate
+from moeshare.engine.api import Submit
+from moeshare.engine.engine import Engine, EngineConfig
+from moeshare.engine.request import SamplingParams
+from moeshare.errors import MoeshareError
+
+GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+
+
+def _tokens(engine: Engine, model: str, prompt: str) -> list[int]:
+    return engine.generate(model, prompt, GREEDY)[1]
+
+
+@pytest.fixture(scope="module")
+def paths(tiny_zoo, tmp_path_factory):
+    store = tmp_path_factory.mktemp("evict") / "mixtral"
+    consolidate([tiny_zoo / "mixtral" / v for v in ("kjv", "python")], store, Options(budget="1.0"))
+    return {"kjv": tiny_zoo / "llama" / "kjv", "python": tiny_zoo / "qwen2" / "python", "store": store}
+
+
+@pytest.fixture(scope="module")
+def alone(paths):
+    return {
+        "kjv": _tokens(Engine([paths["kjv"]]), "kjv", "And God said"),
+        "python": _tokens(Engine([paths["python"]]), "python", "def f("),
+    }
+
+
+def _pool(*pages: int) -> EngineConfig:
+    return EngineConfig(pool_bytes=sum(pages) * BIG_PAGE, pool_page_bytes=BIG_PAGE)
+
+
+@pytest.mark.parametrize("to", ["host", "disk"])
+def test_an_evicted_model_gives_its_pages_back_and_its_next_request_brings_it_back_with_the_same_tokens(
+    paths, alone, to
+):
+    w = weights_pages(paths["kjv"], BIG_PAGE)
+    engine = Engine([paths["kjv"]], EngineConfig(**vars(_pool(w, 16)) | {"evict_to": to}))
+    assert _tokens(engine, "kjv", "And God said") == alone["kjv"]
+    engine.evict("kjv")
+    assert engine.stats().pages.mapped["kjv weights"] == 0 and not engine.models()[0].resident
+    weights = engine.instance("kjv").weights
+    assert (weights.host is not None) == (to == "host")
+    engine.pages.reap()  # given-back pages stay mapped until someone needs them: unmap them now
+    assert torch.isnan(engine.instance("kjv").model.w["embed"]).all()  # the pages are gone (NaN on CPU)
+    assert _tokens(engine, "kjv", "And God said") == alone["kjv"]
+    assert engine.stats().pages.mapped["kjv weights"] == w and engine.models()[0].resident
+    assert weights.evictions == weights.activations == 1
+
+
+def test_a_store_goes_to_host_memory_even_when_told_disk_and_comes_back_whole(paths):
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    engine = Engine(
+        [paths["store"]], EngineConfig(pool_bytes=1 << 26, pool_page_bytes=BIG_PAGE, evict_to="disk")
+    )
+    before = {m: engine.generate(m, "In the", params)[1] for m in ("kjv", "python")}
+    engine.evict("kjv")  # the whole instance: both variants and the bank
+    engine.pages.reap()
+    assert engine.instance("python").weights.host is not None
+    assert [m.resident for m in engine.models()] == [False, False]
+    assert {m: engine.generate(m, "In the", params)[1] for m in ("kjv", "python")} == before
+
+
+def test_two_models_that_do_not_fit_together_take_turns_and_keep_their_tokens(paths, alone):
+    wk, wp = weights_pages(paths["kjv"], BIG_PAGE), weights_pages(paths["python"], BIG_PAGE)
+    engine = Engine([paths["kjv"], paths["python"]], _pool(max(wk, wp), 24))
+    # loading python evicted kjv (idle) to make room for its weights
+    assert [m.resident for m in engine.models()] == [False, True]
+    for _ in range(2):
+        assert _tokens(engine, "kjv", "And God said") == alone["kjv"]
+        assert _tokens(engine, "python", "def f(") == alone["python"]
+    stats = engine.stats().pages
+    assert engine.instance("kjv").weights.activations == 2 and stats.total_pages == max(wk, wp) + 24
+
+
+def test_requests_for_a_model_that_is_not_on_the_device_wait_while_the_other_model_runs(paths, alone):
+    wk, wp = weights_pages(paths["kjv"], BIG_PAGE), weights_pages(paths["python"], BIG_PAGE)
+    engine = Engine([paths["kjv"], paths["python"]], _pool(max(wk, wp), 24))
+    ids = {m: engine.submit(Submit(m, p, GREEDY)) for m, p in (("python", "def f("), ("kjv", "And God said"))}
+    got: dict[int, list[int]] = {i: [] for i in ids.values()}
+    while engine.has_work():
+        for ev in engine.step():
+            got[ev.seq_id] += [ev.token_id] if ev.token_id >= 0 else []
+    # python ran first (on the device); kjv waited for it to go idle, then took its pages
+    assert {m: got[i] for m, i in ids.items()} == alone
+    assert [m.resident for m in engine.models()] == [True, False]
+
+
+def test_a_model_idle_longer_than_evict_after_leaves_on_the_next_maintain(paths, alone):
+    w = weights_pages(paths["kjv"], BIG_PAGE)
+    engine = Engine([paths["kjv"]], EngineConfig(**vars(_pool(w, 16)) | {"evict_after": 0.0}))
+    assert _tokens(engine, "kjv", "And God said") == alone["kjv"]
+    engine.maintain()
+    assert not engine.models()[0].resident and engine.stats().pages.mapped["kjv weights"] == 0
+    assert _tokens(engine, "kjv", "And God said") == alone["kjv"]
+
+
+def test_bad_eviction_settings_and_a_model_larger_than_the_pool_are_one_line_and_load_nothing(paths):
+    with pytest.raises(MoeshareError, match=r"^evict_after needs the page pool"):
+        Engine([paths["kjv"]], EngineConfig(evict_after=5.0))
+    with pytest.raises(MoeshareError, match=r"^evict_to must be auto, host or disk, got 'tape'$"):
+        Engine([paths["kjv"]], EngineConfig(pool_bytes=1 << 26, evict_to="tape"))
+    w = weights_pages(paths["kjv"], BIG_PAGE)
+    engine = Engine([], _pool(w - 1))
+    with pytest.raises(
+        MoeshareError, match=r"kjv: its weights .* exceed the pool's .*could never be on the dev"
+    ):
+        engine.load(paths["kjv"])
+    assert (
+        engine.models() == []
+        and engine.stats().pages.mapped == {}
+        and engine.stats().pages.free_pages == w - 1
+    )
+    fixed = Engine([paths["kjv"]])
+    with pytest.raises(
+        MoeshareError, match=r"^kjv: its weights are not in the page pool \(serve with --pool\)$"
+    ):
+        fixed.evict("kjv")
+    busy = Engine([paths["kjv"]], _pool(w, 16))
+    busy.submit(Submit("kjv", "And God said", GREEDY))
+    with pytest.raises(
+        MoeshareError, match=r"^kjv: it has requests in the engine; evict it once they are done$"
+    ):
+        busy.evict("kjv")
+    assert busy.models()[0].resident
