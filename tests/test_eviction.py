@@ -2,6 +2,9 @@
 activated at the same addresses, by hand, when idle too long, and when another model needs the pages. On CPU
 an unmapped page is filled with NaN bytes, so weights that did not come back would show in the tokens."""
 
+import shutil
+import threading
+
 import pytest
 import torch
 from test_kv_pages import BIG_PAGE, weights_pages
@@ -131,3 +134,59 @@ def test_bad_eviction_settings_and_a_model_larger_than_the_pool_are_one_line_and
     ):
         busy.evict("kjv")
     assert busy.models()[0].resident
+
+
+def test_a_model_read_again_from_disk_comes_back_on_a_thread_while_the_other_model_runs(paths, alone):
+    wk, wp = weights_pages(paths["kjv"], BIG_PAGE), weights_pages(paths["python"], BIG_PAGE)
+    engine = Engine(
+        [paths["kjv"], paths["python"]], EngineConfig(**vars(_pool(wk, wp, 24)) | {"evict_to": "disk"})
+    )
+    engine.evict("kjv")
+    source = engine.instance("kjv").source
+    gate, read = threading.Event(), source.tensor
+
+    def slow_read(*args):
+        gate.wait(timeout=30)
+        return read(*args)
+
+    source.tensor = slow_read  # the checkpoint is slow to read: kjv's weights take a while to come back
+    kjv = engine.submit(Submit("kjv", "And God said", GREEDY))
+    python = engine.submit(Submit("python", "def f(", GREEDY))
+    got: dict[int, list[int]] = {kjv: [], python: []}
+    done = False
+    while not done:  # python runs to its end while kjv waits for its weights
+        for ev in engine.step():
+            got[ev.seq_id] += [ev.token_id] if ev.token_id >= 0 else []
+            done = done or (ev.seq_id == python and ev.finished)
+    assert got[python] == alone["python"] and got[kjv] == []
+    gate.set()
+    while engine.has_work():
+        for ev in engine.step():
+            got[ev.seq_id] += [ev.token_id] if ev.token_id >= 0 else []
+    assert got[kjv] == alone["kjv"]
+
+
+def test_weights_that_cannot_be_read_again_end_the_waiting_requests_in_one_line_and_a_later_one_retries(
+    paths, alone, tmp_path
+):
+    ckpt = shutil.copytree(paths["kjv"], tmp_path / "kjv")
+    w = weights_pages(ckpt, BIG_PAGE)
+    engine = Engine([ckpt], EngineConfig(**vars(_pool(w, 16)) | {"evict_to": "disk"}))
+    engine.evict("kjv")
+    shard = next(ckpt.glob("*.safetensors"))
+    good = shard.read_bytes()
+    shard.write_bytes(good[:100])  # the checkpoint went bad while the model was off the device
+    ended = [ev for ev in _events(engine, "kjv", "And God said") if ev.finished]
+    assert len(ended) == 1 and ended[0].finish_reason.value == "error"
+    assert ended[0].error.startswith("kjv: its weights could not be read again from its checkpoint (")
+    assert "\n" not in ended[0].error and engine.stats().pages.mapped["kjv weights"] == 0
+    shard.write_bytes(good)
+    assert _tokens(engine, "kjv", "And God said") == alone["kjv"]
+
+
+def _events(engine: Engine, model: str, prompt: str) -> list:
+    engine.submit(Submit(model, prompt, GREEDY))
+    out = []
+    while engine.has_work():
+        out += engine.step()
+    return out

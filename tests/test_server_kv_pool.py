@@ -3,6 +3,7 @@ pages, the admin call that shares the pool out, and one-line refusals."""
 
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
@@ -80,6 +81,10 @@ def test_the_admin_call_shares_the_pool_out_and_refuses_what_cannot_be(pool_serv
             ["--pool", "0.01", "--kv-min", "kjv=0.01"],
             "kjv: 6 pages kept for it and 0 for the others exceed the pool's 5",
         ),
+        (["--evict-after", "5"], "--evict-after moves weights out of the page pool: give --pool GIB too"),
+        (["--pool", "0.01", "--evict-to", "tape"], "--evict-to must be auto, host or disk, got 'tape'"),
+        (["--pool", "0.01", "--evict-after", "-1"], "--evict-after must be >= 0 seconds, got -1.0"),
+        (["--pool", "0.001"], "and one KV page exceed the pool's 2.0 MiB, so it could never be on the device: raise --pool"),
     ],
 )
 def test_bad_pool_flags_are_one_line(tiny_zoo, flags, message):
@@ -96,3 +101,36 @@ def test_bad_pool_flags_are_one_line(tiny_zoo, flags, message):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and message in lines[0], out.stderr
+
+
+@pytest.fixture(scope="module")
+def turns_server(tiny_zoo):
+    """Two models whose weights do not fit the pool together (one page each of three), idle ones leaving after
+    half a second."""
+    s = Server(
+        tiny_zoo / "llama" / "kjv",
+        tiny_zoo / "qwen2" / "python",
+        "--pool",
+        str(6 * MIB),
+        "--evict-after",
+        "0.5",
+    )
+    yield s
+    s.stop()
+
+
+def test_models_take_turns_on_the_device_and_an_idle_one_leaves_on_its_own(turns_server):
+    with Client(turns_server.address) as client:
+        for _ in range(2):
+            for model, prompt in (("kjv", "And God said"), ("python", "def f(")):
+                alone = client.complete(model, prompt, max_tokens=8, temperature=0).token_ids
+                assert alone and len(alone) == 8
+        resident = {m.name: m.resident for m in client.list_models()}
+        assert resident == {"kjv": False, "python": True}  # python came last and took kjv's pages
+        deadline = time.monotonic() + 10
+        while any(m.resident for m in client.list_models()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(m.resident for m in client.list_models())  # idle for 0.5 s: gone
+        pages = client.stats().kv_pages
+        assert pages.in_use["kjv weights"] == pages.in_use["python weights"] == 0
+        assert client.complete("kjv", "And God said", max_tokens=8, temperature=0).token_ids

@@ -25,6 +25,7 @@ from moeshare.errors import MoeshareError
 from moeshare.memory.pages import PageManager
 from moeshare.memory.weights import host_bytes_available
 
+ACTIVATION_POLL_S = 0.002  # how long a step with nothing to run but activations pauses
 HOST_RESERVE = 4 << 30  # host memory an "auto" eviction leaves free beside the copy it makes
 
 __all__ = ["Engine", "EngineConfig", "EngineFailed", "TokenEvent"]
@@ -69,7 +70,8 @@ class Engine:
             raise MoeshareError(f"{target}: model {clash[0]!r} is already served; unload it first")
         if self.pages is not None:  # room in the pool for its weights and KV scratch page: idle models leave
             placement = plan(source, self.config, self._left(), target, self.pages)[-1]
-            need = self.pages.pages_for(placement.rows + placement.banks) + 2  # its ranges' alignment too
+            # its weights (and their storages' alignment in the range) and its KV scratch block's page
+            need = self.pages.pages_for(placement.rows + placement.banks + (1 << 16)) + 1
             self._evict_for(None, weights_owner(next(iter(names))), need)
         instance = build_instance(source, names, self.config, self._left(), target, self.pages)
         self._instances.append(instance)
@@ -211,11 +213,10 @@ class Engine:
                 self._by_seq.pop(ev.seq_id, None)
         if self.pages is not None:  # pages given back this step: one event behind the work queued
             self.pages.fence()
-            if not events:  # nothing ran: wait for an activation's copy rather than spin on it
-                for i in self._instances:
-                    if i.has_work() and i.weights is not None and i.weights.ready is not None:
-                        i.weights.ready.synchronize()
-                        break
+            if not any(i.has_work() and i.on_device for i in self._instances) and any(
+                i.has_work() for i in self._instances
+            ):  # only models whose weights are on their way have work: a moment's pause, not a spin (nor a
+                time.sleep(ACTIVATION_POLL_S)  # wait for them: the server takes new requests between steps)
         self._steps += 1
         return events
 

@@ -176,10 +176,12 @@ class Instance:
         if not w.activate():
             return False
         if w.host is None:  # dropped: every row again from the checkpoint, and what the model computes
-            t0 = time.perf_counter()
-            self.model.reload_constants()
-            w.ready = self.residency.reload()
-            w.activate_seconds += time.perf_counter() - t0
+
+            def reload() -> None:
+                self.model.reload_constants()
+                self.residency.reload()
+
+            w.load_in_background(reload)
         return True
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
@@ -206,8 +208,8 @@ class Instance:
         """Queue the next batch, then read back the one queued before it: that batch's events. A batch that
         fails ends its own sequences with FinishReason.ERROR (their KV goes back); raises EngineFailed only
         if the device itself is broken."""
-        if not self.on_device:
-            return []  # evicted, or its weights still coming back: its requests wait
+        if not self.on_device:  # evicted, or its weights still coming back: its requests wait
+            return self._activation_failed()
         if self.has_work():
             self.last_busy = time.perf_counter()
         prev, self._inflight = self._inflight, None
@@ -230,6 +232,18 @@ class Instance:
                 self._inflight = launched
             else:
                 events += self._collect(launched)
+        return events
+
+    def _activation_failed(self) -> list[TokenEvent]:
+        """End the waiting requests if its weights could not come back (the next request tries again)."""
+        w = self.weights
+        if w is None or w.failed is None:
+            return []
+        message, w.failed = f"{self.models[0]}: {w.failed}", None
+        events = []
+        for seq in list(self.scheduler.waiting):
+            self.finish(seq, FinishReason.ERROR)
+            events.append(final_event(seq, FinishReason.ERROR, message))
         return events
 
     def _beyond_the_pool(self) -> list[TokenEvent]:

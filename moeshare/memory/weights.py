@@ -10,12 +10,14 @@ pages again and copies the bytes back on the side stream while other models keep
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from moeshare.errors import MoeshareError
+from moeshare.errors import MoeshareError, summary
 from moeshare.memory.pages import PageManager
 
 ALIGN = 512  # bytes between storages in the range: enough for any kernel's vector loads
@@ -67,6 +69,41 @@ def host_bytes_available() -> int | None:
     return None
 
 
+class Loading:
+    """Weights read again from a checkpoint on a thread of their own (on the arena's side stream), so the
+    engine thread goes on stepping the other models meanwhile."""
+
+    def __init__(
+        self, fn: Callable[[], None], device: torch.device, stream: torch.cuda.Stream | None
+    ) -> None:
+        self.error: BaseException | None = None
+        self.event = torch.cuda.Event() if stream is not None else None
+
+        def work() -> None:
+            try:
+                if stream is None:
+                    fn()
+                    return
+                with torch.cuda.device(device), torch.cuda.stream(stream):
+                    fn()
+                    self.event.record(stream)
+            except BaseException as e:  # reported by the engine thread, on the model's requests
+                self.error = e
+
+        self.thread = threading.Thread(target=work, name="moeshare-activate", daemon=True)
+        self.thread.start()
+
+    def query(self) -> bool:
+        return not self.thread.is_alive() and (
+            self.error is not None or self.event is None or self.event.query()
+        )
+
+    def synchronize(self) -> None:
+        self.thread.join()
+        if self.event is not None and self.error is None:
+            self.event.synchronize()
+
+
 class WeightArena:
     """The weights of one instance in a range of `pages` owned by `owner`."""
 
@@ -76,15 +113,15 @@ class WeightArena:
         self.pages, self.device = pages, device
         starts: dict[int, int] = {}  # storage address -> its offset in the range
         storages = []
-        size = 0
+        end = 0
         for t in tensors:
             storage = t.untyped_storage()
             if storage.data_ptr() not in starts:
-                size = -(-size // ALIGN) * ALIGN
-                starts[storage.data_ptr()] = size
+                end = -(-end // ALIGN) * ALIGN
+                starts[storage.data_ptr()] = end
                 storages.append(storage)
-                size += storage.nbytes()
-        self.nbytes = max(size, 1)
+                end += storage.nbytes()
+        self.nbytes = max(end, 1)
         self.npages = pages.pages_for(self.nbytes)
         self.region = pages.reserve(owner, self.nbytes)
         try:
@@ -108,7 +145,8 @@ class WeightArena:
             raise
         self.resident = True
         self.host: torch.Tensor | None = None  # the copy an eviction left in host memory
-        self.ready: torch.cuda.Event | None = None  # an activation's copy is done when this fires
+        self.ready: torch.cuda.Event | Loading | None = None  # an activation's copy is done when this fires
+        self.failed: str | None = None  # why the last activation could not read the weights again
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.evictions = self.activations = 0
         self.evict_seconds = self.activate_seconds = 0.0
@@ -185,13 +223,27 @@ class WeightArena:
 
     def copied(self) -> bool:
         """Whether the last activation's copy is done (the compute stream then waits for it)."""
-        if self.ready is None:
+        ready = self.ready
+        if ready is None:
             return True
-        if not self.ready.query():
+        if not ready.query():
             return False
-        torch.cuda.current_stream(self.device).wait_event(self.ready)
         self.ready = None
+        if isinstance(ready, Loading):
+            if ready.error is not None:  # the bytes in the range are no model's: they go, the owner reports
+                self.failed = (
+                    f"its weights could not be read again from its checkpoint ({summary(ready.error)})"
+                )
+                self.evict(keep=False)
+                return False
+            ready = ready.event
+        if ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(ready)
         return True
+
+    def load_in_background(self, fn: Callable[[], None]) -> None:
+        """Fill the (mapped) range with `fn` on a thread; `copied` says when it is done."""
+        self.ready = Loading(fn, self.device, self._stream)
 
     def release(self) -> None:
         self.pages.release(self.region)

@@ -38,6 +38,12 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise MoeshareError(f"--memory-limit must be > 0 GiB, got {args.memory_limit}")
     if args.pool is not None and not (math.isfinite(args.pool) and args.pool > 0):
         raise MoeshareError(f"--pool must be > 0 GiB, got {args.pool}")
+    if args.evict_to not in ("auto", "host", "disk"):
+        raise MoeshareError(f"--evict-to must be auto, host or disk, got {args.evict_to!r}")
+    if args.evict_after is not None and not (math.isfinite(args.evict_after) and args.evict_after >= 0):
+        raise MoeshareError(f"--evict-after must be >= 0 seconds, got {args.evict_after}")
+    if args.evict_after is not None and args.pool is None:
+        raise MoeshareError("--evict-after moves weights out of the page pool: give --pool GIB too")
     if (args.kv_min or args.kv_max) and args.pool is None:
         raise MoeshareError("--kv-min and --kv-max share out the elastic KV pool: give --pool GIB too")
     kv_limits(args)

@@ -75,7 +75,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--evict-to",
-        choices=("auto", "host", "disk"),
+        metavar="{auto,host,disk}",
         default="auto",
         help="where evicted weights go: host (pinned) memory, or dropped and read again from the checkpoint "
         "(disk; stores always go to host memory); auto: host memory while it has room (default)",
