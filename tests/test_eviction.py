@@ -190,3 +190,23 @@ def _events(engine: Engine, model: str, prompt: str) -> list:
     while engine.has_work():
         out += engine.step()
     return out
+
+
+def test_a_model_kept_busy_does_not_keep_an_evicted_one_off_the_device_for_good(paths, alone):
+    wk, wp = weights_pages(paths["kjv"], BIG_PAGE), weights_pages(paths["python"], BIG_PAGE)
+    cfg = EngineConfig(**vars(_pool(max(wk, wp), 24)) | {"activation_wait": 0.0})
+    engine = Engine([paths["kjv"], paths["python"]], cfg)  # python on the device, kjv evicted
+    live = {engine.submit(Submit("python", "def f(", GREEDY))}
+    kjv = engine.submit(Submit("kjv", "And God said", GREEDY))
+    got: list[int] = []
+    for _ in range(2000):  # python always has a request in flight, and new ones keep coming
+        if len(live) < 2:
+            live.add(engine.submit(Submit("python", "def f(", GREEDY)))
+        for ev in engine.step():
+            if ev.seq_id == kjv:
+                got += [ev.token_id] if ev.token_id >= 0 else []
+            elif ev.finished:
+                live.discard(ev.seq_id)
+        if len(got) == len(alone["kjv"]):
+            break
+    assert got == alone["kjv"]  # python stopped taking new requests until kjv could come back

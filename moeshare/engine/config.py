@@ -32,6 +32,9 @@ class EngineConfig:
     # host memory while it has room
     evict_after: float | None = None
     evict_to: str = "auto"
+    # an evicted model with requests that has waited this long for pages busy models hold: they start no new
+    # requests until it can come back
+    activation_wait: float = 1.0
     kv_memory_fraction: float = 0.5
     block_size: int = 16
     max_num_seqs: int = 64

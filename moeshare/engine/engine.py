@@ -236,7 +236,7 @@ class Engine:
             return
         if not instance.evictable():
             raise MoeshareError(f"{model}: it has requests in the engine; evict it once they are done")
-        instance.evict(self._keep_on_host(instance))
+        self._outbox += instance.evict(self._keep_on_host(instance))
 
     def _keep_on_host(self, instance: Instance) -> bool:
         """Whether an eviction copies the weights to host memory (else they are read again from the
@@ -252,11 +252,23 @@ class Engine:
         evict idle ones for a model whose waiting requests find no KV blocks, and those idle too long."""
         if self.pages is None:
             return
+        now = time.perf_counter()
+        draining: set[Instance] = set()
         for instance in self._instances:
             w = instance.weights
-            if w is not None and not w.resident and instance.has_work():
-                if not instance.activate() and self._evict_for(instance, w.region.owner, w.npages):
-                    instance.activate()
+            if w is None or w.resident or not instance.has_work():
+                instance.wants_device_since = None
+                continue
+            if instance.activate() or (
+                self._evict_for(instance, w.region.owner, w.npages) and instance.activate()
+            ):
+                instance.wants_device_since = None
+                continue
+            since = instance.wants_device_since = instance.wants_device_since or now
+            if now - since > self.config.activation_wait:
+                draining |= self._drain_for(instance, w.npages)
+        for instance in self._instances:
+            instance.scheduler.admitting = instance not in draining
         for instance in self._instances:
             waiting = instance.scheduler.waiting
             if instance.on_device and waiting and not waiting[0].pending:
@@ -266,10 +278,34 @@ class Engine:
                     self._evict_for(instance, owner, pages, at_most=1)
         after = self.config.evict_after
         if after is not None:
-            now = time.perf_counter()
             for instance in self._instances:
                 if instance.evictable() and now - instance.last_busy > after:
-                    instance.evict(self._keep_on_host(instance))
+                    self._outbox += instance.evict(self._keep_on_host(instance))
+
+    @staticmethod
+    def _may_leave(instance: Instance) -> bool:
+        """Idle, or drained for another model (its waiting requests then wait off the device)."""
+        return instance.evictable() or (not instance.scheduler.admitting and instance.evictable(idle=False))
+
+    def _drain_for(self, instance: Instance, pages: int) -> set[Instance]:
+        """`instance` has waited too long for its weights' pages while busy models hold them: the busy
+        models that have been on the device longest start no new requests until enough pages could come
+        free (their running requests finish, then they leave), so no model keeps another off for good."""
+        busy = sorted(
+            (
+                i
+                for i in self._instances
+                if i is not instance and i.weights is not None and i.weights.resident
+            ),
+            key=lambda i: i.became_resident,
+        )
+        could, drain = self.pages.room(instance.weights.region.owner), set()
+        for other in busy:
+            if could >= pages:
+                break
+            drain.add(other)
+            could += other.weights.npages
+        return drain
 
     def _evict_for(
         self, instance: Instance | None, owner: str, pages: int, at_most: int | None = None
@@ -278,7 +314,7 @@ class Engine:
         `pages` pages of the pool (at most `at_most` of them); whether it has. Evicts nobody if even every
         idle instance leaving would not make the room."""
         pool = self.pages
-        idle = [i for i in self._instances if i is not instance and i.evictable()]
+        idle = [i for i in self._instances if i is not instance and self._may_leave(i)]
         freed = sum(i.weights.npages for i in idle)
         could = min(  # the owner's room if every idle instance left: its cap grows, and the free pages
             pool.most(owner) + freed - pool.in_use(owner),
@@ -288,11 +324,11 @@ class Engine:
             return False
         evicted = 0
         while self.pages.room(owner) < pages and (at_most is None or evicted < at_most):
-            idle = [i for i in self._instances if i is not instance and i.evictable()]
+            idle = [i for i in self._instances if i is not instance and self._may_leave(i)]
             if not idle:
                 return False
             victim = min(idle, key=lambda i: i.last_busy)
-            victim.evict(self._keep_on_host(victim))
+            self._outbox += victim.evict(self._keep_on_host(victim))
             evicted += 1
         return self.pages.room(owner) >= pages
 

@@ -91,6 +91,8 @@ class Instance:
         self.seqs: dict[int, Sequence] = {}
         self.weights = weights  # in the engine's page pool (it can be evicted), or None: where torch put it
         self.last_busy = time.perf_counter()  # when it last had a request (idle eviction counts from here)
+        self.became_resident = self.last_busy  # when its weights last came (back) to the device
+        self.wants_device_since: float | None = None  # evicted with requests waiting: since when
 
     @property
     def models(self) -> list[str]:
@@ -149,12 +151,18 @@ class Instance:
         """Whether its weights are on the device and usable (an activation's copy done)."""
         return self.weights is None or (self.weights.resident and self.weights.copied())
 
-    def evictable(self) -> bool:
-        """Its weights can leave the device now: in the pool, on the device, no request of it in the engine
-        and no variant swap under way (a batch still in flight is of finished requests: evict reads it back)."""
+    def evictable(self, idle: bool = True) -> bool:
+        """Its weights can leave the device now: in the pool, on the device, no request of it running (with
+        `idle`, none waiting either) and no variant swap under way (a batch still in flight is of finished
+        requests: evict reads it back)."""
         w = self.weights
         return (
-            w is not None and w.resident and w.copied() and not self.has_work() and not self.residency.pending
+            w is not None
+            and w.resident
+            and w.copied()
+            and not self.scheduler.running
+            and not (idle and self.scheduler.waiting)
+            and not self.residency.pending
         )
 
     @property
@@ -162,12 +170,13 @@ class Instance:
         """Whether its weights can be dropped on eviction and read again from its checkpoint."""
         return bool(getattr(self.model, "reloadable", False))
 
-    def evict(self, keep: bool) -> None:
-        """Weights off the device (to host memory with `keep`, else dropped); its pages go back to the pool."""
-        assert self.evictable()
-        events = self.read_back()  # a step queued for requests that have finished since
-        assert not events, "a batch in flight for unfinished requests"
+    def evict(self, keep: bool) -> list[TokenEvent]:
+        """Weights off the device (to host memory with `keep`, else dropped); its pages go back to the pool.
+        Returns the events of the batch still in flight (read back first: it reads the weights)."""
+        assert self.evictable(idle=False)
+        events = self.read_back()
         self.weights.evict(keep or not self.reloadable)
+        return events
 
     def activate(self) -> bool:
         """Weights back on the device at the same addresses (its captured graphs stay valid): from the host
@@ -175,6 +184,7 @@ class Instance:
         w = self.weights
         if not w.activate():
             return False
+        self.became_resident = time.perf_counter()
         if w.host is None:  # dropped: every row again from the checkpoint, and what the model computes
 
             def reload() -> None:

@@ -46,6 +46,7 @@ class Scheduler:
         self.max_batched_tokens = max_batched_tokens
         self.context = context if context is not None else 1 << 62
         self.starve_steps = starve_steps
+        self.admitting = True  # False: no new sequence starts (the engine drains it for another model)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
@@ -109,7 +110,7 @@ class Scheduler:
         tokens = len(out)
         starving = any(w >= self.starve_steps for w in self._waited.values())
         # then prefills, first come first served among those whose variant's weights are in place
-        for seq in list(self.waiting):
+        for seq in list(self.waiting) if self.admitting else []:
             if len(self.running) >= self.max_num_seqs:
                 break
             if seq.pending:
