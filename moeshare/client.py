@@ -47,8 +47,12 @@ def _request(
     request_id: str = "",
     logprobs: bool = False,
     ignore_eos: bool = False,
+    ttft_target: float | None = None,
+    tpot_target: float | None = None,
+    priority: int = 0,
 ) -> pb.GenerateRequest:
-    """prompt: text, or token ids for a model served without a tokenizer."""
+    """prompt: text, or token ids for a model served without a tokenizer; ttft_target / tpot_target: latency
+    targets in seconds (unset: the model's defaults on the server)."""
     ids = not isinstance(prompt, str)
     req = pb.GenerateRequest(
         model=model,
@@ -60,7 +64,12 @@ def _request(
         stop=stop or [],
         request_id=request_id,
         logprobs=logprobs,
+        priority=priority,
     )
+    if ttft_target is not None:
+        req.ttft_target_seconds = ttft_target
+    if tpot_target is not None:
+        req.tpot_target_seconds = tpot_target
     if temperature is not None:
         req.temperature = temperature
     if top_p is not None:

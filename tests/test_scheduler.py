@@ -17,7 +17,13 @@ def _scheduler(blocks: int = 8, block_size: int = 4, rows: int = 2, **kw) -> Sch
         return {}, torch.zeros(1, 1, dtype=torch.int64)
 
     residency = Residency(rows, VARIANTS, fetch, lambda *a: None, torch.device("cpu"))
-    return Scheduler(pool, residency, kw.get("max_num_seqs", 8), kw.get("max_batched_tokens", 64))
+    return Scheduler(
+        pool,
+        residency,
+        kw.get("max_num_seqs", 8),
+        kw.get("max_batched_tokens", 64),
+        chunked_prefill=kw.get("chunked_prefill", True),
+    )
 
 
 def _seq(model: str, prompt: int, arrival: float = 0.0) -> Sequence:
@@ -25,10 +31,12 @@ def _seq(model: str, prompt: int, arrival: float = 0.0) -> Sequence:
 
 
 def _ran(batch: list[Scheduled]) -> None:
-    """What the instance does after a step: the computed tokens are cached, one new token each."""
+    """What the instance does after a step: the computed tokens are cached, one new token each (none for a
+    chunk short of its prompt's end)."""
     for s in batch:
         s.seq.num_cached = s.start + s.count
-        s.seq.output_ids.append(7)
+        if s.samples:
+            s.seq.output_ids.append(7)
 
 
 def test_a_prompt_is_prefilled_then_decoded_one_token_at_a_time():
@@ -43,8 +51,8 @@ def test_a_prompt_is_prefilled_then_decoded_one_token_at_a_time():
     assert (second.start, second.count) == (5, 1)
 
 
-def test_decodes_run_before_new_prefills_and_within_the_token_budget():
-    sched = _scheduler(max_batched_tokens=8)
+def test_without_chunking_decodes_run_before_new_prefills_and_a_whole_prompt_waits_for_the_budget():
+    sched = _scheduler(max_batched_tokens=8, chunked_prefill=False)
     old = _seq("a", 3)
     sched.add(old)
     _ran(sched.schedule())
@@ -124,6 +132,49 @@ def test_a_row_whose_pending_token_may_end_it_preempts_nobody():
     # a's next token is its 8th (fits its 2 blocks); b's is its 9th (needs a 3rd block)
     batch = sched.schedule()
     assert [s.seq for s in batch] == [a] and b.status is Status.RUNNING and sched.preemptions == 0
-    a.pending, b.pending = 1, 0  # b's token is read back: now it preempts as before (b is the newest)
+    # the first step's tokens are read back (a's second row stays queued): b now preempts as before (b is the
+    # newest)
+    a.pending, b.pending = 1, 0
+    a.output_ids.append(7)
     b.output_ids.append(7)
-    assert [s.seq for s in sched.schedule()] == [a] and b.status is Status.WAITING and sched.preemptions == 1
+    # a's next row needs a third block too, but its pending token may still end it: it waits; b preempts itself
+    assert sched.schedule() == [] and b.status is Status.WAITING and sched.preemptions == 1
+    a.pending = 0  # a's second token is read back: it takes the blocks b gave back
+    a.output_ids.append(7)
+    assert [s.seq for s in sched.schedule()] == [a] and len(a.block_table) == 3
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_beside_the_decodes_which_advance_every_step():
+    sched = _scheduler(blocks=16, max_batched_tokens=4)
+    old = _seq("a", 3)
+    sched.add(old)
+    _ran(sched.schedule())
+    long = _seq("b", 10)
+    sched.add(long)
+    chunks = []
+    for _ in range(4):
+        batch = sched.schedule()
+        assert batch[0].seq is old and (batch[0].count, batch[0].samples) == (1, True)  # never starved
+        assert sum(s.count for s in batch) <= 4
+        chunks += [(s.start, s.count, s.samples) for s in batch[1:]]
+        _ran(batch)
+    # 3 tokens of budget beside the decode each step: 0-2, 3-5, 6-8, then the last one draws the first token
+    assert chunks == [(0, 3, False), (3, 3, False), (6, 3, False), (9, 1, True)]
+    assert long.output_ids == [7] and long.num_cached == 10 and len(long.block_table) == 3
+    (decode,) = [s for s in sched.schedule() if s.seq is long]
+    assert (decode.start, decode.count, decode.samples) == (10, 1, True)
+
+
+def test_a_prompt_being_prefilled_can_be_preempted_and_starts_over():
+    sched = _scheduler(blocks=3, block_size=4, max_batched_tokens=4)
+    first, second = _seq("a", 4, arrival=1.0), _seq("b", 9, arrival=2.0)
+    sched.add(first)
+    sched.add(second)
+    _ran(sched.schedule())  # first's whole prompt (4 tokens): second waits for budget
+    _ran(sched.schedule())  # first decodes (its second block), second's first chunk (3 tokens, one block)
+    assert second.num_cached == 3 and second.status is Status.RUNNING
+    # second's next chunk needs a second block and none is left: it is the newest, so it gives its block back
+    # and starts over with the budget first leaves
+    batch = sched.schedule()
+    assert [(s.seq, s.start, s.count) for s in batch] == [(first, 5, 1), (second, 0, 3)]
+    assert sched.preemptions == second.preemptions == 1 and len(first.block_table) == 2

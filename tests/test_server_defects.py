@@ -179,6 +179,13 @@ def test_a_dead_engine_thread_takes_the_server_down_loudly(ckpts, capsys):
         (["--port", "70000"], "--port must be between 0 and 65535"),
         (["--metrics-port", "70000"], "--metrics-port must be between 0 and 65535"),
         (["--max-num-seqs", "0"], "--max-num-seqs must be at least 1"),
+        (["--max-batched-tokens", "0"], "--max-batched-tokens must be at least 1"),
+        (
+            ["--slo", "kjv=fast"],
+            "--slo 'kjv=fast': give MODEL=TTFT,TPOT in seconds > 0, either may be left",
+        ),
+        (["--slo", "kjv=,"], "--slo 'kjv=,': give MODEL=TTFT,TPOT in seconds > 0"),
+        (["--slo", "kjv=0,1"], "--slo 'kjv=0,1': give MODEL=TTFT,TPOT in seconds > 0"),
         (["--max-resident-variants", "0"], "--max-resident-variants must be at least 1"),
         (["--max-resident-variants", "-1"], "--max-resident-variants must be at least 1"),
         (["--kv-blocks", "0"], "--kv-blocks must be at least 1"),

@@ -84,7 +84,10 @@ def test_the_admin_call_shares_the_pool_out_and_refuses_what_cannot_be(pool_serv
         (["--evict-after", "5"], "--evict-after moves weights out of the page pool: give --pool GIB too"),
         (["--pool", "0.01", "--evict-to", "tape"], "--evict-to must be auto, host or disk, got 'tape'"),
         (["--pool", "0.01", "--evict-after", "-1"], "--evict-after must be >= 0 seconds, got -1.0"),
-        (["--pool", "0.001"], "and one KV page exceed the pool's 2.0 MiB, so it could never be on the device: raise --pool"),
+        (
+            ["--pool", "0.001"],
+            "and one KV page exceed the pool's 2.0 MiB, so it could never be on the device: raise --pool",
+        ),
     ],
 )
 def test_bad_pool_flags_are_one_line(tiny_zoo, flags, message):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from moeshare.engine.request import FinishReason, SamplingParams
+from moeshare.engine.request import FinishReason, SamplingParams, Targets
 from moeshare.errors import MoeshareError
 from moeshare.memory.pages import PageStats
 
@@ -28,6 +28,7 @@ class Submit:
     prompt: str | list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""
+    targets: Targets = field(default_factory=Targets)
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class Usage:
     arrival: float
     first_token: float | None  # None: it ended before its first token
     finish: float
+    targets: Targets = field(default_factory=Targets)
 
     @property
     def ttft(self) -> float:
@@ -54,6 +56,11 @@ class Usage:
         if self.first_token is None or self.completion_tokens < 2:
             return None
         return (self.finish - self.first_token) / (self.completion_tokens - 1)
+
+    @property
+    def met_targets(self) -> bool | None:
+        """Whether it met its latency targets (None: it had none)."""
+        return self.targets.met(self.ttft, self.tpot)
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,10 @@ class EngineConfig:
     kv_memory_fraction: float = 0.5
     block_size: int = 16
     max_num_seqs: int = 64
-    max_batched_tokens: int = 2048
+    max_batched_tokens: int = 2048  # tokens one step of one instance computes at most
+    # prefill long prompts in chunks beside the running decodes, within max_batched_tokens (off: whole prompts,
+    # a prompt longer than the budget alone in its step)
+    chunked_prefill: bool = True
     max_tokens_limit: int = 4096
     cuda_graphs: bool = True  # capture decode steps per batch size (CUDA only)
     # queue each step before reading back the last one's tokens (host work hides behind the GPU's); off:

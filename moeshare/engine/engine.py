@@ -183,7 +183,15 @@ class Engine:
         ids = instance.prepare(request.model, request.prompt, params)
         if params.seed is None:
             params = replace(params, seed=int.from_bytes(os.urandom(6), "little"))
-        seq = Sequence(request.model, ids, params, request_id=request.request_id, arrival=time.perf_counter())
+        request.targets.validate()
+        seq = Sequence(
+            request.model,
+            ids,
+            params,
+            request_id=request.request_id,
+            targets=request.targets,
+            arrival=time.perf_counter(),
+        )
         instance.add(seq)
         self._by_seq[seq.seq_id] = instance
         return seq.seq_id

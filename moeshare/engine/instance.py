@@ -42,7 +42,9 @@ log = logging.getLogger(__name__)
 
 def usage(seq: Sequence) -> Usage:
     finish = seq.finish_time or time.perf_counter()
-    return Usage(len(seq.prompt_ids), len(seq.output_ids), seq.arrival, seq.first_token_time, finish)
+    return Usage(
+        len(seq.prompt_ids), len(seq.output_ids), seq.arrival, seq.first_token_time, finish, seq.targets
+    )
 
 
 def final_event(seq: Sequence, reason: FinishReason, error: str = "") -> TokenEvent:
@@ -80,7 +82,12 @@ class Instance:
         self.config, self.device = config, runner.device
         self.offloaded_layers, self.placed_bytes = offloaded_layers, placed_bytes
         self.scheduler = Scheduler(
-            pool, residency, config.max_num_seqs, config.max_batched_tokens, footprint.context
+            pool,
+            residency,
+            config.max_num_seqs,
+            config.max_batched_tokens,
+            footprint.context,
+            chunked_prefill=config.chunked_prefill,
         )
         self._inflight: Launched | None = None  # the batch queued by the last step, not read back yet
         self.tokenizers = tokenizers  # per model name, or None: loaded before any memory was taken
@@ -233,7 +240,7 @@ class Instance:
                 failed = e
             else:
                 for s in batch:
-                    s.seq.pending += 1
+                    s.seq.pending += s.samples
         events = refused + (self._collect(prev) if prev is not None else [])
         if failed is not None:
             events += self._fail(batch, failed)
@@ -292,6 +299,8 @@ class Instance:
     ) -> None:
         now = time.perf_counter()
         for s, token, lp in zip(batch, chosen, logprobs, strict=True):
+            if not s.samples:
+                continue  # a chunk of a prompt: its next token comes with the prompt's last chunk
             seq = s.seq
             seq.pending -= 1
             if seq.finished:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import math
 from dataclasses import dataclass, field
 
 from moeshare.errors import MoeshareError
@@ -84,6 +85,34 @@ class FinishReason(enum.Enum):
 _ids = itertools.count()
 
 
+@dataclass(frozen=True)
+class Targets:
+    """A request's latency targets in seconds (None: none) — time to first token and time per output token
+    after it — and its priority (higher first). A finished request met its targets if it met both it has."""
+
+    ttft: float | None = None
+    tpot: float | None = None
+    priority: int = 0
+
+    def validate(self) -> None:
+        for name, value in (("ttft target", self.ttft), ("tpot target", self.tpot)):
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise InvalidRequest(f"{name} must be a number of seconds > 0, got {value}")
+
+    @property
+    def any(self) -> bool:
+        return self.ttft is not None or self.tpot is not None
+
+    def met(self, ttft: float, tpot: float | None) -> bool | None:
+        """Whether a request with this time to first token and time per output token met them (None: no
+        targets)."""
+        if not self.any:
+            return None
+        return (self.ttft is None or ttft <= self.ttft) and (
+            self.tpot is None or tpot is None or tpot <= self.tpot
+        )
+
+
 @dataclass(eq=False)  # identity: the scheduler looks sequences up in its queues every step
 class Sequence:
     """One request as the engine sees it: its tokens, where its KV lives, and what it has produced."""
@@ -92,6 +121,7 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     request_id: str = ""
+    targets: Targets = field(default_factory=Targets)
     seq_id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)

@@ -7,6 +7,10 @@ resident row is busy, no new sequence of a resident variant is admitted until a 
 variant is swapped in. Its wait is then bounded by the longest remaining generation (max_tokens) of one
 row's running sequences plus one weight copy.
 
+With chunked prefill (the default) a step holds at most max_batched_tokens tokens: the running sequences'
+decodes first, then chunks of prompts, a long prompt taking several steps beside the decodes (a chunk short of
+its prompt's end draws no token); without it a prompt is prefilled whole (alone if it exceeds the budget).
+
 A step may be scheduled while the previous one is still on the device (the engine overlaps the host's work
 with the GPU's): a sequence's pending token then counts towards its length, and a sequence whose pending token
 is its last by length is not scheduled again.
@@ -28,6 +32,7 @@ class Scheduled:
     row: int  # resident row of the sequence's variant
     start: int  # tokens already in the cache
     count: int  # tokens computed this step
+    samples: bool = True  # whether the step draws its next token (False: a chunk short of its prompt's end)
 
 
 class Scheduler:
@@ -39,6 +44,7 @@ class Scheduler:
         max_batched_tokens: int,
         context: int | None = None,
         starve_steps: int = 8,
+        chunked_prefill: bool = True,
     ) -> None:
         self.pool = pool
         self.residency = residency
@@ -46,6 +52,7 @@ class Scheduler:
         self.max_batched_tokens = max_batched_tokens
         self.context = context if context is not None else 1 << 62
         self.starve_steps = starve_steps
+        self.chunked_prefill = chunked_prefill
         self.admitting = True  # False: no new sequence starts (the engine drains it for another model)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -92,22 +99,33 @@ class Scheduler:
     def schedule(self) -> list[Scheduled]:
         out: list[Scheduled] = []
         busy = self.busy_rows()
-        # decodes first: every running sequence computes its newest token
-        for seq in list(self.running):
-            if seq.status is not Status.RUNNING or seq.last_after_pending(self.context):
-                continue  # preempted below to make room for an older one, or ends when its token is read
-            if seq.pending and not self._grow(seq, seq.ahead):
-                continue  # its token may end it: it preempts nobody for a row that could be dropped
-            while not self._grow(seq, seq.ahead):
-                victim = max(self.running, key=lambda s: (s.arrival, s.seq_id))
-                self._preempt(victim)
-                # the newest may have been scheduled already: it runs in no batch without its blocks
-                out = [s for s in out if s.seq is not victim]
-                if victim is seq:
-                    break
-            if seq.status is Status.RUNNING:
-                out.append(Scheduled(seq, self.residency.row_of[seq.model], seq.ahead - 1, 1))
-        tokens = len(out)
+        budget = self.max_batched_tokens
+        # every running sequence advances: decodes first (one token each), then the next chunk of each prompt
+        # being prefilled, within what the decodes leave of the step's token budget
+        for decodes in (True, False):
+            for seq in list(self.running):
+                if seq.status is not Status.RUNNING or seq.last_after_pending(self.context):
+                    continue  # preempted below to make room for an older one, or ends when its token is read
+                left = seq.ahead - seq.num_cached  # tokens not in the cache yet: 1 for a decode
+                if (left == 1) != decodes:
+                    continue
+                count = 1 if decodes else min(left, budget - sum(s.count for s in out))
+                if count < 1:
+                    continue  # no budget left this step: its next chunk waits for the next one
+                end = seq.num_cached + count
+                if seq.pending and not self._grow(seq, end):
+                    continue  # its token may end it: it preempts nobody for a row that could be dropped
+                while not self._grow(seq, end):
+                    victim = max(self.running, key=lambda s: (s.arrival, s.seq_id))
+                    self._preempt(victim)
+                    # the newest may have been scheduled already: it runs in no batch without its blocks
+                    out = [s for s in out if s.seq is not victim]
+                    if victim is seq:
+                        break
+                if seq.status is Status.RUNNING:
+                    row = self.residency.row_of[seq.model]
+                    out.append(Scheduled(seq, row, seq.num_cached, count, end == seq.ahead))
+        tokens = sum(s.count for s in out)
         starving = any(w >= self.starve_steps for w in self._waited.values())
         # then prefills, first come first served among those whose variant's weights are in place
         for seq in list(self.waiting) if self.admitting else []:
@@ -122,16 +140,20 @@ class Scheduler:
             if starving and self._waited.get(seq.seq_id, 0) < self.starve_steps:
                 continue  # let rows drain for a variant that has waited too long
             count = len(seq) - seq.num_cached
-            if tokens + count > self.max_batched_tokens and out:
+            if self.chunked_prefill:
+                count = min(count, budget - tokens)  # the rest of the prompt in later steps
+                if count < 1:
+                    break
+            elif tokens + count > budget and out:
                 break
-            if not self._grow(seq, len(seq)):
+            if not self._grow(seq, seq.num_cached + count):
                 break
             self.waiting.remove(seq)
             self._waited.pop(seq.seq_id, None)
             seq.status = Status.RUNNING
             self.running.append(seq)
             busy.add(row)
-            out.append(Scheduled(seq, row, seq.num_cached, count))
+            out.append(Scheduled(seq, row, seq.num_cached, count, seq.num_cached + count == len(seq)))
             tokens += count
         for s in out:
             s.seq.num_cached = s.start + s.count

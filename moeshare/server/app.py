@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from moeshare.engine.api import EngineFailed
 from moeshare.engine.engine import Engine, EngineConfig
+from moeshare.engine.request import Targets
 from moeshare.engine.synthetic import from_spec
 from moeshare.errors import MoeshareError
 from moeshare.server.auth import Access, BearerAuth, is_loopback, load_dirs, read_token
@@ -47,9 +48,11 @@ def _check_numbers(args: argparse.Namespace) -> None:
     if (args.kv_min or args.kv_max) and args.pool is None:
         raise MoeshareError("--kv-min and --kv-max share out the elastic KV pool: give --pool GIB too")
     kv_limits(args)
+    slo_defaults(args)
     for flag, value in (
         ("--max-queue", args.max_queue),
         ("--max-num-seqs", args.max_num_seqs),
+        ("--max-batched-tokens", args.max_batched_tokens),
         ("--max-resident-variants", args.max_resident_variants),
         ("--kv-blocks", args.kv_blocks),
     ):
@@ -126,12 +129,34 @@ def kv_limits(args: argparse.Namespace) -> dict[str, tuple[int, int | None]]:
     return limits
 
 
+def slo_defaults(args: argparse.Namespace) -> dict[str, Targets]:
+    """--slo MODEL=TTFT,TPOT (seconds; either may be empty) as model -> its requests' default targets."""
+    out: dict[str, Targets] = {}
+    for spec in args.slo:
+        model, _, value = spec.partition("=")
+        parts = value.split(",")
+        try:
+            ttft, tpot = (float(x) if x.strip() else None for x in parts) if len(parts) == 2 else (0.0, 0.0)
+            targets = Targets(ttft, tpot)
+            targets.validate()
+        except (ValueError, MoeshareError):
+            targets = None
+        if not model or targets is None or not targets.any:
+            raise MoeshareError(
+                f"--slo {spec!r}: give MODEL=TTFT,TPOT in seconds > 0, either may be left empty (not both)"
+            )
+        out[model] = targets
+    return out
+
+
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         device=args.device,
         max_resident_variants=args.max_resident_variants,
         kv_blocks=args.kv_blocks,
         max_num_seqs=args.max_num_seqs,
+        max_batched_tokens=args.max_batched_tokens,
+        chunked_prefill=args.chunked_prefill,
         memory_limit_bytes=None if args.memory_limit is None else int(args.memory_limit * 2**30),
         swap_whole_variants=args.swap_whole_variants,
         pool_bytes=None if args.pool is None else int(args.pool * 2**30),
@@ -178,7 +203,7 @@ async def run_server(args: argparse.Namespace, engine: Engine | None = None) -> 
         targets = [(path, name) for name, path in map(named_path, args.paths)]
         engine.check_fits(targets + [(from_spec(spec, "meta"), None) for spec in args.synthetic])
     worker = EngineWorker(engine, args.max_queue, metrics.observe if metrics else None, on_fatal)
-    servicer = MoeShareServicer(worker, metrics, allowed_load_dirs)
+    servicer = MoeShareServicer(worker, metrics, allowed_load_dirs, slo_defaults(args))
     server = grpc.aio.server(interceptors=[BearerAuth(access)], options=SERVER_OPTIONS)
     moeshare_pb2_grpc.add_MoeShareServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()

@@ -96,6 +96,28 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step (default 64)")
     p.add_argument(
+        "--slo",
+        action="append",
+        default=[],
+        metavar="MODEL=TTFT,TPOT",
+        help="default latency targets in seconds for MODEL's requests that bring none (time to first token, "
+        "time per output token; either may be empty; repeatable); GetStats counts the requests that met them",
+    )
+    p.add_argument(
+        "--max-batched-tokens",
+        type=int,
+        default=2048,
+        help="tokens one step of a store or checkpoint computes at most: decodes first, then chunks of "
+        "prompts (default 2048)",
+    )
+    p.add_argument(
+        "--no-chunked-prefill",
+        dest="chunked_prefill",
+        action="store_false",
+        help="prefill each prompt whole (one longer than --max-batched-tokens alone in its step) instead of in "
+        "chunks beside the running decodes",
+    )
+    p.add_argument(
         "--memory-limit",
         type=float,
         metavar="GIB",

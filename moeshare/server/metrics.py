@@ -33,6 +33,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.slo = Counter(
+            "moeshare_slo_requests",
+            "Finished requests that had latency targets, by model and whether they met them",
+            ["model", "met"],
+            registry=r,
+        )
         self._engine: dict[str, Any] = {}
         self._queue_depth = 0
         gauges: dict[str, tuple[str, Callable[[], float]]] = {
@@ -77,7 +83,11 @@ class Metrics:
         )
         self._http: Any = None
 
-    def observe(self, model: str, ttft: float, tpot: float | None, e2e: float) -> None:
+    def observe(
+        self, model: str, ttft: float, tpot: float | None, e2e: float, met: bool | None = None
+    ) -> None:
+        if met is not None:
+            self.slo.labels(model, "yes" if met else "no").inc()
         self.ttft.labels(model).observe(ttft)
         if tpot is not None:
             self.tpot.labels(model).observe(tpot)

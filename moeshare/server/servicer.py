@@ -18,6 +18,7 @@ from moeshare.engine.request import (
     InvalidRequest,
     RequestTooLarge,
     SamplingParams,
+    Targets,
     UnknownModel,
     clip,
 )
@@ -127,9 +128,14 @@ def _model_info(m: ModelInfo) -> pb.ModelInfo:
 
 class MoeShareServicer(moeshare_pb2_grpc.MoeShareServicer):
     def __init__(
-        self, worker: EngineWorker, metrics: Metrics | None = None, load_dirs: tuple[Path, ...] = ()
+        self,
+        worker: EngineWorker,
+        metrics: Metrics | None = None,
+        load_dirs: tuple[Path, ...] = (),
+        slo: dict[str, Targets] | None = None,
     ) -> None:
         self.worker = worker
+        self.slo = slo or {}  # per-model default latency targets (--slo)
         self.metrics = metrics
         self.load_dirs = load_dirs  # LoadStore loads only under these (resolved); none: it is off
         self.ready = False  # set once the stores given at start are loaded
@@ -149,6 +155,17 @@ class MoeShareServicer(moeshare_pb2_grpc.MoeShareServicer):
         await context.abort(code, message)
         raise AssertionError("unreachable")  # context.abort raises
 
+    def _targets(self, request: pb.GenerateRequest) -> Targets:
+        """The request's latency targets, each one it leaves unset from its model's defaults."""
+        default = self.slo.get(request.model, Targets())
+        targets = Targets(
+            request.ttft_target_seconds if request.HasField("ttft_target_seconds") else default.ttft,
+            request.tpot_target_seconds if request.HasField("tpot_target_seconds") else default.tpot,
+            request.priority,
+        )
+        targets.validate()
+        return targets
+
     def _check_ready(self) -> None:
         if not self.ready:
             raise _Aborted(grpc.StatusCode.UNAVAILABLE, LOADING)
@@ -161,7 +178,8 @@ class MoeShareServicer(moeshare_pb2_grpc.MoeShareServicer):
         params = sampling_params(request)
         ids = await asyncio.to_thread(self.worker.prepare, request.model, _prompt(request), params)
         ticket = Ticket(request.model, request.request_id, asyncio.get_running_loop(), asyncio.Queue())
-        future = self.worker.submit(Submit(request.model, ids, params, request.request_id), ticket)
+        targets = self._targets(request)
+        future = self.worker.submit(Submit(request.model, ids, params, request.request_id, targets), ticket)
         done = False
         try:
             await asyncio.wrap_future(future)
@@ -260,6 +278,8 @@ class MoeShareServicer(moeshare_pb2_grpc.MoeShareServicer):
                     tpot_p99_seconds=m.tpot_p99,
                     requests_total=m.requests_total,
                     resident=m.resident,
+                    slo_requests=m.slo_requests,
+                    slo_met=m.slo_met,
                 )
                 for m in snap.models
             ],

@@ -17,6 +17,8 @@ class ModelSamples:
     tpot: deque[float] = field(default_factory=lambda: deque(maxlen=SAMPLES))
     tokens: deque[float] = field(default_factory=lambda: deque(maxlen=65536))  # time of each token
     requests_total: int = 0
+    slo_requests: int = 0  # finished requests that had latency targets
+    slo_met: int = 0  # of those, how many met them
 
 
 @dataclass
@@ -31,6 +33,8 @@ class ModelSnapshot:
     tpot_p99: float
     requests_total: int
     resident: bool
+    slo_requests: int = 0
+    slo_met: int = 0
 
 
 @dataclass

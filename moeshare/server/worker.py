@@ -58,7 +58,8 @@ def named_path(given: str) -> tuple[str | None, str]:
     return name, path
 
 
-FinishHook = Callable[[str, float, float | None, float], None]  # model, ttft, tpot, end-to-end seconds
+# model, ttft, tpot, end-to-end seconds, whether it met its latency targets (None: it had none)
+FinishHook = Callable[[str, float, float | None, float, bool | None], None]
 FatalHook = Callable[[str], None]  # called on the engine thread as it dies, with what went wrong
 
 
@@ -258,8 +259,12 @@ class EngineWorker:
         samples.ttft.append(usage.ttft)
         if usage.tpot is not None:
             samples.tpot.append(usage.tpot)
+        met = usage.met_targets
+        if met is not None:
+            samples.slo_requests += 1
+            samples.slo_met += met
         if self.on_finish:
-            self.on_finish(model, usage.ttft, usage.tpot, usage.total)
+            self.on_finish(model, usage.ttft, usage.tpot, usage.total, met)
 
     def _close_all(self) -> None:
         """End every request with a final CANCELLED event (shutdown)."""
@@ -297,6 +302,8 @@ class EngineWorker:
                     percentile(s.tpot, 0.99),
                     s.requests_total,
                     info.resident,
+                    s.slo_requests,
+                    s.slo_met,
                 )
             )
         return Snapshot(models, stats)
