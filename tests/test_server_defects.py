@@ -180,6 +180,7 @@ def test_a_dead_engine_thread_takes_the_server_down_loudly(ckpts, capsys):
         (["--metrics-port", "70000"], "--metrics-port must be between 0 and 65535"),
         (["--max-num-seqs", "0"], "--max-num-seqs must be at least 1"),
         (["--max-batched-tokens", "0"], "--max-batched-tokens must be at least 1"),
+        (["--policy", "fifo"], "--policy must be least-slack or load-order, got 'fifo'"),
         (
             ["--slo", "kjv=fast"],
             "--slo 'kjv=fast': give MODEL=TTFT,TPOT in seconds > 0, either may be left",

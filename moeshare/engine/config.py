@@ -42,6 +42,9 @@ class EngineConfig:
     # prefill long prompts in chunks beside the running decodes, within max_batched_tokens (off: whole prompts,
     # a prompt longer than the budget alone in its step)
     chunked_prefill: bool = True
+    # which instances run each step: "least-slack" (requests' latency targets first, every instance with work
+    # at least once every 5 steps; without targets the same as "load-order": every instance with work, every step)
+    policy: str = "least-slack"
     max_tokens_limit: int = 4096
     cuda_graphs: bool = True  # capture decode steps per batch size (CUDA only)
     # queue each step before reading back the last one's tokens (host work hides behind the GPU's); off:
@@ -64,6 +67,8 @@ class EngineConfig:
         for name, value in at_least_one.items():
             if value is not None and value < 1:
                 raise MoeshareError(f"{name} must be at least 1, got {value}")
+        if self.policy not in ("least-slack", "load-order"):
+            raise MoeshareError(f"policy must be least-slack or load-order, got {self.policy!r}")
         if self.evict_to not in ("auto", "host", "disk"):
             raise MoeshareError(f"evict_to must be auto, host or disk, got {self.evict_to!r}")
         if self.evict_after is not None and self.evict_after < 0:

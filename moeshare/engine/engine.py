@@ -19,7 +19,7 @@ from moeshare.engine.api import EngineFailed, EngineStats, ModelInfo, Submit, To
 from moeshare.engine.config import EngineConfig
 from moeshare.engine.instance import Instance
 from moeshare.engine.planner import build_instance, model_names, open_source, plan, weights_owner
-from moeshare.engine.policy import LoadOrder, Policy
+from moeshare.engine.policy import POLICIES, Policy
 from moeshare.engine.request import FinishReason, SamplingParams, Sequence, UnknownModel, clip
 from moeshare.errors import MoeshareError
 from moeshare.memory.pages import PageManager
@@ -38,7 +38,7 @@ class Engine:
         self.config = config or EngineConfig()
         self.config.validate()
         self.device = self.config.torch_device
-        self.policy = policy or LoadOrder()
+        self.policy = policy or POLICIES[self.config.policy]()
         self._instances: list[Instance] = []
         self._by_model: dict[str, Instance] = {}
         self._by_seq: dict[int, Instance] = {}

@@ -13,6 +13,7 @@ a stop string) runs one more row whose token is dropped.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
@@ -150,6 +151,20 @@ class Instance:
     def has_work(self) -> bool:
         # a queued batch's unfinished sequences are running or waiting: nothing else to count
         return bool(self.scheduler.running or self.scheduler.waiting)
+
+    def slack(self, now: float) -> float:
+        """Seconds until the most pressing deadline of its requests' latency targets (inf: none has targets):
+        a request's next token is due at its arrival plus its TTFT target before the first token, then at its
+        first token's time plus its TPOT target per token since."""
+        least = math.inf
+        for seq in (*self.scheduler.running, *self.scheduler.waiting):
+            t = seq.targets
+            if seq.first_token_time is None:
+                if t.ttft is not None:
+                    least = min(least, seq.arrival + t.ttft - now)
+            elif t.tpot is not None:
+                least = min(least, seq.first_token_time + t.tpot * len(seq.output_ids) - now)
+        return least
 
     # ---- weights on and off the device -------------------------------------------------------------------
 

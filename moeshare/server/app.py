@@ -39,6 +39,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise MoeshareError(f"--memory-limit must be > 0 GiB, got {args.memory_limit}")
     if args.pool is not None and not (math.isfinite(args.pool) and args.pool > 0):
         raise MoeshareError(f"--pool must be > 0 GiB, got {args.pool}")
+    if args.policy not in ("least-slack", "load-order"):
+        raise MoeshareError(f"--policy must be least-slack or load-order, got {args.policy!r}")
     if args.evict_to not in ("auto", "host", "disk"):
         raise MoeshareError(f"--evict-to must be auto, host or disk, got {args.evict_to!r}")
     if args.evict_after is not None and not (math.isfinite(args.evict_after) and args.evict_after >= 0):
@@ -157,6 +159,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         max_num_seqs=args.max_num_seqs,
         max_batched_tokens=args.max_batched_tokens,
         chunked_prefill=args.chunked_prefill,
+        policy=args.policy,
         memory_limit_bytes=None if args.memory_limit is None else int(args.memory_limit * 2**30),
         swap_whole_variants=args.swap_whole_variants,
         pool_bytes=None if args.pool is None else int(args.pool * 2**30),

@@ -96,6 +96,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step (default 64)")
     p.add_argument(
+        "--policy",
+        default="least-slack",
+        metavar="{least-slack,load-order}",
+        help="which models' work runs each step: least-slack (requests nearest their latency targets first, "
+        "every model with work at least every 5 steps; the default) or load-order (every model, every step)",
+    )
+    p.add_argument(
         "--slo",
         action="append",
         default=[],
