@@ -50,6 +50,7 @@ def _request(
     ttft_target: float | None = None,
     tpot_target: float | None = None,
     priority: int = 0,
+    refuse_if_late: bool = False,
 ) -> pb.GenerateRequest:
     """prompt: text, or token ids for a model served without a tokenizer; ttft_target / tpot_target: latency
     targets in seconds (unset: the model's defaults on the server)."""
@@ -65,6 +66,7 @@ def _request(
         request_id=request_id,
         logprobs=logprobs,
         priority=priority,
+        refuse_if_late=refuse_if_late,
     )
     if ttft_target is not None:
         req.ttft_target_seconds = ttft_target

@@ -20,7 +20,14 @@ from moeshare.engine.config import EngineConfig
 from moeshare.engine.instance import Instance
 from moeshare.engine.planner import build_instance, model_names, open_source, plan, weights_owner
 from moeshare.engine.policy import POLICIES, Policy
-from moeshare.engine.request import FinishReason, SamplingParams, Sequence, UnknownModel, clip
+from moeshare.engine.request import (
+    FinishReason,
+    LateRequest,
+    SamplingParams,
+    Sequence,
+    UnknownModel,
+    clip,
+)
 from moeshare.errors import MoeshareError
 from moeshare.memory.pages import PageManager
 from moeshare.memory.weights import host_bytes_available
@@ -184,6 +191,14 @@ class Engine:
         if params.seed is None:
             params = replace(params, seed=int.from_bytes(os.urandom(6), "little"))
         request.targets.validate()
+        t = request.targets
+        if t.refuse_if_late and t.ttft is not None:
+            expect = instance.ttft_estimate(len(ids))
+            if expect is not None and expect > t.ttft:
+                raise LateRequest(
+                    f"the work queued ahead of this request would take about {expect:.3f} s before its first "
+                    f"token, above its TTFT target of {t.ttft:.3f} s: retry later or raise the target"
+                )
         seq = Sequence(
             request.model,
             ids,

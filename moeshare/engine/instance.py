@@ -100,6 +100,8 @@ class Instance:
         self.weights = weights  # in the engine's page pool (it can be evicted), or None: where torch put it
         self.last_busy = time.perf_counter()  # when it last had a request (idle eviction counts from here)
         self.became_resident = self.last_busy  # when its weights last came (back) to the device
+        self.step_seconds: float | None = None  # moving average of the time between its busy steps
+        self._last_step: float | None = None
         self.wants_device_since: float | None = None  # evicted with requests waiting: since when
 
     @property
@@ -151,6 +153,19 @@ class Instance:
     def has_work(self) -> bool:
         # a queued batch's unfinished sequences are running or waiting: nothing else to count
         return bool(self.scheduler.running or self.scheduler.waiting)
+
+    def ttft_estimate(self, prompt_tokens: int) -> float | None:
+        """About how long a request of `prompt_tokens` queued now would wait for its first token: the prompt
+        tokens ahead of it and its own, at what the step's token budget leaves beside the running decodes, times
+        the measured step time (None: no step measured yet, or its weights are off the device)."""
+        if self.step_seconds is None or not self.on_device:
+            return None
+        s = self.scheduler
+        ahead = sum(len(q) - q.num_cached for q in s.waiting) + sum(
+            max(0, q.ahead - q.num_cached - 1) for q in s.running
+        )
+        per_step = max(1, s.max_batched_tokens - len(s.running))
+        return math.ceil((ahead + prompt_tokens) / per_step) * self.step_seconds
 
     def slack(self, now: float) -> float:
         """Seconds until the most pressing deadline of its requests' latency targets (inf: none has targets):
@@ -243,7 +258,13 @@ class Instance:
         if not self.on_device:  # evicted, or its weights still coming back: its requests wait
             return self._activation_failed()
         if self.has_work():
-            self.last_busy = time.perf_counter()
+            now = time.perf_counter()
+            if self._last_step is not None:  # the time a step of this model takes, others' steps included
+                dt = now - self._last_step
+                self.step_seconds = dt if self.step_seconds is None else 0.8 * self.step_seconds + 0.2 * dt
+            self.last_busy = self._last_step = now
+        else:
+            self._last_step = None
         prev, self._inflight = self._inflight, None
         refused = self._beyond_the_pool()
         batch = self.scheduler.schedule()

@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 from moeshare.errors import MoeshareError
 
 
+class LateRequest(MoeshareError):
+    """A request that asked to be refused if it would miss its TTFT target, and would (RESOURCE_EXHAUSTED)."""
+
+
 class InvalidRequest(MoeshareError):
     """A request the engine refuses before it touches the batch (maps to INVALID_ARGUMENT)."""
 
@@ -93,6 +97,7 @@ class Targets:
     ttft: float | None = None
     tpot: float | None = None
     priority: int = 0
+    refuse_if_late: bool = False  # refuse it at once if the queue ahead already makes it miss its TTFT target
 
     def validate(self) -> None:
         for name, value in (("ttft target", self.ttft), ("tpot target", self.tpot)):

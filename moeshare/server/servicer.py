@@ -16,6 +16,7 @@ from moeshare.engine.api import EngineFailed, ModelInfo, Submit, TokenEvent, Usa
 from moeshare.engine.request import (
     FinishReason,
     InvalidRequest,
+    LateRequest,
     RequestTooLarge,
     SamplingParams,
     Targets,
@@ -50,6 +51,7 @@ ERRORS: list[tuple[type[Exception], grpc.StatusCode]] = [
     (UnknownModel, grpc.StatusCode.NOT_FOUND),
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (RequestTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (LateRequest, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (EngineFailed, grpc.StatusCode.INTERNAL),
     (MoeshareError, grpc.StatusCode.FAILED_PRECONDITION),
@@ -162,6 +164,7 @@ class MoeShareServicer(moeshare_pb2_grpc.MoeShareServicer):
             request.ttft_target_seconds if request.HasField("ttft_target_seconds") else default.ttft,
             request.tpot_target_seconds if request.HasField("tpot_target_seconds") else default.tpot,
             request.priority,
+            request.refuse_if_late,
         )
         targets.validate()
         return targets
