@@ -210,3 +210,68 @@ def test_a_model_kept_busy_does_not_keep_an_evicted_one_off_the_device_for_good(
         if len(got) == len(alone["kjv"]):
             break
     assert got == alone["kjv"]  # python stopped taking new requests until kjv could come back
+
+
+def _cfg(pages: int, **kw) -> EngineConfig:
+    return EngineConfig(pool_bytes=pages * BIG_PAGE, pool_page_bytes=BIG_PAGE, **kw)
+
+
+def test_teacher_forced_logits_of_an_evicted_model_bring_it_back_first(paths):
+    w = weights_pages(paths["kjv"], BIG_PAGE)
+    engine = Engine([paths["kjv"]], _cfg(w + 16))
+    ids = engine.tokenizer("kjv")("And God said", add_special_tokens=False)["input_ids"]
+    before = engine.teacher_forced("kjv", ids)
+    engine.evict("kjv")
+    engine.pages.reap()
+    assert torch.equal(engine.teacher_forced("kjv", ids), before) and engine.models()[0].resident
+
+
+def test_an_activation_the_pool_refuses_after_all_waits_instead_of_failing_the_step(paths):
+    w = weights_pages(paths["kjv"], BIG_PAGE)
+    engine = Engine([paths["kjv"]], _cfg(w + 1 + 16))
+    engine.evict("kjv")  # its pages given back, still mapped
+    engine.set_kv_limits("kjv", least_bytes=18 * BIG_PAGE)  # its KV minimum leaves its weights no room
+    engine.submit(Submit("kjv", "And God said", SamplingParams(max_tokens=4)))
+    events = [ev for _ in range(3) for ev in engine.step()]  # no exception out of the step
+    (ended,) = [ev for ev in events if ev.finished]
+    assert ended.finish_reason.value == "error" and "lower --kv-min or grow --pool" in ended.error
+    assert engine.stats().pages.mapped["kjv weights"] == 0
+
+
+def test_a_model_that_could_never_come_back_ends_its_requests_and_drains_nobody(paths):
+    wk, wp = weights_pages(paths["kjv"], BIG_PAGE), weights_pages(paths["python"], BIG_PAGE)
+    engine = Engine([paths["kjv"], paths["python"]], _cfg(wk + wp + 2 + 20, activation_wait=0.0))
+    engine.set_kv_limits("python", least_bytes=46 * BIG_PAGE)  # leaves kjv's weights no room, ever
+    engine.evict("kjv")
+    engine.pages.reap()
+    kjv = engine.submit(Submit("kjv", "And God said", GREEDY))
+    first = engine.submit(Submit("python", "def f(", GREEDY))
+    ended: dict[int, object] = {}
+    for i in range(200):
+        if i == 5:
+            second = engine.submit(Submit("python", "def g(", GREEDY))
+        ended |= {ev.seq_id: ev for ev in engine.step() if ev.finished}
+        if len(ended) == 3:
+            break
+    assert ended[kjv].finish_reason.value == "error" and "its weights need" in ended[kjv].error
+    assert ended[first].finish_reason.value == ended[second].finish_reason.value == "length"
+
+
+def test_unloading_a_model_whose_weights_are_being_read_again_waits_for_the_reading(paths):
+    w = weights_pages(paths["kjv"], BIG_PAGE)
+    engine = Engine([paths["kjv"]], _cfg(w + 16, evict_to="disk"))
+    engine.evict("kjv")
+    instance = engine.instance("kjv")
+    gate, read = threading.Event(), instance.source.tensor
+
+    def slow(*args):
+        gate.wait(timeout=30)
+        return read(*args)
+
+    instance.source.tensor = slow
+    engine.submit(Submit("kjv", "And God said", GREEDY))
+    engine.step()  # the reading thread starts
+    loading = instance.weights.ready
+    threading.Timer(0.2, gate.set).start()
+    engine.unload("kjv")
+    assert not loading.thread.is_alive()

@@ -118,6 +118,8 @@ class Engine:
         self._instances.remove(instance)
         instance.pool.release()
         if instance.weights is not None:
+            if instance.weights.ready is not None:  # an activation's copy or re-read still writes its pages
+                instance.weights.ready.synchronize()
             instance.weights.release()
         for m in instance.models:
             del self._by_model[m]
@@ -161,6 +163,19 @@ class Engine:
         """Next-token logits at every position of `ids` [T, V], float32 (the eval scorers): one prefill of
         `model`'s row outside any batch, its KV blocks borrowed from the instance's pool and returned."""
         instance = self._instance(model)
+        w = instance.weights
+        if w is not None and not (w.resident and w.copied()):  # bring it back first, and wait for it
+            if not w.resident and not (
+                instance.activate()
+                or (self._evict_for(instance, w.region.owner, w.npages) and instance.activate())
+            ):
+                raise MoeshareError(
+                    f"{model}: its weights are off the device and the pool has no room for them now"
+                )
+            if w.ready is not None:
+                w.ready.synchronize()
+            if not w.copied():
+                raise MoeshareError(f"{model}: {w.failed}")
         return instance.runner.prefill_logits(instance.ready_row(model), ids)
 
     def tokenizer(self, model: str):
@@ -287,6 +302,8 @@ class Engine:
             ):
                 instance.wants_device_since = None
                 continue
+            if self._never_fits(instance):
+                continue
             since = instance.wants_device_since = instance.wants_device_since or now
             if now - since > self.config.activation_wait:
                 draining |= self._drain_for(instance, w.npages)
@@ -309,6 +326,22 @@ class Engine:
     def _may_leave(instance: Instance) -> bool:
         """Idle, or drained for another model (its waiting requests then wait off the device)."""
         return instance.evictable() or (not instance.scheduler.admitting and instance.evictable(idle=False))
+
+    def _never_fits(self, instance: Instance) -> bool:
+        """Whether `instance`'s weights could not come back even if every other model's left (the others' KV
+        minimums and scratch pages hold the rest): then its waiting requests end, one line each."""
+        w = instance.weights
+        others = {
+            i.weights.region.owner for i in self._instances if i.weights is not None and i is not instance
+        }
+        room = self.pages.most(w.region.owner, evictable=others)
+        if room >= w.npages:
+            return False
+        self._outbox += instance.end_waiting(
+            f"{instance.models[0]}: its weights need {w.npages} pages of the pool and the other models' KV "
+            f"minimums and scratch pages leave {room}: lower --kv-min or grow --pool"
+        )
+        return True
 
     def _drain_for(self, instance: Instance, pages: int) -> set[Instance]:
         """`instance` has waited too long for its weights' pages while busy models hold them: the busy

@@ -293,6 +293,10 @@ class Instance:
         if w is None or w.failed is None:
             return []
         message, w.failed = f"{self.models[0]}: {w.failed}", None
+        return self.end_waiting(message)
+
+    def end_waiting(self, message: str) -> list[TokenEvent]:
+        """End every waiting request with FinishReason.ERROR and `message`; their final events."""
         events = []
         for seq in list(self.scheduler.waiting):
             self.finish(seq, FinishReason.ERROR)

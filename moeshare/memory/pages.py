@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -320,13 +320,14 @@ class PageManager:
     def kept_for_others(self, owner: str) -> int:
         return sum(max(0, lim.least - self.in_use(o)) for o, lim in self.limits.items() if o != owner)
 
-    def most(self, owner: str) -> int:
+    def most(self, owner: str, evictable: Collection[str] = ()) -> int:
         """The most pages `owner` could ever hold: its cap, and what others' minimums and the pages they never
-        give back (their scratch blocks') leave."""
+        give back (their scratch blocks', resident weights') leave; the pinned pages of owners in `evictable`
+        count as given back."""
         cap = self.limits.get(owner, Limits()).most
         others: dict[str, int] = {}
         for r in self.regions:
-            if r.owner != owner:
+            if r.owner != owner and r.owner not in evictable:
                 others[r.owner] = others.get(r.owner, 0) + r.pinned
         for o, lim in self.limits.items():
             if o != owner:

@@ -154,15 +154,19 @@ class WeightArena:
     def _map_all(self, each=None) -> bool:
         """Map every page of the range, RUN pages at a time (`each(start, end)` after each run: the bytes that
         are mapped now), or none (False) when the pool has too few for the owner now."""
-        if self.pages.room(self.region.owner) < self.npages - sum(
-            p in self.region.mapped for p in self.region.idle
-        ):
+        if self.pages.room(self.region.owner) < self.npages:  # given-back pages count: they are anyone's
             return False
         page_bytes = self.pages.page_bytes
         for first in range(0, self.npages, RUN):
             count = min(RUN, self.npages - first)
-            if not self.pages.map_run(self.region, first, count):  # not for lack of room: checked above
-                raise MoeshareError(f"{self.region.owner}: the pool could not map its weights' pages")
+            if not self.pages.map_run(self.region, first, count):  # a limit room() did not foresee
+                after = None
+                if self._stream is not None:  # copies queued into the runs mapped so far finish first
+                    after = torch.cuda.Event()
+                    after.record(self._stream)
+                for page in range(first):
+                    self.pages.give_back(self.region, page, after=after)
+                return False
             if each is not None:
                 each(first * page_bytes, min((first + count) * page_bytes, self.nbytes))
         self.region.pinned = self.npages  # never given back while resident: others' shares leave them out
