@@ -2,7 +2,7 @@
 
 import torch
 
-from moeshare.engine.request import SamplingParams, Sequence, Status
+from moeshare.engine.request import SamplingParams, Sequence, Status, Targets
 from moeshare.engine.residency import Residency
 from moeshare.engine.scheduler import Scheduled, Scheduler
 from moeshare.memory.blocks import BlockPool
@@ -178,3 +178,21 @@ def test_a_prompt_being_prefilled_can_be_preempted_and_starts_over():
     batch = sched.schedule()
     assert [(s.seq, s.start, s.count) for s in batch] == [(first, 5, 1), (second, 0, 3)]
     assert sched.preemptions == second.preemptions == 1 and len(first.block_table) == 2
+
+
+def test_a_higher_priority_prompt_is_admitted_first_and_a_lower_priority_one_preempted_first():
+    sched = _scheduler(max_batched_tokens=4, chunked_prefill=False)
+    low = Sequence("a", [1, 2, 3, 4], SamplingParams(), arrival=1.0)
+    high = Sequence("b", [1, 2, 3, 4], SamplingParams(), arrival=2.0, targets=Targets(priority=1))
+    sched.add(low)
+    sched.add(high)
+    assert [s.seq for s in sched.schedule()] == [high]  # room for one prompt: the later, higher one
+    # short of blocks, the older but lower-priority sequence is the one preempted
+    sched = _scheduler(blocks=3, block_size=4, max_batched_tokens=8)
+    low = Sequence("a", [1, 2, 3, 4], SamplingParams(), arrival=1.0)
+    high = Sequence("b", [1, 2, 3, 4], SamplingParams(), arrival=2.0, targets=Targets(priority=1))
+    sched.add(low)
+    sched.add(high)
+    _ran(sched.schedule())  # one block each, one free; each next token needs a second block
+    assert [s.seq for s in sched.schedule()] == [high]
+    assert low.status is Status.WAITING and sched.preemptions == 1 and len(high.block_table) == 2

@@ -7,6 +7,9 @@ resident row is busy, no new sequence of a resident variant is admitted until a 
 variant is swapped in. Its wait is then bounded by the longest remaining generation (max_tokens) of one
 row's running sequences plus one weight copy.
 
+Priorities (Targets.priority, higher first) order the waiting prompts (first come first served among equals) and
+choose whom to preempt (the lowest priority, then the newest).
+
 With chunked prefill (the default) a step holds at most max_batched_tokens tokens: the running sequences'
 decodes first, then chunks of prompts, a long prompt taking several steps beside the decodes (a chunk short of
 its prompt's end draws no token); without it a prompt is prefilled whole (alone if it exceeds the budget).
@@ -24,6 +27,11 @@ from dataclasses import dataclass
 from moeshare.engine.request import Sequence, Status
 from moeshare.engine.residency import Residency
 from moeshare.memory.blocks import BlockPool, OutOfBlocks
+
+
+def preemption_order(seq: Sequence) -> tuple:
+    """The running sequence preempted first is the largest: the lowest priority, then the newest."""
+    return (-seq.targets.priority, seq.arrival, seq.seq_id)
 
 
 @dataclass
@@ -116,7 +124,7 @@ class Scheduler:
                 if seq.pending and not self._grow(seq, end):
                     continue  # its token may end it: it preempts nobody for a row that could be dropped
                 while not self._grow(seq, end):
-                    victim = max(self.running, key=lambda s: (s.arrival, s.seq_id))
+                    victim = max(self.running, key=preemption_order)
                     self._preempt(victim)
                     # the newest may have been scheduled already: it runs in no batch without its blocks
                     out = [s for s in out if s.seq is not victim]
@@ -127,8 +135,9 @@ class Scheduler:
                     out.append(Scheduled(seq, row, seq.num_cached, count, end == seq.ahead))
         tokens = sum(s.count for s in out)
         starving = any(w >= self.starve_steps for w in self._waited.values())
-        # then prefills, first come first served among those whose variant's weights are in place
-        for seq in list(self.waiting) if self.admitting else []:
+        # then prefills, higher priority first, else first come first served, among those whose variant's weights
+        # are in place
+        for seq in sorted(self.waiting, key=lambda s: -s.targets.priority) if self.admitting else []:
             if len(self.running) >= self.max_num_seqs:
                 break
             if seq.pending:
