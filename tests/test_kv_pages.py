@@ -112,6 +112,8 @@ def test_two_models_on_one_elastic_pool_give_their_tokens_alone_and_pages_follow
     assert {m: got[i] for m, i in ids.items()} == alone
     end = engine.stats().pages
     assert peak["kjv"] > 1 and peak["python"] > 1 and end.mapped == start.mapped and end.maps > start.maps
+    # free KV blocks count what each model holds (the block beside its scratch block), the pool's free pages once
+    assert engine.stats().kv_blocks_free == 2 and end.free_pages + end.idle == 64 - 2
     # the model that goes on alone can take every page the other gave back
     hungry = engine.instance("kjv").pool
     assert hungry.free_blocks >= (64 - 2) * (BIG_PAGE // block_stride(hungry.kv[0].nbytes, BIG_PAGE))

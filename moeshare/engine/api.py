@@ -104,7 +104,7 @@ class EngineStats:
     running: int
     waiting: int
     kv_blocks_used: int
-    kv_blocks_free: int
+    kv_blocks_free: int  # in memory each instance holds; with the page pool its free pages are in `pages`
     resident_variants: list[str]
     swap_ins: int
     swap_seconds: float

@@ -395,7 +395,7 @@ class Engine:
             running=sum(len(i.scheduler.running) for i in xs),
             waiting=sum(len(i.scheduler.waiting) for i in xs),
             kv_blocks_used=sum(i.pool.used_blocks for i in xs),
-            kv_blocks_free=sum(i.pool.free_blocks for i in xs),
+            kv_blocks_free=sum(i.pool.held_free_blocks for i in xs),  # the pool's free pages: in `pages`
             resident_variants=[m for i in xs for m in i.residency.resident],
             swap_ins=sum(i.residency.swap_ins for i in xs),
             swap_seconds=sum(i.residency.swap_seconds for i in xs),

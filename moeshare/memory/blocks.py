@@ -55,6 +55,11 @@ class BlockPool:
         return len(self._free)
 
     @property
+    def held_free_blocks(self) -> int:
+        """Free blocks in memory the pool holds: all of them (its tensor is its own)."""
+        return len(self._free)
+
+    @property
     def used_blocks(self) -> int:
         return self.num_blocks - len(self._free)
 

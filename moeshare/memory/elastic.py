@@ -109,12 +109,17 @@ class ElasticBlockPool:
     def can_allocate(self, n: int) -> bool:
         """Whether `allocate(n)` would succeed now; cheap while the mapped units have the blocks (a decode step
         asks once for every sequence that crosses into a new block)."""
-        mapped_free = (
+        return n <= self.held_free_blocks or n <= self.free_blocks
+
+    @property
+    def held_free_blocks(self) -> int:
+        """Free blocks in the pages this pool has mapped (the free pages of the pool are anyone's: counted once,
+        in the page stats, not in every model's blocks)."""
+        return (
             self.num_blocks
             - self._out
             - (len(self._unmapped) * self.blocks_per_unit - self._unmapped_missing())
         )
-        return n <= mapped_free or n <= self.free_blocks
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
