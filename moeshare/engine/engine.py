@@ -165,10 +165,7 @@ class Engine:
         instance = self._instance(model)
         w = instance.weights
         if w is not None and not (w.resident and w.copied()):  # bring it back first, and wait for it
-            if not w.resident and not (
-                instance.activate()
-                or (self._evict_for(instance, w.region.owner, w.npages) and instance.activate())
-            ):
+            if not w.resident and not self._bring_back(instance):
                 raise MoeshareError(
                     f"{model}: its weights are off the device and the pool has no room for them now"
                 )
@@ -280,8 +277,10 @@ class Engine:
         """Whether an eviction copies the weights to host memory (else they are read again from the
         checkpoint): evict_to, and for "auto" whether host memory has room for them."""
         how = self.config.evict_to
-        if how != "auto" or instance.weights.host is not None:
-            return how != "disk" or instance.weights.host is not None
+        if how == "host" or instance.weights.host is not None:  # a copy there already costs nothing more
+            return True
+        if how == "disk":
+            return False
         free = host_bytes_available()
         return free is None or free > 1.25 * instance.weights.nbytes + HOST_RESERVE
 
@@ -297,9 +296,7 @@ class Engine:
             if w is None or w.resident or not instance.has_work():
                 instance.wants_device_since = None
                 continue
-            if instance.activate() or (
-                self._evict_for(instance, w.region.owner, w.npages) and instance.activate()
-            ):
+            if self._bring_back(instance):
                 instance.wants_device_since = None
                 continue
             if self._never_fits(instance):
@@ -326,6 +323,14 @@ class Engine:
     def _may_leave(instance: Instance) -> bool:
         """Idle, or drained for another model (its waiting requests then wait off the device)."""
         return instance.evictable() or (not instance.scheduler.admitting and instance.evictable(idle=False))
+
+    def _bring_back(self, instance: Instance) -> bool:
+        """Start activating an evicted instance, evicting idle ones for its pages if need be; whether it
+        started."""
+        w = instance.weights
+        return instance.activate() or (
+            self._evict_for(instance, w.region.owner, w.npages) and instance.activate()
+        )
 
     def _never_fits(self, instance: Instance) -> bool:
         """Whether `instance`'s weights could not come back even if every other model's left (the others' KV
@@ -378,15 +383,11 @@ class Engine:
         )
         if could < pages:
             return False
-        evicted = 0
-        while self.pages.room(owner) < pages and (at_most is None or evicted < at_most):
-            idle = [i for i in self._instances if i is not instance and self._may_leave(i)]
-            if not idle:
-                return False
-            victim = min(idle, key=lambda i: i.last_busy)
+        for victim in sorted(idle, key=lambda i: i.last_busy)[:at_most]:
+            if pool.room(owner) >= pages:
+                break
             self._outbox += victim.evict(self._keep_on_host(victim))
-            evicted += 1
-        return self.pages.room(owner) >= pages
+        return pool.room(owner) >= pages
 
     def stats(self) -> EngineStats:
         xs = self._instances

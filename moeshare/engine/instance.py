@@ -192,11 +192,9 @@ class Instance:
         """Its weights can leave the device now: in the pool, on the device, no request of it running (with
         `idle`, none waiting either) and no variant swap under way (a batch still in flight is of finished
         requests: evict reads it back)."""
-        w = self.weights
         return (
-            w is not None
-            and w.resident
-            and w.copied()
+            self.weights is not None
+            and self.on_device
             and not self.scheduler.running
             and not (idle and self.scheduler.waiting)
             and not self.residency.pending
