@@ -12,7 +12,7 @@ from test_kv_pages import BIG_PAGE, weights_pages
 from moeshare.consolidate.pipeline import Options, consolidate
 from moeshare.engine.api import Submit
 from moeshare.engine.engine import Engine, EngineConfig
-from moeshare.engine.request import SamplingParams
+from moeshare.engine.request import RequestTooLarge, SamplingParams
 from moeshare.errors import MoeshareError
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
@@ -241,10 +241,12 @@ def test_an_activation_the_pool_refuses_after_all_waits_instead_of_failing_the_s
 def test_a_model_that_could_never_come_back_ends_its_requests_and_drains_nobody(paths):
     wk, wp = weights_pages(paths["kjv"], BIG_PAGE), weights_pages(paths["python"], BIG_PAGE)
     engine = Engine([paths["kjv"], paths["python"]], _cfg(wk + wp + 2 + 20, activation_wait=0.0))
-    engine.set_kv_limits("python", least_bytes=46 * BIG_PAGE)  # leaves kjv's weights no room, ever
     engine.evict("kjv")
     engine.pages.reap()
-    kjv = engine.submit(Submit("kjv", "And God said", GREEDY))
+    kjv = engine.submit(Submit("kjv", "And God said", GREEDY))  # taken: kjv could come back then
+    engine.set_kv_limits("python", least_bytes=46 * BIG_PAGE)  # leaves kjv's weights no room, ever
+    with pytest.raises(RequestTooLarge, match="leave kjv's KV no page of the pool: lower --kv-min"):
+        engine.submit(Submit("kjv", "And God said", GREEDY))  # refused at once from now on
     first = engine.submit(Submit("python", "def f(", GREEDY))
     ended: dict[int, object] = {}
     for i in range(200):
@@ -275,3 +277,35 @@ def test_unloading_a_model_whose_weights_are_being_read_again_waits_for_the_read
     threading.Timer(0.2, gate.set).start()
     engine.unload("kjv")
     assert not loading.thread.is_alive()
+
+
+def test_weights_in_chunks_of_several_pages_leave_and_come_back_whole(paths, alone, monkeypatch):
+    import moeshare.memory.weights as weights
+
+    monkeypatch.setattr(weights, "CHUNK", 2)  # the tiny model's 27 pages are at least 8 chunks of 2
+    w = weights_pages(paths["kjv"], BIG_PAGE)
+    engine = Engine([paths["kjv"]], _pool(w + 1, 16))
+    arena = engine.instance("kjv").weights
+    assert arena.region.chunk == 2 and arena.npages % 2 == 0 and arena.npages >= w
+    assert _tokens(engine, "kjv", "And God said") == alone["kjv"]
+    engine.evict("kjv")
+    engine.pages.reap()
+    assert torch.isnan(engine.instance("kjv").model.w["embed"]).all()
+    assert engine.stats().pages.mapped["kjv weights"] == 0
+    assert _tokens(engine, "kjv", "And God said") == alone["kjv"]
+    assert engine.stats().pages.mapped["kjv weights"] == arena.npages
+
+
+def test_a_request_that_fits_only_once_an_idle_model_leaves_is_taken_and_runs_with_its_own_tokens(
+    paths, alone
+):
+    wk, wp = weights_pages(paths["kjv"], BIG_PAGE), weights_pages(paths["python"], BIG_PAGE)
+    engine = Engine([paths["kjv"], paths["python"]], _pool(wk, wp, 6))  # 4 pages free beside both
+    prompt = torch.randint(10, 200, (600,), generator=torch.Generator().manual_seed(3)).tolist()
+    kv = engine.instance("kjv").pool
+    assert kv.blocks_for(600 + 16) > 2 * 4 and kv.blocks_for(600 + 16) <= kv.capacity  # python's room counts
+    want = Engine([paths["kjv"]]).generate("kjv", prompt, GREEDY)[1]
+    assert engine.generate("kjv", prompt, GREEDY)[1] == want
+    assert [m.resident for m in engine.models()] == [True, False]  # python left for it
+    assert _tokens(engine, "python", "def f(") == alone["python"]  # and comes back once kjv is idle
+    assert engine.stats().kv_blocks_used == 0

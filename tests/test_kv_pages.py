@@ -206,8 +206,8 @@ def test_capacity_leaves_out_the_pages_other_models_never_give_back_and_a_shrunk
     busy = engine.submit(Submit("python", [5] * 4, SamplingParams(max_tokens=40, ignore_eos=True)))
     engine.step()  # python runs: its weights cannot leave to make room for kjv
     waiting = engine.submit(Submit("kjv", [5] * 20, SamplingParams(max_tokens=40, ignore_eos=True)))
-    # kjv's share shrinks to its scratch page
-    engine.set_kv_limits("python", least_bytes=(total - kjv_w - python_w - 1) * BIG_PAGE)
+    # kjv's share shrinks to its scratch page, even were python's weights to leave
+    engine.set_kv_limits("python", least_bytes=(total - kjv_w - 1) * BIG_PAGE)
     (ended,) = [ev for ev in engine.step() if ev.seq_id == waiting]
     assert ended.finish_reason.value == "error" and "share of the pool now holds 1" in ended.error
     engine.cancel(busy)
@@ -226,3 +226,23 @@ def test_a_run_of_pages_maps_all_or_nothing_and_takes_back_its_own_given_back_pa
     short = PageManager(4, HostBackend(PAGE))
     other = short.reserve("w", 6 * PAGE)
     assert not short.map_run(other, 0, 6) and short.stats().mapped == {"w": 0} and short.maps == 0
+
+
+def test_a_region_of_larger_chunks_maps_them_whole_and_unmaps_a_chunk_only_once_all_of_it_is_given_back():
+    pages = PageManager(12, HostBackend(PAGE))
+    region = pages.reserve("w", 5 * PAGE, chunk=4)  # rounded up to whole chunks: 8 pages
+    assert region.nbytes == 8 * PAGE
+    view = pages.backend.tensor(region.base, region.nbytes)
+    assert pages.map_run(region, 0, 8) and pages.stats().mapped == {"w": 8}
+    view.fill_(7)
+    for p in range(3):  # three pages of the first chunk: it stays mapped
+        pages.give_back(region, p)
+    pages.reap(wait=True)
+    assert pages.unmaps == 0 and (view == 7).all()
+    pages.give_back(region, 3)
+    pages.reap(wait=True)  # now the whole first chunk goes, the second stays
+    assert pages.unmaps == 4 and pages.free_pages == 8 and pages.stats().mapped == {"w": 4}
+    assert (view[: 4 * PAGE] == 0xFF).all() and (view[4 * PAGE :] == 7).all()
+    assert pages.map_run(region, 0, 4) and pages.stats().mapped == {"w": 8}
+    pages.release(region)
+    assert pages.free_pages == 12 and pages.unmaps == 12

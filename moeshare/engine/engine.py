@@ -29,6 +29,7 @@ from moeshare.engine.request import (
     clip,
 )
 from moeshare.errors import MoeshareError
+from moeshare.memory.elastic import ElasticBlockPool
 from moeshare.memory.pages import PageManager
 from moeshare.memory.weights import host_bytes_available
 
@@ -84,7 +85,18 @@ class Engine:
         self._instances.append(instance)
         for m in instance.models:
             self._by_model[m] = instance
+        self._share_weights()
         return instance.models
+
+    def _share_weights(self) -> None:
+        """Tell each model's KV pool whose weights could leave the device for it (every model's in the pool,
+        idle ones at once, busy ones once drained) and which must stay (its own): the longest request it can
+        take counts on that room, whichever models are on the device when it arrives."""
+        owners = frozenset(i.weights.region.owner for i in self._instances if i.weights is not None)
+        for i in self._instances:
+            if isinstance(i.pool, ElasticBlockPool):
+                i.pool.evictable = owners
+                i.pool.beside = i.weights.npages if i.weights is not None else 0
 
     def check_fits(self, targets: list[tuple[str | Path | Any, str | None]]) -> None:
         """Raise the one-line error that loading these (target, name) pairs in order would raise for their
@@ -123,6 +135,7 @@ class Engine:
             instance.weights.release()
         for m in instance.models:
             del self._by_model[m]
+        self._share_weights()
         if self.config.torch_device.type == "cuda":  # give its memory back to the device, not the cache,
             torch.cuda.empty_cache()  # so the next load sizes its KV pool from what is really free
         return instance.models

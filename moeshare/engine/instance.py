@@ -139,6 +139,11 @@ class Instance:
         if any(not 0 <= t < vocab for t in ids):
             raise InvalidRequest(f"prompt has token ids outside [0, {vocab})")
         total = min(len(ids) + params.max_tokens, context)
+        if self.pool.capacity <= 0:
+            raise RequestTooLarge(
+                f"its own weights and the other models' minimums leave {model}'s KV no page of the pool: "
+                "lower --kv-min or grow --pool"
+            )
         if self.pool.blocks_for(total) > self.pool.capacity:
             raise RequestTooLarge(
                 f"prompt + max_tokens = {total} tokens needs {self.pool.blocks_for(total)} KV blocks; "

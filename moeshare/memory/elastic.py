@@ -67,6 +67,10 @@ class ElasticBlockPool:
         self._out = 0
         self._last = self._unit(num_blocks)
         self._missing = self.blocks_per_unit - len(self._free[self._last])  # blocks the last unit lacks
+        # the owners whose weights could leave the device for this pool's blocks, and the pages that must stay
+        # beside them (its own model's weights, on the device or coming back): set by the engine
+        self.evictable: frozenset[str] = frozenset()
+        self.beside = 0
         try:
             scratch = self._unit(self.scratch_block)
             if not self._map(scratch):
@@ -89,8 +93,10 @@ class ElasticBlockPool:
 
     @property
     def capacity(self) -> int:
-        """The most blocks one request could ever hold: the range, or the whole page budget if smaller."""
-        budget = self.pages.most(self.region.owner) // self.pages_per_unit * self.blocks_per_unit - 1
+        """The most blocks one request could ever hold: the range, or what the page budget leaves once every
+        model whose weights could leave has left (its own model's weights stay)."""
+        most = self.pages.most(self.region.owner, self.evictable, self.beside)
+        budget = most // self.pages_per_unit * self.blocks_per_unit - 1
         return max(0, min(self.num_blocks, budget))
 
     @property

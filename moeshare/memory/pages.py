@@ -44,11 +44,14 @@ class Backend(Protocol):
         """Back the page at base + offset with physical memory; returns its handle."""
         ...
 
-    def map_run(self, base: int, offset: int, count: int) -> list[object]:
-        """Back `count` pages from base + offset at once (one access call for all); their handles."""
+    def map_run(self, base: int, offset: int, count: int, chunk: int = 1) -> list[object]:
+        """Back `count` pages from base + offset at once (one access call for all), `chunk` pages to one
+        physical allocation (count is a multiple of it); each page's handle (a chunk's pages share one)."""
         ...
 
-    def unmap(self, base: int, offset: int, handle: object) -> None: ...
+    def unmap(self, base: int, offset: int, handle: object, pages: int = 1) -> None:
+        """Unmap what one map gave: `pages` pages from base + offset backed by `handle`."""
+        ...
 
     def release(self, base: int, nbytes: int) -> None: ...
 
@@ -71,13 +74,13 @@ class HostBackend:
     def map(self, base: int, offset: int) -> object:
         return None
 
-    def map_run(self, base: int, offset: int, count: int) -> list[object]:
+    def map_run(self, base: int, offset: int, count: int, chunk: int = 1) -> list[object]:
         return [None] * count
 
-    def unmap(self, base: int, offset: int, handle: object) -> None:
-        """Fill the page with 0xff bytes (NaN in any float type): whatever still reads an unmapped page on CPU
+    def unmap(self, base: int, offset: int, handle: object, pages: int = 1) -> None:
+        """Fill the pages with 0xff bytes (NaN in any float type): whatever still reads an unmapped page on CPU
         gets garbage, as it would get a fault on a GPU, so tests see it."""
-        self._ranges[base][offset : offset + self.page_bytes].fill_(0xFF)
+        self._ranges[base][offset : offset + pages * self.page_bytes].fill_(0xFF)
 
     def release(self, base: int, nbytes: int) -> None:
         del self._ranges[base]
@@ -121,7 +124,11 @@ class CudaBackend:
         access.location.id = index
         access.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
         self.access = access
-        self._spare: list[object] = []  # physical pages unmapped and kept for the next map
+        self._spare: dict[
+            int, list[object]
+        ] = {}  # bytes -> physical allocations unmapped, kept for the next map
+        self.held = 0  # bytes of physical memory made and not released
+        self.limit: int | None = None  # the most bytes held at once (the pool's pages)
         self._ok(cu.cuInit(0))
         self._context = self._ok(cu.cuDevicePrimaryCtxRetain(self._ok(cu.cuDeviceGet(index))))
 
@@ -155,11 +162,13 @@ class CudaBackend:
 
     def create(self, pages: int) -> None:
         """Make `pages` physical pages now, so the budget is the device's from the start (a map never runs
-        out of device memory later); one line if the device does not have them."""
+        out of device memory later), and hold no more than that from then on; one line if the device does not
+        have them."""
+        self.limit = pages * self.page_bytes
         try:
             with self._on_device():
-                for _ in range(pages - len(self._spare)):
-                    self._spare.append(self._ok(self.cu.cuMemCreate(self.page_bytes, self.prop, 0)))
+                while self.held < self.limit:
+                    self._keep(self.page_bytes, self._make(self.page_bytes))
         except MoeshareError as e:
             self.trim()
             raise MoeshareError(
@@ -167,51 +176,62 @@ class CudaBackend:
                 "lower --pool"
             ) from None
 
-    def map(self, base: int, offset: int) -> object:
-        cu, size = self.cu, self.page_bytes
-        with self._on_device():
-            handle = self._spare.pop() if self._spare else self._ok(cu.cuMemCreate(size, self.prop, 0))
-            addr = cu.CUdeviceptr(base + offset)
-            try:
-                self._ok(cu.cuMemMap(addr, size, 0, handle, 0))
-            except MoeshareError:
-                self._spare.append(handle)
-                raise
-            try:
-                self._ok(cu.cuMemSetAccess(addr, size, [self.access], 1))
-            except MoeshareError:
-                cu.cuMemUnmap(addr, size)
-                self._spare.append(handle)
-                raise
+    def _make(self, nbytes: int) -> object:
+        handle = self._ok(self.cu.cuMemCreate(nbytes, self.prop, 0))
+        self.held += nbytes
         return handle
 
-    def map_run(self, base: int, offset: int, count: int) -> list[object]:
-        cu, size = self.cu, self.page_bytes
+    def _keep(self, nbytes: int, handle: object) -> None:
+        self._spare.setdefault(nbytes, []).append(handle)
+
+    def _handle(self, nbytes: int) -> object:
+        """A kept physical allocation of nbytes, else a new one; kept ones of other sizes are released first
+        as far as the new one would hold more than the limit (weights map larger allocations than KV)."""
+        kept = self._spare.get(nbytes)
+        if kept:
+            return kept.pop()
+        for size, handles in self._spare.items():
+            while handles and self.limit is not None and self.held + nbytes > self.limit:
+                self._ok(self.cu.cuMemRelease(handles.pop()))
+                self.held -= size
+        return self._make(nbytes)
+
+    def map(self, base: int, offset: int) -> object:
+        return self.map_run(base, offset, 1)[0]
+
+    def map_run(self, base: int, offset: int, count: int, chunk: int = 1) -> list[object]:
+        """The driver's access call costs about the same for every physical allocation in the range (35 us on
+        an H200, cuMemMap 3 us): larger chunks make mapping that many times cheaper."""
+        assert count % chunk == 0, "a run is whole chunks"
+        cu, size = self.cu, chunk * self.page_bytes
         handles: list[object] = []
         with self._on_device():
             try:
-                for i in range(count):
-                    handle = (
-                        self._spare.pop() if self._spare else self._ok(cu.cuMemCreate(size, self.prop, 0))
-                    )
+                for i in range(count // chunk):
+                    handle = self._handle(size)
                     try:
                         self._ok(cu.cuMemMap(cu.CUdeviceptr(base + offset + i * size), size, 0, handle, 0))
                     except MoeshareError:
-                        self._spare.append(handle)
+                        self._keep(size, handle)
                         raise
                     handles.append(handle)
-                self._ok(cu.cuMemSetAccess(cu.CUdeviceptr(base + offset), count * size, [self.access], 1))
+                self._ok(
+                    cu.cuMemSetAccess(
+                        cu.CUdeviceptr(base + offset), count * self.page_bytes, [self.access], 1
+                    )
+                )
             except MoeshareError:
                 for i, handle in enumerate(handles):
                     cu.cuMemUnmap(cu.CUdeviceptr(base + offset + i * size), size)
-                    self._spare.append(handle)
+                    self._keep(size, handle)
                 raise
-        return handles
+        return [h for h in handles for _ in range(chunk)]
 
-    def unmap(self, base: int, offset: int, handle: object) -> None:
+    def unmap(self, base: int, offset: int, handle: object, pages: int = 1) -> None:
+        size = pages * self.page_bytes
         with self._on_device():
-            self._ok(self.cu.cuMemUnmap(self.cu.CUdeviceptr(base + offset), self.page_bytes))
-        self._spare.append(handle)
+            self._ok(self.cu.cuMemUnmap(self.cu.CUdeviceptr(base + offset), size))
+        self._keep(size, handle)
 
     def release(self, base: int, nbytes: int) -> None:
         with self._on_device():
@@ -220,8 +240,10 @@ class CudaBackend:
     def trim(self) -> None:
         """Give the kept physical pages back to the device."""
         with self._on_device():
-            while self._spare:
-                self._ok(self.cu.cuMemRelease(self._spare.pop()))
+            for size, handles in self._spare.items():
+                while handles:
+                    self._ok(self.cu.cuMemRelease(handles.pop()))
+                    self.held -= size
 
 
 UNFENCED = object()  # a given-back page's place-holder until the next fence records its event
@@ -238,6 +260,11 @@ class Region:
     idle: dict[int, object] = field(default_factory=dict)  # mapped pages given back -> event (None: at once;
     # UNFENCED: given back since the last fence, no event yet)
     pinned: int = 0  # pages its owner never gives back while it lives (a KV pool's scratch block)
+    chunk: int = 1  # pages to one physical allocation: mapped and unmapped together (weights use large ones)
+
+    def chunk_of(self, page: int) -> range:
+        first = page - page % self.chunk
+        return range(first, first + self.chunk)
 
 
 @dataclass(frozen=True)
@@ -320,10 +347,10 @@ class PageManager:
     def kept_for_others(self, owner: str) -> int:
         return sum(max(0, lim.least - self.in_use(o)) for o, lim in self.limits.items() if o != owner)
 
-    def most(self, owner: str, evictable: Collection[str] = ()) -> int:
+    def most(self, owner: str, evictable: Collection[str] = (), beside: int = 0) -> int:
         """The most pages `owner` could ever hold: its cap, and what others' minimums and the pages they never
         give back (their scratch blocks', resident weights') leave; the pinned pages of owners in `evictable`
-        count as given back."""
+        count as given back, and `beside` pages as held by others (what must stay with it, e.g. its weights)."""
         cap = self.limits.get(owner, Limits()).most
         others: dict[str, int] = {}
         for r in self.regions:
@@ -332,7 +359,7 @@ class PageManager:
         for o, lim in self.limits.items():
             if o != owner:
                 others[o] = max(others.get(o, 0), lim.least)
-        left = self.total_pages - sum(others.values())
+        left = self.total_pages - sum(others.values()) - beside
         return min(cap, left) if cap is not None else left
 
     def room(self, owner: str) -> int:
@@ -343,10 +370,10 @@ class PageManager:
     def pages_for(self, nbytes: int) -> int:
         return -(-nbytes // self.page_bytes)
 
-    def reserve(self, owner: str, nbytes: int) -> Region:
-        """A virtual range of at least nbytes, no page mapped yet."""
-        size = self.pages_for(nbytes) * self.page_bytes
-        region = Region(owner, self.backend.reserve(size), size)
+    def reserve(self, owner: str, nbytes: int, chunk: int = 1) -> Region:
+        """A virtual range of at least nbytes (whole chunks of `chunk` pages), no page mapped yet."""
+        size = -(-self.pages_for(nbytes) // chunk) * chunk * self.page_bytes
+        region = Region(owner, self.backend.reserve(size), size, chunk=chunk)
         self.regions.append(region)
         return region
 
@@ -358,6 +385,7 @@ class PageManager:
     def map(self, region: Region, page: int) -> bool:
         """Back page `page` of the region; False (nothing changes) when the budget has no page for its owner
         (none free, or those left are kept for other owners' minimums, or the owner is at its maximum)."""
+        assert region.chunk == 1, "a region of larger chunks maps whole runs"
         if page in region.mapped and page not in region.idle:
             return True
         if self.in_use(region.owner) >= self.most(region.owner):
@@ -407,7 +435,8 @@ class PageManager:
                 runs.append([p])
         try:
             for run in runs:
-                handles = self.backend.map_run(region.base, run[0] * self.page_bytes, len(run))
+                assert run[0] % region.chunk == 0 and len(run) % region.chunk == 0, "runs of whole chunks"
+                handles = self.backend.map_run(region.base, run[0] * self.page_bytes, len(run), region.chunk)
                 region.mapped.update(zip(run, handles, strict=True))
                 self._mapped += len(run)
                 self.maps += len(run)
@@ -448,20 +477,31 @@ class PageManager:
         """Unmap the given-back pages whose queued work is done (with `wait`, all of them, waiting)."""
         self.fence()
         for region in self.regions:
-            for page, event in list(region.idle.items()):
-                if event is not None and not event.query():
+            for page in list(region.idle):
+                chunk = region.chunk_of(page)
+                if page != chunk[0] and chunk[0] in region.idle:  # the chunk is looked at once, by its first
+                    continue
+                if not all(p in region.idle for p in chunk):  # a chunk goes once all of it is given back
+                    continue
+                events = {id(e): e for p in chunk if (e := region.idle[p]) is not None}.values()
+                if not all(e.query() for e in events):
                     if not wait:
                         continue
-                    event.synchronize()
-                del region.idle[page]
+                    for e in events:
+                        e.synchronize()
                 self.unmap(region, page)
 
     def unmap(self, region: Region, page: int) -> None:
+        """Unmap the page's chunk (the page, in regions of single pages)."""
+        pages = region.chunk_of(page)
         t0 = time.perf_counter()
-        self.backend.unmap(region.base, page * self.page_bytes, region.mapped.pop(page))
+        self.backend.unmap(region.base, pages[0] * self.page_bytes, region.mapped[pages[0]], region.chunk)
         self.unmap_seconds += time.perf_counter() - t0
-        self._mapped -= 1
-        self.unmaps += 1
+        for p in pages:
+            del region.mapped[p]
+            region.idle.pop(p, None)
+        self._mapped -= region.chunk
+        self.unmaps += region.chunk
 
     def release(self, region: Region) -> None:
         """Unmap every page of the region and give its range back (after the work queued on the device)."""
@@ -469,7 +509,8 @@ class PageManager:
             torch.cuda.synchronize(self.backend.device)
         region.idle.clear()
         for page in list(region.mapped):
-            self.unmap(region, page)
+            if page in region.mapped:
+                self.unmap(region, page)
         self.backend.release(region.base, region.nbytes)
         self.regions.remove(region)
 

@@ -10,6 +10,7 @@ pages again and copies the bytes back on the side stream while other models keep
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +23,10 @@ from moeshare.memory.pages import PageManager
 
 ALIGN = 512  # bytes between storages in the range: enough for any kernel's vector loads
 RUN = 64  # pages mapped with one access call; an activation copies each run while the next one is mapped
+CHUNK = (
+    16  # pages to one physical allocation for weights of at least 8 chunks: mapping costs the driver about
+)
+# the same per allocation whatever its size (16x fewer for 32 MiB ones), a small model wastes no more than 1/8
 
 
 def size(nbytes: int) -> str:
@@ -67,6 +72,29 @@ def host_bytes_available() -> int | None:
     except OSError:
         pass
     return None
+
+
+class HostCopy:
+    """Page-locked host memory of exactly `nbytes` for an evicted model's weights (torch's pinned allocator
+    rounds a request up to a power of two: 32 GiB held for a 16.1 GB model): ordinary memory registered with
+    the driver, unregistered by `free` (the copies that use it are done by then), or ordinary memory alone on
+    CPU or where the driver refuses to lock it (copies are slower from there, not wrong)."""
+
+    def __init__(self, nbytes: int, device: torch.device) -> None:
+        self.tensor = torch.empty(nbytes, dtype=torch.uint8)
+        self.locked = False
+        if device.type == "cuda" and nbytes:
+            with torch.cuda.device(device):
+                self.locked = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), nbytes, 0) == 0
+
+    def free(self) -> None:
+        if self.locked:
+            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+            self.locked = False
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # at interpreter exit the runtime may be gone first
+            self.free()
 
 
 class Loading:
@@ -122,8 +150,9 @@ class WeightArena:
                 storages.append(storage)
                 end += storage.nbytes()
         self.nbytes = max(end, 1)
-        self.npages = pages.pages_for(self.nbytes)
-        self.region = pages.reserve(owner, self.nbytes)
+        chunk = CHUNK if pages.pages_for(self.nbytes) >= 8 * CHUNK else 1
+        self.region = pages.reserve(owner, self.nbytes, chunk)
+        self.npages = self.region.nbytes // pages.page_bytes
         try:
             if not self._map_all():
                 raise MoeshareError(
@@ -144,7 +173,7 @@ class WeightArena:
             pages.release(self.region)
             raise
         self.resident = True
-        self.host: torch.Tensor | None = None  # the copy an eviction left in host memory
+        self._host: HostCopy | None = None  # the copy an eviction left in host memory
         self.ready: torch.cuda.Event | Loading | None = None  # an activation's copy is done when this fires
         self.failed: str | None = None  # why the last activation could not read the weights again
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -180,8 +209,8 @@ class WeightArena:
         t0 = time.perf_counter()
         done = None
         if keep:
-            if self.host is None:
-                self.host = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=self._stream is not None)
+            if self._host is None:
+                self._host = HostCopy(self.nbytes, self.device)
             if self._stream is None:
                 self.host.copy_(self.view)
             else:
@@ -191,7 +220,7 @@ class WeightArena:
                     done = torch.cuda.Event()
                     done.record(self._stream)
         else:
-            self.host = None
+            self.drop_host_copy()
         self.region.pinned = 0
         for page in range(self.npages):
             self.pages.give_back(self.region, page, after=done)
@@ -249,6 +278,19 @@ class WeightArena:
         """Fill the (mapped) range with `fn` on a thread; `copied` says when it is done."""
         self.ready = Loading(fn, self.device, self._stream)
 
+    @property
+    def host(self) -> torch.Tensor | None:
+        """The bytes an eviction kept in host memory (None: none kept, or dropped)."""
+        return self._host.tensor if self._host is not None else None
+
+    def drop_host_copy(self) -> None:
+        """Forget the host copy (the next eviction drops the weights or makes a new one)."""
+        if self._host is not None:
+            if self._stream is not None:  # a copy from it or into it may still be queued
+                self._stream.synchronize()
+            self._host.free()
+            self._host = None
+
     def release(self) -> None:
         self.pages.release(self.region)
-        self.host = None
+        self.drop_host_copy()
