@@ -91,3 +91,21 @@ def test_latency_targets_from_the_request_or_the_model_defaults_are_counted_in_g
             assert err.value.details() == "ttft target must be a number of seconds > 0, got -1.0"
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("arch", ["llama", "mixtral"])
+def test_the_warm_up_of_mixed_steps_touches_only_the_scratch_block(tiny_zoo, arch):
+    # on a GPU it runs at load (Triton compiles its kernels then, not under traffic); here it runs on CPU
+    path = tiny_zoo / arch / "kjv"
+    engine = Engine([path], EngineConfig(max_num_seqs=20, max_batched_tokens=300))
+    prompt = _prompt(tiny_zoo, "kjv", 200)
+    busy = engine.submit(Submit("kjv", prompt, GREEDY))
+    engine.step()  # a sequence with KV in the pool while the warm-up runs
+    instance = engine.instance("kjv")
+    steps = instance.runner.warm_up(20, 300, instance.context)
+    assert steps >= 2 * 7  # one and 17 sequences, several token counts each
+    out = []
+    while engine.has_work():
+        out += [ev.token_id for ev in engine.step() if ev.seq_id == busy and ev.token_id >= 0]
+    assert out == Engine([path]).generate("kjv", prompt, GREEDY)[1]
+    assert engine.stats().kv_blocks_used == 0

@@ -132,6 +132,9 @@ def build_instance(
         if device.type == "cuda" and c.cuda_graphs and not placement.offload:
             graphs = DecodeGraphs(model, pool, device, c.max_num_seqs, fp.context, last)
             graphs.capture()
+        runner = Runner(model, pool, device, last, graphs)
+        if device.type == "cuda" and not placement.offload:  # Triton compiles now, not under traffic
+            runner.warm_up(c.max_num_seqs, c.max_batched_tokens, fp.context)
     except torch.OutOfMemoryError as e:  # kept outside the handler, so nothing holds what was allocated
         oom = str(e).split("\n")[0]
     except BaseException:  # a checkpoint that does not load: its KV range and pages go back too
@@ -156,7 +159,7 @@ def build_instance(
         model,
         residency,
         pool,
-        Runner(model, pool, device, last, graphs),
+        runner,
         c,
         tokenizers,
         offloaded_layers=len(placement.offload),

@@ -15,7 +15,7 @@ import torch
 from moeshare.engine.attention import AttnBatch
 from moeshare.engine.graphs import DecodeGraphs, LastTokens
 from moeshare.engine.models import Model
-from moeshare.engine.sampling import SamplingBatch, mode_for, sample
+from moeshare.engine.sampling import MODES, SamplingBatch, mode_for, sample
 from moeshare.engine.scheduler import Scheduled
 from moeshare.memory.blocks import BlockPool
 
@@ -121,6 +121,46 @@ class Runner:
         done = torch.cuda.Event()
         done.record()
         return Launched(batch, host_c, host_l, done, row_of)
+
+    @torch.inference_mode()
+    def warm_up(self, max_seqs: int, max_tokens: int, context: int, row: int = 0) -> int:
+        """Run the step that is not a captured graph (prompt chunks beside decodes) once at every shape that
+        makes Triton compile a kernel again, so it compiles now and not in the middle of traffic, where each
+        compile stalls every running request for up to a second: a sequence count in each bucket the
+        attention kernel specializes on, token counts across the MoE kernels' tile choices (odd and even),
+        decodes over short and long contexts (the key splits). Every row reads and writes the pool's scratch
+        block only. Returns the steps run."""
+        scratch, size = self.pool.scratch_block, self.pool.block_size
+        long = max(1, min(context, 4096) - 1)
+        steps = 0
+        for n in [1] + [b + 1 for b in (16, 32, 64, 128, 256) if b < max_seqs]:
+            for t in sorted(
+                {n, n + 1, 2 * n + 1, *(n + x for x in (63, 191, 383, 767)), max_tokens - 1, max_tokens}
+            ):
+                chunk = t - (n - 1)
+                if chunk < 1 or t > max_tokens or chunk > context:
+                    continue
+                for past in {1, long} if n > 1 else {1}:
+                    starts = [0] + [past - 1] * (n - 1)
+                    counts = [chunk] + [1] * (n - 1)
+                    tables = [
+                        [scratch] * self.pool.blocks_for(s + c) for s, c in zip(starts, counts, strict=True)
+                    ]
+                    attn = AttnBatch.build(tables, starts, counts, size, self.device)
+                    positions = [p for s, c in zip(starts, counts, strict=True) for p in range(s, s + c)]
+                    ids = self._longs([0] * t)
+                    rows = self._longs([row] * t)
+                    hidden = self.model.forward(ids, self._longs(positions), rows, attn, self.pool.kv)
+                    last = self._longs([c - 1 + sum(counts[:i]) for i, c in enumerate(counts)])
+                    logits = self.model.head(hidden[last], rows[last])
+                    ones = self._to_device([1.0] * n, torch.float32)
+                    zeros = self._longs([0] * n)
+                    for mode in MODES:
+                        sample(logits, SamplingBatch(ones, ones, zeros, zeros, zeros), mode)
+                    steps += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return steps
 
     @torch.inference_mode()
     def prefill_logits(self, row: int, ids: list[int]) -> torch.Tensor:
