@@ -31,7 +31,7 @@ from moeshare.engine.request import (
 from moeshare.errors import MoeshareError
 from moeshare.memory.elastic import ElasticBlockPool
 from moeshare.memory.pages import PageManager
-from moeshare.memory.weights import host_bytes_available
+from moeshare.memory.weights import arena_pages, host_bytes_available
 
 ACTIVATION_POLL_S = 0.002  # how long a step with nothing to run but activations pauses
 HOST_RESERVE = 4 << 30  # host memory an "auto" eviction leaves free beside the copy it makes
@@ -79,7 +79,7 @@ class Engine:
         if self.pages is not None:  # room in the pool for its weights and KV scratch page: idle models leave
             placement = plan(source, self.config, self._left(), target, self.pages)[-1]
             # its weights (and their storages' alignment in the range) and its KV scratch block's page
-            need = self.pages.pages_for(placement.rows + placement.banks + (1 << 16)) + 1
+            need = arena_pages(self.pages.pages_for(placement.rows + placement.banks + (1 << 16))) + 1
             self._evict_for(None, weights_owner(next(iter(names))), need)
         instance = build_instance(source, names, self.config, self._left(), target, self.pages)
         self._instances.append(instance)

@@ -24,7 +24,7 @@ from moeshare.errors import MoeshareError
 from moeshare.memory.blocks import BlockPool
 from moeshare.memory.elastic import ElasticBlockPool, block_stride
 from moeshare.memory.pages import PageManager
-from moeshare.memory.weights import WeightArena, size
+from moeshare.memory.weights import WeightArena, arena_pages, size
 
 
 def weights_owner(model: str) -> str:
@@ -87,7 +87,9 @@ def plan(
     )
     if pages is not None:
         weights = placement.rows + placement.banks
-        if pages.pages_for(weights) + 1 > pages.total_pages:  # and one page for its KV scratch block
+        if (
+            arena_pages(pages.pages_for(weights)) + 1 > pages.total_pages
+        ):  # and one page for its KV scratch block
             raise MoeshareError(
                 f"{target}: its weights ({size(weights)}) and one KV page exceed the pool's "
                 f"{size(pages.total_bytes)}, so it could never be on the device: raise --pool"

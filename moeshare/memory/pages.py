@@ -194,7 +194,10 @@ class CudaBackend:
             while handles and self.limit is not None and self.held + nbytes > self.limit:
                 self._ok(self.cu.cuMemRelease(handles.pop()))
                 self.held -= size
-        return self._make(nbytes)
+        handle = self._make(nbytes)
+        while self.limit is not None and self.held + nbytes <= self.limit:  # what a larger one left: kept
+            self._keep(nbytes, self._make(nbytes))  # in this size, so the device never lends it elsewhere
+        return handle
 
     def map(self, base: int, offset: int) -> object:
         return self.map_run(base, offset, 1)[0]

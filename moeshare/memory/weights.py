@@ -29,6 +29,17 @@ CHUNK = (
 # the same per allocation whatever its size (16x fewer for 32 MiB ones), a small model wastes no more than 1/8
 
 
+def chunk_for(pages: int) -> int:
+    """Pages to one physical allocation for weights of `pages` pages."""
+    return CHUNK if pages >= 8 * CHUNK else 1
+
+
+def arena_pages(pages: int) -> int:
+    """The pages weights of `pages` pages take in the pool: whole chunks."""
+    chunk = chunk_for(pages)
+    return -(-pages // chunk) * chunk
+
+
 def size(nbytes: int) -> str:
     """Bytes for a person: GiB, or MiB below one GiB."""
     return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
@@ -85,7 +96,12 @@ class HostCopy:
         self.locked = False
         if device.type == "cuda" and nbytes:
             with torch.cuda.device(device):
-                self.locked = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), nbytes, 0) == 0
+                rt = torch.cuda.cudart()
+                self.locked = int(rt.cudaHostRegister(self.tensor.data_ptr(), nbytes, 0)) == 0
+                if not self.locked and hasattr(
+                    rt, "cudaGetLastError"
+                ):  # or the next kernel launch reports it
+                    rt.cudaGetLastError()
 
     def free(self) -> None:
         if self.locked:
@@ -150,8 +166,7 @@ class WeightArena:
                 storages.append(storage)
                 end += storage.nbytes()
         self.nbytes = max(end, 1)
-        chunk = CHUNK if pages.pages_for(self.nbytes) >= 8 * CHUNK else 1
-        self.region = pages.reserve(owner, self.nbytes, chunk)
+        self.region = pages.reserve(owner, self.nbytes, chunk_for(pages.pages_for(self.nbytes)))
         self.npages = self.region.nbytes // pages.page_bytes
         try:
             if not self._map_all():
