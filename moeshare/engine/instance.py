@@ -139,15 +139,16 @@ class Instance:
         if any(not 0 <= t < vocab for t in ids):
             raise InvalidRequest(f"prompt has token ids outside [0, {vocab})")
         total = min(len(ids) + params.max_tokens, context)
-        if self.pool.capacity <= 0:
+        capacity = self.pool.capacity  # with a page pool, a walk over every region: once
+        if capacity <= 0:
             raise RequestTooLarge(
                 f"its own weights and the other models' minimums leave {model}'s KV no page of the pool: "
                 "lower --kv-min or grow --pool"
             )
-        if self.pool.blocks_for(total) > self.pool.capacity:
+        if self.pool.blocks_for(total) > capacity:
             raise RequestTooLarge(
                 f"prompt + max_tokens = {total} tokens needs {self.pool.blocks_for(total)} KV blocks; "
-                f"the pool has {self.pool.capacity}: lower max_tokens or shorten the prompt"
+                f"the pool has {capacity}: lower max_tokens or shorten the prompt"
             )
         return ids
 

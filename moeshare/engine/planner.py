@@ -87,9 +87,7 @@ def plan(
     )
     if pages is not None:
         weights = placement.rows + placement.banks
-        if (
-            arena_pages(pages.pages_for(weights)) + 1 > pages.total_pages
-        ):  # and one page for its KV scratch block
+        if arena_pages(pages.pages_for(weights)) + 1 > pages.total_pages:  # and its KV scratch block's page
             raise MoeshareError(
                 f"{target}: its weights ({size(weights)}) and one KV page exceed the pool's "
                 f"{size(pages.total_bytes)}, so it could never be on the device: raise --pool"

@@ -9,6 +9,7 @@ the device (LastTokens), so the next step can be queued before the host has seen
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -151,7 +152,7 @@ class Runner:
                     ids = self._longs([0] * t)
                     rows = self._longs([row] * t)
                     hidden = self.model.forward(ids, self._longs(positions), rows, attn, self.pool.kv)
-                    last = self._longs([c - 1 + sum(counts[:i]) for i, c in enumerate(counts)])
+                    last = self._longs([end - 1 for end in accumulate(counts)])
                     logits = self.model.head(hidden[last], rows[last])
                     ones = self._to_device([1.0] * n, torch.float32)
                     zeros = self._longs([0] * n)

@@ -124,9 +124,8 @@ class CudaBackend:
         access.location.id = index
         access.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
         self.access = access
-        self._spare: dict[
-            int, list[object]
-        ] = {}  # bytes -> physical allocations unmapped, kept for the next map
+        # bytes -> physical allocations unmapped, kept for the next map
+        self._spare: dict[int, list[object]] = {}
         self.held = 0  # bytes of physical memory made and not released
         self.limit: int | None = None  # the most bytes held at once (the pool's pages)
         self._ok(cu.cuInit(0))

@@ -23,10 +23,9 @@ from moeshare.memory.pages import PageManager
 
 ALIGN = 512  # bytes between storages in the range: enough for any kernel's vector loads
 RUN = 64  # pages mapped with one access call; an activation copies each run while the next one is mapped
-CHUNK = (
-    16  # pages to one physical allocation for weights of at least 8 chunks: mapping costs the driver about
-)
-# the same per allocation whatever its size (16x fewer for 32 MiB ones), a small model wastes no more than 1/8
+# pages to one physical allocation for weights of at least 8 chunks: mapping costs the driver about the same per
+# allocation whatever its size (16x fewer for 32 MiB ones), and a small model wastes no more than 1/8
+CHUNK = 16
 
 
 def chunk_for(pages: int) -> int:
@@ -98,9 +97,8 @@ class HostCopy:
             with torch.cuda.device(device):
                 rt = torch.cuda.cudart()
                 self.locked = int(rt.cudaHostRegister(self.tensor.data_ptr(), nbytes, 0)) == 0
-                if not self.locked and hasattr(
-                    rt, "cudaGetLastError"
-                ):  # or the next kernel launch reports it
+                # a refused register leaves the runtime's last error set: cleared, or the next launch reports it
+                if not self.locked and hasattr(rt, "cudaGetLastError"):
                     rt.cudaGetLastError()
 
     def free(self) -> None:
