@@ -309,3 +309,27 @@ def test_a_request_that_fits_only_once_an_idle_model_leaves_is_taken_and_runs_wi
     assert [m.resident for m in engine.models()] == [True, False]  # python left for it
     assert _tokens(engine, "python", "def f(") == alone["python"]  # and comes back once kjv is idle
     assert engine.stats().kv_blocks_used == 0
+
+
+def test_a_request_that_fits_only_once_a_busy_model_leaves_drains_it_and_both_keep_their_tokens(paths, alone):
+    wk, wp = weights_pages(paths["kjv"], BIG_PAGE), weights_pages(paths["python"], BIG_PAGE)
+    engine = Engine([paths["kjv"], paths["python"]], _pool(wk, wp, 6))  # 4 pages free beside both
+    prompt = torch.randint(10, 200, (600,), generator=torch.Generator().manual_seed(3)).tolist()
+    kv = engine.instance("kjv").pool
+    assert kv.blocks_for(600 + 16) > 2 * 4 and kv.blocks_for(600 + 16) <= kv.capacity  # python's room counts
+    want = Engine([paths["kjv"]]).generate("kjv", prompt, GREEDY)[1]
+    python = [engine.submit(Submit("python", "def f(", GREEDY))]
+    engine.step()  # python runs: it cannot leave until its request is done
+    long = engine.submit(Submit("kjv", prompt, GREEDY))
+    out: dict[int, list[int]] = {long: [], python[0]: []}
+    for _ in range(300):
+        for ev in engine.step():
+            out[ev.seq_id] += [ev.token_id] if ev.token_id >= 0 else []
+            if ev.finished and ev.seq_id != long and not out[long]:  # python never runs out of requests
+                python.append(engine.submit(Submit("python", "def f(", GREEDY)))
+                out[python[-1]] = []
+        if not engine.has_work():
+            break
+    assert out[long] == want  # python stopped taking requests, finished its running one and left
+    assert all(out[p] == alone["python"] for p in python) and len(python) >= 2  # and came back after
+    assert engine.instance("python").weights.evictions >= 1 and engine.stats().kv_blocks_used == 0

@@ -92,11 +92,15 @@ class Engine:
         """Tell each model's KV pool whose weights could leave the device for it (every model's in the pool,
         idle ones at once, busy ones once drained) and which must stay (its own): the longest request it can
         take counts on that room, whichever models are on the device when it arrives."""
-        owners = frozenset(i.weights.region.owner for i in self._instances if i.weights is not None)
+        owners = self._weight_owners()
         for i in self._instances:
             if isinstance(i.pool, ElasticBlockPool):
                 i.pool.evictable = owners
                 i.pool.beside = i.weights.npages if i.weights is not None else 0
+
+    def _weight_owners(self) -> frozenset[str]:
+        """The page pool's owners of every instance's weights."""
+        return frozenset(i.weights.region.owner for i in self._instances if i.weights is not None)
 
     def check_fits(self, targets: list[tuple[str | Path | Any, str | None]]) -> None:
         """Raise the one-line error that loading these (target, name) pairs in order would raise for their
@@ -316,16 +320,21 @@ class Engine:
                 continue
             since = instance.wants_device_since = instance.wants_device_since or now
             if now - since > self.config.activation_wait:
-                draining |= self._drain_for(instance, w.npages)
-        for instance in self._instances:
-            instance.scheduler.admitting = instance not in draining
+                draining |= self._drain_for(instance, w.region.owner, w.npages)
         for instance in self._instances:
             waiting = instance.scheduler.waiting
             if instance.on_device and waiting and not waiting[0].pending:
                 need = instance.pool.blocks_for(len(waiting[0]) + 1)
                 if not instance.pool.can_allocate(need):
                     owner, pages = instance.pool.region.owner, instance.pool.pages_to_hold(need)
-                    self._evict_for(instance, owner, pages, at_most=1)
+                    if not self._evict_for(instance, owner, pages, at_most=1) and pages > self.pages.most(
+                        owner
+                    ):
+                        # a request that fits only once busy models' weights leave (its ceiling counts on
+                        # that): they finish what they run and go, as for an activation
+                        draining |= self._drain_for(instance, owner, pages)
+        for instance in self._instances:
+            instance.scheduler.admitting = instance not in draining
         after = self.config.evict_after
         if after is not None:
             for instance in self._instances:
@@ -349,10 +358,7 @@ class Engine:
         """Whether `instance`'s weights could not come back even if every other model's left (the others' KV
         minimums and scratch pages hold the rest): then its waiting requests end, one line each."""
         w = instance.weights
-        others = {
-            i.weights.region.owner for i in self._instances if i.weights is not None and i is not instance
-        }
-        room = self.pages.most(w.region.owner, evictable=others)
+        room = self.pages.most(w.region.owner, evictable=self._weight_owners())
         if room >= w.npages:
             return False
         self._outbox += instance.end_waiting(
@@ -361,10 +367,10 @@ class Engine:
         )
         return True
 
-    def _drain_for(self, instance: Instance, pages: int) -> set[Instance]:
-        """`instance` has waited too long for its weights' pages while busy models hold them: the busy
-        models that have been on the device longest start no new requests until enough pages could come
-        free (their running requests finish, then they leave), so no model keeps another off for good."""
+    def _drain_for(self, instance: Instance, owner: str, pages: int) -> set[Instance]:
+        """`instance` needs `pages` pages for `owner` (its weights, or its KV) that busy models' weights hold:
+        the busy models that have been on the device longest start no new requests until enough pages could
+        come free (their running requests finish, then they leave), so no model keeps another off for good."""
         busy = sorted(
             (
                 i
@@ -373,7 +379,7 @@ class Engine:
             ),
             key=lambda i: i.became_resident,
         )
-        could, drain = self.pages.room(instance.weights.region.owner), set()
+        could, drain = self.pages.room(owner), set()
         for other in busy:
             if could >= pages:
                 break
