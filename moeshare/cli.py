@@ -151,6 +151,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
                         "kind": m.kind,
                         "context_length": m.context_length,
                         "resident": m.resident,
+                        "max_batched_tokens": m.max_batched_tokens,
+                        "max_num_seqs": m.max_num_seqs,
                     }
                     for m in models
                 ],
@@ -161,7 +163,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
     for m in models:
         print(
             f"{m.name:<20} {m.architecture:<8} {m.kind:<8} ctx {m.context_length:<6} "
-            f"{'resident' if m.resident else 'host':<9} {m.store}"
+            f"{'resident' if m.resident else 'host':<9} step {m.max_batched_tokens:>5} tok/{m.max_num_seqs:<3} seq "
+            f"{m.store}"
         )
     return 0
 

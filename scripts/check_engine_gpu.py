@@ -6,7 +6,7 @@ Checks, with Triton kernels and CUDA graphs: teacher-forced logits and 32 greedy
 (float32); a batch mixing all variants against each alone, with prefills joining mid-decode (bfloat16);
 partial reconfiguration (2 resident rows for 4 variants, copies on a side stream) against all resident;
 dense Llama and Qwen2 models the same way (float32 against transformers; bfloat16 with CUDA graphs, in one
-engine with the Mixtral store, together against alone).
+engine with the Mixtral store, together against alone, on one stream and on a stream per model).
 Prints a table; exit status 1 if a check fails.
 """
 
@@ -112,19 +112,23 @@ def main() -> int:
         jobs = list(zip(VARIANTS, PROMPTS, strict=True))
         jobs += [(n, PROMPTS[VARIANTS.index(v)]) for n, (_, v) in zip(names, DENSE, strict=True)]
 
-        def mixed() -> Engine:
-            engine = Engine([store], EngineConfig(device="cuda"))
+        def mixed(multiplex: str = "serial", pool: int | None = None) -> Engine:
+            engine = Engine([store], EngineConfig(device="cuda", multiplex=multiplex, pool_bytes=pool))
             for n, (arch, v) in zip(names, DENSE, strict=True):
                 engine.load(args.zoo / arch / v, name=n)
             return engine
 
         alone = [mixed().generate(m, p, GREEDY)[1] for m, p in jobs]
-        for stagger in (0, 3):
-            got = together(mixed(), stagger, jobs)
+        # serial: one stream; streams: each instance's batches on a stream of its own (with the page pool,
+        # pages and weights move between models whose work runs side by side)
+        for multiplex, pool, stagger in (("serial", None, 0), ("serial", None, 3), ("streams", None, 0),
+                                         ("streams", None, 3), ("streams", 2 << 30, 3)):  # fmt: skip
+            got = together(mixed(multiplex, pool), stagger, jobs)
             same = sum(a == b for x, y in zip(got, alone, strict=True) for a, b in zip(x, y, strict=True))
+            where = f"{multiplex}{', page pool' if pool else ''}"
             rows.append(
                 (
-                    f"bf16 graphs, store + 2 dense models together vs alone, stagger {stagger}",
+                    f"bf16 graphs, store + 2 dense models together vs alone ({where}), stagger {stagger}",
                     same == 32 * len(jobs),
                     f"{same}/{32 * len(jobs)} tokens",
                 )

@@ -35,6 +35,8 @@ def test_models_show_each_kind_and_architecture(mixed):
     assert {models[v].kind for v in VARIANTS} == {"variant"}
     assert models["llama-kjv"].kind == "dense" and models["llama-kjv"].architecture == "llama"
     assert models["qwen-py"].kind == "dense" and models["qwen-py"].architecture == "qwen2"
+    # step budgets: --max-num-seqs for every model, the token budget each one's own (2048 on CPU)
+    assert {(m.max_num_seqs, m.max_batched_tokens) for m in models.values()} == {(16, 2048)}
 
 
 def test_dense_models_stream_transformers_greedy_tokens(mixed):

@@ -87,6 +87,8 @@ class ModelInfo:
     kind: str  # VARIANT or DENSE
     context: int
     resident: bool  # its weights are on the device now
+    max_batched_tokens: int = 0  # its instance's step budgets: tokens a step computes at most
+    max_num_seqs: int = 0  # and sequences it decodes at most
 
 
 @dataclass(frozen=True)

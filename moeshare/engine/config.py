@@ -37,11 +37,16 @@ class EngineConfig:
     activation_wait: float = 1.0
     kv_memory_fraction: float = 0.5
     block_size: int = 16
-    max_num_seqs: int = 64
-    max_batched_tokens: int = 2048  # tokens one step of one instance computes at most
+    # sequences one step of one instance decodes at most, and tokens it computes at most; None: each
+    # instance's own, from its model and the GPU (engine/budget.py; on CPU 64 and 2048)
+    max_num_seqs: int | None = None
+    max_batched_tokens: int | None = None
     # prefill long prompts in chunks beside the running decodes, within max_batched_tokens (off: whole prompts,
     # a prompt longer than the budget alone in its step)
     chunked_prefill: bool = True
+    # how the instances picked for a step share the GPU: "serial" (one stream: their batches run one after
+    # another) or "streams" (each on a CUDA stream of its own: one model's batch runs beside another's)
+    multiplex: str = "serial"
     # which instances run each step: "least-slack" (requests' latency targets first, every instance with work
     # at least once every 5 steps; without targets the same as "load-order": every instance with work, every step)
     policy: str = "least-slack"
@@ -69,6 +74,8 @@ class EngineConfig:
                 raise MoeshareError(f"{name} must be at least 1, got {value}")
         if self.policy not in ("least-slack", "load-order"):
             raise MoeshareError(f"policy must be least-slack or load-order, got {self.policy!r}")
+        if self.multiplex not in ("serial", "streams"):
+            raise MoeshareError(f"multiplex must be serial or streams, got {self.multiplex!r}")
         if self.evict_to not in ("auto", "host", "disk"):
             raise MoeshareError(f"evict_to must be auto, host or disk, got {self.evict_to!r}")
         if self.evict_after is not None and self.evict_after < 0:

@@ -77,7 +77,7 @@ class Engine:
         if clash := [m for m in names if m in self._by_model]:
             raise MoeshareError(f"{target}: model {clash[0]!r} is already served; unload it first")
         if self.pages is not None:  # room in the pool for its weights and KV scratch page: idle models leave
-            placement = plan(source, self.config, self._left(), target, self.pages)[-1]
+            placement = plan(source, self.config, self._left(), target, self.pages).placement
             # its weights (and their storages' alignment in the range) and its KV scratch block's page
             need = arena_pages(self.pages.pages_for(placement.rows + placement.banks + (1 << 16))) + 1
             self._evict_for(None, weights_owner(next(iter(names))), need)
@@ -107,7 +107,7 @@ class Engine:
         architecture or the memory limit, without reading weights or allocating anything."""
         left = self._left()
         for target, _ in targets:
-            placement = plan(open_source(target), self.config, left, target, self.pages)[-1]
+            placement = plan(open_source(target), self.config, left, target, self.pages).placement
             if left is not None:
                 left -= placement.work if self.pages is not None else placement.total
 
@@ -190,7 +190,12 @@ class Engine:
                 w.ready.synchronize()
             if not w.copied():
                 raise MoeshareError(f"{model}: {w.failed}")
-        return instance.runner.prefill_logits(instance.ready_row(model), ids)
+        with instance.on_stream():  # behind its own batches (the blocks it borrows were theirs)
+            logits = instance.runner.prefill_logits(instance.ready_row(model), ids)
+        self._join_streams()
+        if instance.stream is not None:  # read on this stream now: its memory is not reused before that
+            logits.record_stream(torch.cuda.current_stream(self.device))
+        return logits
 
     def tokenizer(self, model: str):
         """`model`'s tokenizer (None if it has none); an in-process convenience."""
@@ -256,10 +261,12 @@ class Engine:
         self._manage_memory()
         picked = self.policy.pick(self._instances)
         for instance in picked:
-            events += instance.step()
+            with instance.on_stream():
+                events += instance.step()
         for instance in self._instances:  # a batch queued by the last step is read back whatever runs now
             if instance not in picked:
                 events += instance.read_back()
+        self._join_streams()
         for ev in events:
             if ev.finished:
                 self._by_seq.pop(ev.seq_id, None)
@@ -271,6 +278,16 @@ class Engine:
                 time.sleep(ACTIVATION_POLL_S)  # wait for them: the server takes new requests between steps)
         self._steps += 1
         return events
+
+    def _join_streams(self) -> None:
+        """With multiplex "streams": the device's current stream waits for every instance's work queued so
+        far, so what it queues next (the page pool's fence, an eviction's copy, a scoring pass) comes after
+        every read of the pages and weights it may hand on to another model."""
+        current = None
+        for instance in self._instances:
+            if instance.stream is not None:
+                current = current or torch.cuda.current_stream(self.device)
+                current.wait_stream(instance.stream)
 
     # ---- weights on and off the device (the page pool) ---------------------------------------------------
 

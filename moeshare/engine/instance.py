@@ -13,6 +13,7 @@ a stop string) runs one more row whose token is dropped.
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager, nullcontext
 import math
 import time
 from typing import Any
@@ -103,6 +104,12 @@ class Instance:
         self.step_seconds: float | None = None  # moving average of the time between its busy steps
         self._last_step: float | None = None
         self.wants_device_since: float | None = None  # evicted with requests waiting: since when
+        # multiplex "streams": its batches queue on a CUDA stream of its own (None: the device's current one)
+        self.stream = (
+            torch.cuda.Stream(self.device)
+            if config.multiplex == "streams" and self.device.type == "cuda"
+            else None
+        )
 
     @property
     def models(self) -> list[str]:
@@ -254,6 +261,10 @@ class Instance:
         return [ev for seq_id in list(self.seqs) if (ev := self.cancel(seq_id)) is not None]
 
     # ---- stepping ----------------------------------------------------------------------------------------
+
+    def on_stream(self) -> AbstractContextManager:
+        """Where its GPU work queues: its own stream with multiplex "streams", else the current one."""
+        return torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
 
     def step(self) -> list[TokenEvent]:
         """Queue the next batch, then read back the one queued before it: that batch's events. A batch that
@@ -411,8 +422,19 @@ class Instance:
     def info(self) -> list[ModelInfo]:
         resident = set(self.residency.resident) if self.on_device else set()
         path = str(self.source.path) if self.source.path is not None else ""
+        c = self.config
         return [
-            ModelInfo(m, path, self.architecture, self.kind, self.context, m in resident) for m in self.names
+            ModelInfo(
+                m,
+                path,
+                self.architecture,
+                self.kind,
+                self.context,
+                m in resident,
+                c.max_batched_tokens,
+                c.max_num_seqs,
+            )
+            for m in self.names
         ]
 
     def loads(self) -> list[ModelLoad]:

@@ -7,17 +7,19 @@ it), so what its arithmetic misses is weights that do not fit, never a KV pool.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
+from moeshare.engine.budget import step_budgets
 from moeshare.engine.config import EngineConfig
 from moeshare.engine.detokenize import load_tokenizer
 from moeshare.engine.graphs import DecodeGraphs, LastTokens
 from moeshare.engine.instance import Instance
-from moeshare.engine.models import architecture
-from moeshare.engine.placement import default_blocks, out_of_memory, place
+from moeshare.engine.models import Architecture, Footprint, Layout, architecture
+from moeshare.engine.placement import Placement, default_blocks, out_of_memory, place
 from moeshare.engine.runner import Runner
 from moeshare.engine.source import Source
 from moeshare.errors import MoeshareError
@@ -51,16 +53,33 @@ def model_names(source: Any, name: str | None) -> dict[str, str]:
     return {name: source.variants[0]}
 
 
+class Planned(NamedTuple):
+    entry: Architecture
+    footprint: Footprint
+    layout: Layout
+    blocks: int  # KV blocks
+    placement: Placement
+    config: EngineConfig  # the instance's: the engine's with its own step budgets where that leaves them None
+
+
 def plan(
     source: Any, config: EngineConfig, left: int | None, target: object, pages: PageManager | None = None
-) -> tuple:
-    """Where an instance of `source` would go: (registry entry, footprint, layout, KV blocks, placement).
-    With `pages` (the elastic pool) its KV range spans the pool and takes nothing of `left`. Allocates
-    nothing; raises the one-line MoeshareError of a source or a memory limit that cannot serve."""
+) -> Planned:
+    """Where an instance of `source` would go (see Planned). With `pages` (the elastic pool) its KV range
+    spans the pool and takes nothing of `left`. Allocates nothing; raises the one-line MoeshareError of a
+    source or a memory limit that cannot serve."""
     entry = architecture(source.architecture, target)
-    c, dtype, device = config, config.torch_dtype, config.torch_device
+    dtype, device = config.torch_dtype, config.torch_device
     fp = entry.footprint(source.config)
-    layout = entry.layout(source, c, dtype)
+    layout = entry.layout(source, config, dtype)
+    c = config
+    if c.max_num_seqs is None or c.max_batched_tokens is None:
+        budgets = step_budgets(fp, layout, dtype, device)
+        c = replace(
+            c,
+            max_num_seqs=c.max_num_seqs or budgets.seqs,
+            max_batched_tokens=c.max_batched_tokens or max(budgets.tokens, c.max_num_seqs or 0),
+        )
     if pages is not None:
         per_block = BlockPool.block_bytes(c.block_size, fp.layers, fp.kv_heads, fp.head_dim, dtype)
         whole = pages.total_bytes // block_stride(per_block, pages.page_bytes) - 1
@@ -97,7 +116,7 @@ def plan(
                 f"{target}: the memory limit leaves {left / 2**30:.2f} GiB beside the pool, below its work "
                 f"space of {placement.work / 2**30:.2f} GiB: raise --memory-limit or lower --pool"
             )
-    return entry, fp, layout, blocks, placement
+    return Planned(entry, fp, layout, blocks, placement, c)
 
 
 def build_instance(
@@ -112,8 +131,8 @@ def build_instance(
     bytes (what is left of the memory limit; None: no limit). Raises MoeshareError with one line, holding
     nothing, if it does not fit."""
     target = target if target is not None else source.path
-    entry, fp, layout, blocks, placement = plan(source, config, left, target, pages)
-    c, dtype, device = config, config.torch_dtype, config.torch_device
+    entry, fp, layout, blocks, placement, c = plan(source, config, left, target, pages)
+    dtype, device = c.torch_dtype, c.torch_device
     # tokenizers before any device memory: one that does not load is one line, and nothing was taken
     tokenizers = {m: load_tokenizer(source.tokenizer_dir(v)) for m, v in names.items()}
     oom = ""

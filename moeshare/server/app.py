@@ -160,6 +160,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         max_batched_tokens=args.max_batched_tokens,
         chunked_prefill=args.chunked_prefill,
         policy=args.policy,
+        multiplex=args.multiplex,
         memory_limit_bytes=None if args.memory_limit is None else int(args.memory_limit * 2**30),
         swap_whole_variants=args.swap_whole_variants,
         pool_bytes=None if args.pool is None else int(args.pool * 2**30),

@@ -94,7 +94,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         metavar="MODEL=GIB",
         help="hold MODEL's store or checkpoint to GIB of the elastic KV pool (repeatable)",
     )
-    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step (default 64)")
+    p.add_argument(
+        "--max-num-seqs",
+        type=int,
+        help="sequences one step of a store or checkpoint decodes at most (default: each its own, from its "
+        "model and the GPU; 64 on CPU)",
+    )
     p.add_argument(
         "--policy",
         default="least-slack",
@@ -113,9 +118,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-batched-tokens",
         type=int,
-        default=2048,
         help="tokens one step of a store or checkpoint computes at most: decodes first, then chunks of "
-        "prompts (default 2048)",
+        "prompts (default: each its own, from its model and the GPU; 2048 on CPU)",
+    )
+    p.add_argument(
+        "--multiplex",
+        default="serial",
+        choices=["serial", "streams"],
+        help="how the models picked for a step share the GPU: serial (their batches one after another, the "
+        "default) or streams (each model's batch on a CUDA stream of its own, beside the others')",
     )
     p.add_argument(
         "--no-chunked-prefill",

@@ -125,6 +125,8 @@ def _model_info(m: ModelInfo) -> pb.ModelInfo:
         context_length=m.context,
         resident=m.resident,
         kind=m.kind,
+        max_batched_tokens=m.max_batched_tokens,
+        max_num_seqs=m.max_num_seqs,
     )
 
 

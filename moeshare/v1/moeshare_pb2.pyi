@@ -105,20 +105,24 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "store", "architecture", "context_length", "resident", "kind")
+    __slots__ = ("name", "store", "architecture", "context_length", "resident", "kind", "max_batched_tokens", "max_num_seqs")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STORE_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
     name: str
     store: str
     architecture: str
     context_length: int
     resident: bool
     kind: str
-    def __init__(self, name: _Optional[str] = ..., store: _Optional[str] = ..., architecture: _Optional[str] = ..., context_length: _Optional[int] = ..., resident: _Optional[bool] = ..., kind: _Optional[str] = ...) -> None: ...
+    max_batched_tokens: int
+    max_num_seqs: int
+    def __init__(self, name: _Optional[str] = ..., store: _Optional[str] = ..., architecture: _Optional[str] = ..., context_length: _Optional[int] = ..., resident: _Optional[bool] = ..., kind: _Optional[str] = ..., max_batched_tokens: _Optional[int] = ..., max_num_seqs: _Optional[int] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

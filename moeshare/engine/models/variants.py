@@ -29,6 +29,8 @@ class MoeVariants:
             vocab=d.vocab,
             work_per_token=d.top_k * 3 * d.intermediate + 8 * d.hidden + d.vocab,
             largest_load=max(3 * d.intermediate * d.hidden, d.vocab * d.hidden),
+            experts=d.experts,
+            experts_per_token=d.top_k,
         )
 
     def layout(self, source: Any, config: EngineConfig, dtype: torch.dtype) -> Layout:

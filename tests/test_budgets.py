@@ -1,0 +1,69 @@
+"""Per-instance step budgets (engine/budget.py): derived from the model's bytes and FLOPs per token and the GPU's
+roofs; explicit settings win; on CPU fixed defaults. Multiplexing settings are checked in one line."""
+
+import pytest
+import torch
+
+from moeshare.engine.budget import CPU_SEQS, CPU_TOKENS, Roofs, ridge, step_budgets
+from moeshare.engine.engine import Engine, EngineConfig
+from moeshare.engine.models.dense import DENSE
+from moeshare.engine.models.variants import MIXTRAL
+from moeshare.engine.synthetic import from_spec
+from moeshare.errors import MoeshareError
+
+H200 = Roofs(bandwidth=4.2e12, flops=750e12)  # about what measure_roofs finds on an H200
+BF16 = torch.bfloat16
+
+
+def _budgets(spec: str, roofs: Roofs = H200):
+    src = from_spec(spec, "meta")
+    entry = DENSE if src.architecture == "llama" else MIXTRAL
+    fp, layout = entry.footprint(src.config), entry.layout(src, EngineConfig(), BF16)
+    return step_budgets(fp, layout, BF16, torch.device("cpu"), roofs), fp, layout
+
+
+def test_a_dense_model_turns_compute_bound_at_flops_over_bandwidth_tokens():
+    b, _, _ = _budgets("kind=llama,layers=32")
+    # 2 bytes and 2 FLOPs per parameter: the ridge is the GPU's FLOPs per byte whatever the model's size
+    assert b.ridge == pytest.approx(H200.flops / H200.bandwidth, rel=0.01)
+    assert (b.seqs, b.tokens) == (128, 512)
+    assert _budgets("kind=llama,layers=2")[0].ridge == pytest.approx(b.ridge, rel=0.01)
+
+
+def test_a_moe_reads_four_times_the_bytes_per_flop_so_its_budgets_are_larger():
+    b, fp, layout = _budgets("layers=8,variants=4")
+    dense = _budgets("kind=llama,layers=8")[0]
+    assert 3 < b.ridge / dense.ridge < 4  # 8 experts read, 2 computed; attention and the head are dense
+    assert (b.seqs, b.tokens) == (256, 2048)
+    # a GPU with twice the bandwidth per FLOP turns compute-bound at half the batch
+    faster = Roofs(2 * H200.bandwidth, H200.flops)
+    assert ridge(fp, layout, 2, faster) == pytest.approx(b.ridge / 2)
+
+
+def test_budgets_stay_in_their_ranges():
+    slow_memory = _budgets("kind=llama,layers=2", Roofs(1e11, 1e15))[0]  # ridge 10000
+    assert (slow_memory.seqs, slow_memory.tokens) == (256, 8192)
+    fast_memory = _budgets("kind=llama,layers=2", Roofs(1e13, 1e13))[0]  # ridge 1
+    assert (fast_memory.seqs, fast_memory.tokens) == (16, 256)
+
+
+def test_on_cpu_each_instance_gets_the_fixed_defaults_and_explicit_settings_win(tiny_zoo):
+    engine = Engine([tiny_zoo / "llama" / "kjv"])
+    (info,) = engine.models()
+    assert (info.max_batched_tokens, info.max_num_seqs) == (CPU_TOKENS, CPU_SEQS)
+    engine = Engine([tiny_zoo / "llama" / "kjv"], EngineConfig(max_batched_tokens=300, max_num_seqs=8))
+    (info,) = engine.models()
+    assert (info.max_batched_tokens, info.max_num_seqs) == (300, 8)
+    assert engine.instance("kjv").scheduler.max_batched_tokens == 300
+
+
+def test_a_derived_token_budget_holds_at_least_the_explicit_sequences(tiny_zoo):
+    engine = Engine([tiny_zoo / "llama" / "kjv"], EngineConfig(max_num_seqs=3000))
+    (info,) = engine.models()
+    assert (info.max_batched_tokens, info.max_num_seqs) == (3000, 3000)  # every decode fits in a step
+
+
+def test_multiplex_is_serial_or_streams():
+    with pytest.raises(MoeshareError, match="multiplex must be serial or streams"):
+        EngineConfig(multiplex="mps").validate()
+    EngineConfig(multiplex="streams").validate()  # on CPU there are no streams: the batches run in turn
