@@ -51,6 +51,7 @@ from moeshare.bench.systems import (
     deploy,
 )
 from moeshare.bench.workload import ZOO_PRINTABLE, Lengths, RequestSpec, WorkloadSpec, generate
+from moeshare.client import Client
 from moeshare.errors import MoeshareError
 from moeshare.zoo import build_zoo
 
@@ -58,6 +59,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 INTERRUPTED = "interrupted (Ctrl-C)"
+# decode steps under load against their floor (the bytes they read over the copy bandwidth; engine/stepcost.py)
+STEP_KEYS = ("decode_steps", "decode_step_ms", "decode_floor_ms", "x_floor")
 TABLE_KEYS = (
     "mean_turnaround_s",
     "mean_turnaround_all_s",
@@ -265,6 +268,33 @@ class RateRun:
     rate_rps: float
     records: list[RequestRecord]
     gpu_mem_used_gib: float | None  # the whole device while the system ran, less what was used before
+    steps: dict = field(
+        default_factory=dict
+    )  # decode steps during the rate, against their floor (step_record)
+
+
+def step_totals(d: Deployment) -> list[tuple[int, float, float]]:
+    """Each server's decode-step totals so far (steps, seconds, floor seconds), from GetStats: every server
+    here serves one store or checkpoint, so any of its models carries its instance's totals."""
+    out = []
+    for s in d.servers:
+        with Client(s.address) as client:
+            t = client.stats(timeout=10.0).models[0].decode_steps
+        out.append((t.steps, t.seconds, t.floor_seconds))
+    return out
+
+
+def step_record(before: list[tuple[int, float, float]], after: list[tuple[int, float, float]]) -> dict:
+    """The decode steps between two step_totals, over all servers: mean step time, mean floor, their ratio."""
+    steps, seconds, floor = (sum(a[i] - b[i] for a, b in zip(after, before, strict=True)) for i in range(3))
+    if steps == 0:
+        return {}
+    return {
+        "decode_steps": steps,
+        "decode_step_ms": 1e3 * seconds / steps,
+        "decode_floor_ms": 1e3 * floor / steps,
+        "x_floor": seconds / floor,
+    }
 
 
 @dataclass
@@ -331,10 +361,12 @@ def _measure(
             bar.set_description(f"{name}: {rate:g} req/s")
             requests = workload(args, ws.variants, rate, lens)
             end = args.duration + args.drain
+            before = step_totals(d)
             records = asyncio.run(replay_routed(d.routes, requests, args.request_timeout, end))
+            steps = step_record(before, step_totals(d))
             used = gpu_used_bytes(args.device)
             mem = None if used is None or baseline is None else (used - baseline) / 2**30
-            run.rates.append(RateRun(rate, records, mem))
+            run.rates.append(RateRun(rate, records, mem, steps))
             bar.update()
 
 
@@ -402,6 +434,25 @@ def targets(summary: Sequence[dict]) -> str:
     ]
     if cells:
         lines.append(f"- 4 variants (`moeshare`) against one variant alone (`single`): {'; '.join(cells)}")
+    cells = [
+        f"{rate:g} rps: turnaround {ours[rate]['mean_turnaround_s'] / single[rate]['mean_turnaround_s']:.2f}x, "
+        f"decode-step floor {ours[rate]['decode_floor_ms'] / single[rate]['decode_floor_ms']:.2f}x"
+        for rate in sorted(set(ours) & set(single))
+    ]
+    if cells:
+        lines.append(
+            "- `moeshare` against `single`, turnaround next to the ratio of their decode steps' floors (the "
+            f"expert slots and rows four variants read beyond one): {'; '.join(cells)}"
+        )
+    for system in dict.fromkeys(r["system"] for r in summary):
+        at = _at(summary, system)
+        cells = [
+            f"{rate:g} rps {r['x_floor']:.2f}x"
+            for rate, r in sorted(at.items())
+            if r["x_floor"] == r["x_floor"]
+        ]
+        if cells:
+            lines.append(f"- `{system}` decode step time under load over its floor: {', '.join(cells)}")
     return "\n".join(lines)
 
 
@@ -411,7 +462,10 @@ def summary_records(runs: Sequence[SystemRun], solo: Mapping[str, Solo]) -> list
     for run in runs:
         for rr in run.rates:
             rec = summarize(rr.records, solo, run.system, rr.rate_rps).to_record()
-            out.append(rec | {"gpu_mem_used_gib": rr.gpu_mem_used_gib, "gpu": run.gpu, "date": run.date})
+            steps = {k: rr.steps.get(k, math.nan) for k in STEP_KEYS}
+            out.append(
+                rec | steps | {"gpu_mem_used_gib": rr.gpu_mem_used_gib, "gpu": run.gpu, "date": run.date}
+            )
         if run.error:
             out.append({"system": run.system, "error": run.error, "gpu": run.gpu, "date": run.date})
     return out
@@ -441,7 +495,7 @@ def _cell(x: object) -> str:
 
 
 def table(summary: Sequence[dict]) -> str:
-    head = ["system", "rate_rps", "requests", "failed", *TABLE_KEYS]
+    head = ["system", "rate_rps", "requests", "failed", *TABLE_KEYS, "decode_step_ms", "x_floor"]
     rows = [head, ["---"] * len(head)] + [[_cell(r[k]) for k in head] for r in measured(summary)]
     lines = ["| " + " | ".join(row) + " |" for row in rows]
     failed = [f"- `{r['system']}` failed: {r['error']}" for r in summary if "error" in r]
@@ -482,7 +536,8 @@ def load_kept(out: Path, skip: Sequence[str], key: dict) -> list[SystemRun]:
             by_rate[r.pop("system"), r.pop("rate_rps")].append(RequestRecord(**r))
     for (name, rate), records in by_rate.items():
         mem = saved["per_system"][name]["gpu_mem_used_gib"].get(str(rate))
-        runs[name].rates.append(RateRun(rate, records, mem))
+        steps = saved["per_system"][name].get("steps", {}).get(str(rate), {})
+        runs[name].rates.append(RateRun(rate, records, mem, steps))
     return list(runs.values())
 
 
@@ -508,6 +563,7 @@ def write_results(
             "date": r.date,
             "command": r.command,
             "gpu_mem_used_gib": {str(rr.rate_rps): rr.gpu_mem_used_gib for rr in r.rates},
+            "steps": {str(rr.rate_rps): rr.steps for rr in r.rates},
         }
         | ({"error": r.error} if r.error else {})
         for r in runs

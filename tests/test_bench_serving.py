@@ -131,3 +131,26 @@ def test_synthetic_sweep_split_over_two_runs_with_keep(tmp_path):
     assert all(r["mean_turnaround_all_s"] >= r["mean_turnaround_s"] * 0.999 for r in summary)
     with pytest.raises(SystemExit, match="another workload"):
         script.main([*common, "--systems", "swap", "--keep", "--zipf-alpha", "1.2"])
+
+
+def test_bench_policy_runs_each_configuration_through_a_real_server(tmp_path):
+    """scripts/bench_policy.py --quick: a dense model and a 2-variant store in one server, per configuration."""
+    spec = importlib.util.spec_from_file_location("bench_policy", ROOT / "scripts" / "bench_policy.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "out"
+    configs = "load-order/serial,least-slack/streams"
+    assert (
+        bench.main(["--device", "cpu", "--quick", "--rates", "3", "--configs", configs, "--out", str(out)])
+        == 0
+    )
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    assert [(r["config"], r["models"]) for r in rows] == [
+        (c, m) for c in configs.split(",") for m in ("dense", "moe", "all")
+    ]
+    for r in rows:
+        assert r["requests"] > 0 and r["failed"] == 0 and 0 <= r["slo_attainment"] <= 1
+    assert all(r["x_floor"] > 0 for r in rows if r["models"] != "all")
+    assert (out / "attainment.png").stat().st_size > 0 and "least-slack/streams" in (
+        out / "README.md"
+    ).read_text()

@@ -8,6 +8,7 @@ from moeshare.engine.budget import CPU_SEQS, CPU_TOKENS, Roofs, ridge, step_budg
 from moeshare.engine.engine import Engine, EngineConfig
 from moeshare.engine.models.dense import DENSE
 from moeshare.engine.models.variants import MIXTRAL
+from moeshare.engine.request import SamplingParams
 from moeshare.engine.synthetic import from_spec
 from moeshare.errors import MoeshareError
 
@@ -67,3 +68,57 @@ def test_multiplex_is_serial_or_streams():
     with pytest.raises(MoeshareError, match="multiplex must be serial or streams"):
         EngineConfig(multiplex="mps").validate()
     EngineConfig(multiplex="streams").validate()  # on CPU there are no streams: the batches run in turn
+
+
+# ---- each step's floor (engine/stepcost.py) ----------------------------------------------------------------
+
+
+def _cost(spec: str):
+    from moeshare.engine.stepcost import StepCost
+
+    src = from_spec(spec, "meta")
+    entry = DENSE if src.architecture == "llama" else MIXTRAL
+    fp, layout = entry.footprint(src.config), entry.layout(src, EngineConfig(), BF16)
+    names = {v: v for v in src.variants}
+    return StepCost(fp, layout, src, names, 2, Roofs(bandwidth=1e12, flops=1e18)), fp, layout, src
+
+
+def _decodes(model: str, row: int, contexts: list[int]):
+    from moeshare.engine.request import Sequence
+    from moeshare.engine.scheduler import Scheduled
+
+    return [Scheduled(Sequence(model, [1] * c, SamplingParams()), row, c - 1, 1) for c in contexts]
+
+
+SMALL = "hidden=64,intermediate=128,heads=4,kv_heads=2,vocab=300,layers=2"
+
+
+def test_a_dense_decode_step_reads_its_weights_once_and_each_sequences_kv():
+    cost, fp, layout, src = _cost(f"kind=llama,{SMALL}")
+    kv_per_token = fp.layers * 2 * fp.kv_heads * fp.head_dim * 2
+    batch = _decodes("llama", 0, [10, 30])
+    assert cost.floor(batch) == pytest.approx((layout.row_bytes + 40 * kv_per_token) / 1e12)
+
+
+def test_a_moe_step_reads_the_slots_its_tokens_are_expected_to_route_to():
+    cost, fp, layout, src = _cost(f"variants=2,own=2,experts=8,top_k=2,{SMALL}")
+    kv = fp.layers * 2 * fp.kv_heads * fp.head_dim * 2
+    a, b = src.variants
+
+    def slots(batch) -> float:
+        rows = len({s.row for s in batch})
+        ctx = sum(s.start + s.count for s in batch)
+        return (cost.floor(batch) * 1e12 - rows * layout.row_bytes - ctx * kv) / layout.slot_bytes / 2
+
+    assert slots(_decodes(a, 0, [5])) == pytest.approx(2)  # one token: its top 2, in each of 2 layers
+    assert slots(_decodes(a, 0, [5] * 400)) == pytest.approx(8)  # many: all of its 8 experts
+    # both variants, many tokens each: the 6 shared slots once, and each one's 2 own slots
+    assert slots(_decodes(a, 0, [5] * 400) + _decodes(b, 1, [5] * 400)) == pytest.approx(10)
+
+
+def test_the_engine_counts_its_steps_against_their_floor(tiny_zoo):
+    engine = Engine([tiny_zoo / "llama" / "kjv"], EngineConfig(overlap=False))
+    engine.generate("kjv", "And God said", SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    (load,) = engine.stats().models
+    assert load.decode_steps.steps >= 9 and load.all_steps.steps > load.decode_steps.steps
+    assert 0 < load.decode_steps.floor_seconds < load.decode_steps.seconds

@@ -71,7 +71,7 @@ def kjv(tiny_zoo) -> Path:
 
 def test_models_describe_each_served_model(kjv):
     engine = Engine([kjv])
-    assert engine.models() == [ModelInfo("kjv", str(kjv), "mixtral", "variant", 1024, True)]
+    assert engine.models() == [ModelInfo("kjv", str(kjv), "mixtral", "variant", 1024, True, 2048, 64)]
     assert engine.serves("kjv") and not engine.serves("nope")
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -106,13 +106,14 @@ async def replay(
     ignore_eos: bool = True,
     max_requests: int = MAX_REQUESTS,
     allow_remote: bool = False,
+    extra: Callable[[RequestSpec], Mapping[str, object]] | None = None,
 ) -> list[RequestRecord]:
     """Send every request at its arrival_s (open loop) and stream it; returns one record per request,
     in arrival order. `temperature` None: the server's default. Request i gets sampling seed i, so a
     replay is reproducible. Prompts go as token ids unless `render` turns them into text; `ignore_eos`
     runs every request to its max_tokens, so output lengths are the workload's. A request fails
     (DEADLINE_EXCEEDED) after `timeout_s`, or at `end_s` seconds after the replay started, whichever is
-    first."""
+    first. `extra`: more generate() arguments per request (e.g. its latency targets)."""
     if len(requests) > max_requests:
         raise ValueError(
             f"refusing to replay {len(requests)} requests: more than max_requests={max_requests}"
@@ -137,8 +138,9 @@ async def replay(
             delay = req.arrival_s - clock()
             if delay > 0:
                 await asyncio.sleep(delay)
+            mine = params | dict(extra(req)) if extra is not None else params
             tasks.append(
-                asyncio.create_task(_one(client, req, prompt, i, record, clock, params, timeout_s, end_s))
+                asyncio.create_task(_one(client, req, prompt, i, record, clock, mine, timeout_s, end_s))
             )
         await asyncio.gather(*tasks)
     return records

@@ -92,12 +92,23 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
+class StepTotals:
+    """Steps of an instance so far: how many, their wall time, and their floor (engine/stepcost.py)."""
+
+    steps: int = 0
+    seconds: float = 0.0
+    floor_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
 class ModelLoad:
-    """A model's requests in the engine right now."""
+    """A model's requests in the engine right now, and its instance's steps so far."""
 
     name: str
     waiting: int
     running: int
+    decode_steps: StepTotals = field(default_factory=StepTotals)  # steps of decodes only
+    all_steps: StepTotals = field(default_factory=StepTotals)  # every step, prompt chunks included
 
 
 @dataclass(frozen=True)

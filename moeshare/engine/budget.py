@@ -12,7 +12,7 @@ costs the same whatever its size; above it, each token adds compute time. So:
 
 An 8B-size dense model on an H200 gets 128 sequences and 512 tokens; an 8x7B-size MoE (2 of 8 experts per
 token: four times the bytes per FLOP) 256 and 2048. The GPU's bandwidth and bf16 matmul throughput are
-measured once per process (about 50 ms). On CPU no roof is measured: 64 sequences and 2048 tokens.
+measured once per process and device (about 50 ms). On CPU no roof is measured: 64 sequences and 2048 tokens.
 EngineConfig.max_num_seqs / max_batched_tokens, when set, apply to every instance instead.
 """
 
@@ -44,28 +44,32 @@ class Budgets:
     ridge: float | None  # T*, the batch where a decode step turns compute-bound (None: not measured, CPU)
 
 
-def _timed(fn, reps: int) -> float:
+def _timed(fn, reps: int, cuda: bool) -> float:
     fn()
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(reps):
         fn()
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     return (time.perf_counter() - t0) / reps
 
 
 @functools.cache
 def measure_roofs(device: torch.device) -> Roofs:
-    """The device's copy bandwidth and bf16 matmul throughput (CUDA; small buffers: 0.4 GB in all)."""
-    with torch.cuda.device(device):
-        src = torch.empty(128 << 20, dtype=torch.uint8, device=device)
-        dst = torch.empty_like(src)
-        copy = _timed(lambda: dst.copy_(src), 10)
-        a = torch.randn(4096, 8192, dtype=torch.bfloat16, device=device)
-        b = torch.randn(8192, 4096, dtype=torch.bfloat16, device=device)
-        mm = _timed(lambda: a @ b, 10)
-        del src, dst, a, b
-    return Roofs(2 * (128 << 20) / copy, 2 * 4096 * 8192 * 4096 / mm)
+    """The device's copy bandwidth and matmul throughput (bf16 on CUDA, 0.4 GB of buffers; float32 on CPU)."""
+    cuda = device.type == "cuda"
+    dtype, (m, k, n), nbytes = (torch.bfloat16, (4096, 8192, 4096), 128 << 20) if cuda else (
+        torch.float32, (256, 512, 256), 16 << 20
+    )  # fmt: skip
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy = _timed(lambda: dst.copy_(src), 10, cuda)
+    a = torch.randn(m, k, dtype=dtype, device=device)
+    b = torch.randn(k, n, dtype=dtype, device=device)
+    mm = _timed(lambda: a @ b, 10, cuda)
+    return Roofs(2 * nbytes / copy, 2 * m * k * n / mm)
 
 
 def _pow2_floor(x: float) -> int:

@@ -13,9 +13,9 @@ a stop string) runs one more row whose token is dropped.
 from __future__ import annotations
 
 import logging
-from contextlib import AbstractContextManager, nullcontext
 import math
 import time
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -35,6 +35,7 @@ from moeshare.engine.request import (
 from moeshare.engine.residency import Residency
 from moeshare.engine.runner import Launched, Runner
 from moeshare.engine.scheduler import Scheduled, Scheduler
+from moeshare.engine.stepcost import StepCost
 from moeshare.errors import summary
 from moeshare.memory.blocks import BlockPool
 from moeshare.memory.weights import WeightArena
@@ -71,6 +72,7 @@ class Instance:
         offloaded_layers: int = 0,
         placed_bytes: int = 0,
         weights: WeightArena | None = None,
+        cost: StepCost | None = None,
     ) -> None:
         """`names`: each model name this instance serves -> the source's variant it reads."""
         self.source, self.architecture, self.kind, self.names = source, architecture, kind, names
@@ -103,6 +105,8 @@ class Instance:
         self.became_resident = self.last_busy  # when its weights last came (back) to the device
         self.step_seconds: float | None = None  # moving average of the time between its busy steps
         self._last_step: float | None = None
+        self.cost = cost  # each step's floor beside its time (None: not counted)
+        self._last_batch: list[Scheduled] = []
         self.wants_device_since: float | None = None  # evicted with requests waiting: since when
         # multiplex "streams": its batches queue on a CUDA stream of its own (None: the device's current one)
         self.stream = (
@@ -277,12 +281,14 @@ class Instance:
             if self._last_step is not None:  # the time a step of this model takes, others' steps included
                 dt = now - self._last_step
                 self.step_seconds = dt if self.step_seconds is None else 0.8 * self.step_seconds + 0.2 * dt
+                if self.cost is not None and self._last_batch:
+                    self.cost.record(self._last_batch, dt)
             self.last_busy = self._last_step = now
         else:
             self._last_step = None
         prev, self._inflight = self._inflight, None
         refused = self._beyond_the_pool()
-        batch = self.scheduler.schedule()
+        batch = self._last_batch = self.scheduler.schedule()
         launched, failed = None, None
         if batch:
             try:
@@ -440,4 +446,6 @@ class Instance:
     def loads(self) -> list[ModelLoad]:
         waiting = [s.model for s in self.scheduler.waiting]
         running = [s.model for s in self.scheduler.running]
-        return [ModelLoad(m, waiting.count(m), running.count(m)) for m in self.names]
+        c = self.cost
+        steps = (c.decode, c.all) if c is not None else ()
+        return [ModelLoad(m, waiting.count(m), running.count(m), *steps) for m in self.names]

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from moeshare.engine.budget import step_budgets
+from moeshare.engine.budget import measure_roofs, step_budgets
 from moeshare.engine.config import EngineConfig
 from moeshare.engine.detokenize import load_tokenizer
 from moeshare.engine.graphs import DecodeGraphs, LastTokens
@@ -22,6 +22,7 @@ from moeshare.engine.models import Architecture, Footprint, Layout, architecture
 from moeshare.engine.placement import Placement, default_blocks, out_of_memory, place
 from moeshare.engine.runner import Runner
 from moeshare.engine.source import Source
+from moeshare.engine.stepcost import StepCost
 from moeshare.errors import MoeshareError
 from moeshare.memory.blocks import BlockPool
 from moeshare.memory.elastic import ElasticBlockPool, block_stride
@@ -184,4 +185,5 @@ def build_instance(
         offloaded_layers=len(placement.offload),
         placed_bytes=(placement.work if pages is not None else placement.total) if left is not None else 0,
         weights=weights,
+        cost=StepCost(fp, layout, source, names, dtype.itemsize, measure_roofs(device)),
     )

@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 
 import grpc
 
-from moeshare.engine.api import EngineFailed, ModelInfo, Submit, TokenEvent, Usage
+from moeshare.engine.api import EngineFailed, ModelInfo, StepTotals, Submit, TokenEvent, Usage
 from moeshare.engine.request import (
     FinishReason,
     InvalidRequest,
@@ -115,6 +115,10 @@ def _add(reply: pb.GenerateResponse | pb.CompleteResponse, ev: TokenEvent, logpr
     if ev.finished and ev.finish_reason is not None:
         reply.finish_reason = FINISH[ev.finish_reason]
         reply.usage.CopyFrom(_usage(ev.usage))
+
+
+def _step_totals(t: StepTotals) -> pb.StepTotals:
+    return pb.StepTotals(steps=t.steps, seconds=t.seconds, floor_seconds=t.floor_seconds)
 
 
 def _model_info(m: ModelInfo) -> pb.ModelInfo:
@@ -285,6 +289,8 @@ class MoeShareServicer(moeshare_pb2_grpc.MoeShareServicer):
                     resident=m.resident,
                     slo_requests=m.slo_requests,
                     slo_met=m.slo_met,
+                    decode_steps=_step_totals(m.decode_steps),
+                    all_steps=_step_totals(m.all_steps),
                 )
                 for m in snap.models
             ],

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from moeshare.engine.api import EngineStats
+from moeshare.engine.api import EngineStats, StepTotals
 
 SAMPLES = 1024  # recent TTFT / TPOT samples kept per model
 WINDOW_S = 10.0  # tokens/s is measured over this many recent seconds
@@ -35,6 +35,8 @@ class ModelSnapshot:
     resident: bool
     slo_requests: int = 0
     slo_met: int = 0
+    decode_steps: StepTotals = field(default_factory=StepTotals)
+    all_steps: StepTotals = field(default_factory=StepTotals)
 
 
 @dataclass

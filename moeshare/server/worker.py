@@ -282,6 +282,7 @@ class EngineWorker:
         stats = self.engine.stats()
         waiting = {m.name: m.waiting for m in stats.models}
         running = {m.name: m.running for m in stats.models}
+        loads = {m.name: m for m in stats.models}
         with self._lock:
             for v, n in self._pending.items():
                 waiting[v] = waiting.get(v, 0) + n
@@ -304,6 +305,8 @@ class EngineWorker:
                     info.resident,
                     s.slo_requests,
                     s.slo_met,
+                    loads[info.name].decode_steps,
+                    loads[info.name].all_steps,
                 )
             )
         return Snapshot(models, stats)

@@ -141,7 +141,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelStats(_message.Message):
-    __slots__ = ("name", "queue_depth", "running", "tokens_per_second", "ttft_p50_seconds", "ttft_p99_seconds", "tpot_p50_seconds", "tpot_p99_seconds", "requests_total", "resident", "slo_requests", "slo_met")
+    __slots__ = ("name", "queue_depth", "running", "tokens_per_second", "ttft_p50_seconds", "ttft_p99_seconds", "tpot_p50_seconds", "tpot_p99_seconds", "requests_total", "resident", "slo_requests", "slo_met", "decode_steps", "all_steps")
     NAME_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +154,8 @@ class ModelStats(_message.Message):
     RESIDENT_FIELD_NUMBER: _ClassVar[int]
     SLO_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     SLO_MET_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    ALL_STEPS_FIELD_NUMBER: _ClassVar[int]
     name: str
     queue_depth: int
     running: int
@@ -166,7 +168,19 @@ class ModelStats(_message.Message):
     resident: bool
     slo_requests: int
     slo_met: int
-    def __init__(self, name: _Optional[str] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., ttft_p50_seconds: _Optional[float] = ..., ttft_p99_seconds: _Optional[float] = ..., tpot_p50_seconds: _Optional[float] = ..., tpot_p99_seconds: _Optional[float] = ..., requests_total: _Optional[int] = ..., resident: _Optional[bool] = ..., slo_requests: _Optional[int] = ..., slo_met: _Optional[int] = ...) -> None: ...
+    decode_steps: StepTotals
+    all_steps: StepTotals
+    def __init__(self, name: _Optional[str] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., ttft_p50_seconds: _Optional[float] = ..., ttft_p99_seconds: _Optional[float] = ..., tpot_p50_seconds: _Optional[float] = ..., tpot_p99_seconds: _Optional[float] = ..., requests_total: _Optional[int] = ..., resident: _Optional[bool] = ..., slo_requests: _Optional[int] = ..., slo_met: _Optional[int] = ..., decode_steps: _Optional[_Union[StepTotals, _Mapping]] = ..., all_steps: _Optional[_Union[StepTotals, _Mapping]] = ...) -> None: ...
+
+class StepTotals(_message.Message):
+    __slots__ = ("steps", "seconds", "floor_seconds")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FLOOR_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    steps: int
+    seconds: float
+    floor_seconds: float
+    def __init__(self, steps: _Optional[int] = ..., seconds: _Optional[float] = ..., floor_seconds: _Optional[float] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("models", "kv_blocks_used", "kv_blocks_free", "resident_variants", "swap_ins", "swap_seconds", "preemptions", "kv_pages")

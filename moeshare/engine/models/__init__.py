@@ -32,6 +32,7 @@ class Footprint:
     vocab: int
     work_per_token: int  # activations one token holds in a step
     largest_load: int  # the largest tensor (or expert) loading reads at once
+    heads: int = 0  # query heads
     experts: int = 0  # per MoE layer, in one variant (0: dense)
     experts_per_token: int = 0  # routed per token per MoE layer
 

@@ -24,6 +24,7 @@ class MoeVariants:
         return Footprint(
             layers=d.layers,
             kv_heads=d.kv_heads,
+            heads=d.heads,
             head_dim=d.head_dim,
             context=d.max_positions,
             vocab=d.vocab,
