@@ -45,7 +45,8 @@ class EngineConfig:
     # a prompt longer than the budget alone in its step)
     chunked_prefill: bool = True
     # how the instances picked for a step share the GPU: "serial" (one stream: their batches run one after
-    # another) or "streams" (each on a CUDA stream of its own: one model's batch runs beside another's)
+    # another, each step waits for all) or "streams" (each on a CUDA stream of its own, one model's batch
+    # beside another's, and none waits for another's: a model with short steps takes more of them)
     multiplex: str = "serial"
     # which instances run each step: "least-slack" (requests' latency targets first, every instance with work
     # at least once every 5 steps; without targets the same as "load-order": every instance with work, every step)

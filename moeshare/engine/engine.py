@@ -34,6 +34,9 @@ from moeshare.memory.pages import PageManager
 from moeshare.memory.weights import arena_pages, host_bytes_available
 
 ACTIVATION_POLL_S = 0.002  # how long a step with nothing to run but activations pauses
+STREAMS_POLL_S = (
+    50e-6  # with multiplex "streams", how long a step that found every batch still running pauses
+)
 HOST_RESERVE = 4 << 30  # host memory an "auto" eviction leaves free beside the copy it makes
 
 __all__ = ["Engine", "EngineConfig", "EngineFailed", "TokenEvent"]
@@ -260,13 +263,19 @@ class Engine:
         events, self._outbox = self._outbox, []
         self._manage_memory()
         picked = self.policy.pick(self._instances)
+        # multiplex "streams": no instance waits for another's batch; each queues its next one as soon as the
+        # one before its last is done, so a model with short steps takes more of them
+        wait = self.config.multiplex != "streams"
+        progress = sum(i.launches + i.collected for i in self._instances)
         for instance in picked:
             with instance.on_stream():
-                events += instance.step()
+                events += instance.step(wait)
         for instance in self._instances:  # a batch queued by the last step is read back whatever runs now
             if instance not in picked:
-                events += instance.read_back()
+                events += instance.read_back(wait)
         self._join_streams()
+        if not wait and progress == sum(i.launches + i.collected for i in self._instances):
+            time.sleep(STREAMS_POLL_S)  # every batch still on the device: a moment's pause, not a spin
         for ev in events:
             if ev.finished:
                 self._by_seq.pop(ev.seq_id, None)

@@ -94,6 +94,9 @@ class Instance:
             chunked_prefill=config.chunked_prefill,
         )
         self._inflight: Launched | None = None  # the batch queued by the last step, not read back yet
+        # step(wait=False) leaves the batch before it here while the device still runs it
+        self._unread: Launched | None = None
+        self.launches = self.collected = 0  # batches queued, batches read back
         self.tokenizers = tokenizers  # per model name, or None: loaded before any memory was taken
         self.token_chars = {m: token_chars(t) for m, t in self.tokenizers.items()}
         eos = source.config.get("eos_token_id")
@@ -270,12 +273,20 @@ class Instance:
         """Where its GPU work queues: its own stream with multiplex "streams", else the current one."""
         return torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
 
-    def step(self) -> list[TokenEvent]:
+    def step(self, wait: bool = True) -> list[TokenEvent]:
         """Queue the next batch, then read back the one queued before it: that batch's events. A batch that
         fails ends its own sequences with FinishReason.ERROR (their KV goes back); raises EngineFailed only
-        if the device itself is broken."""
+        if the device itself is broken. Without `wait` nothing blocks: a batch before the last one that the
+        device still runs is read back by a later step, which queues nothing until it is (so the device
+        holds at most two batches of this instance, and the scheduler always sees the tokens of all but the
+        last one, as with `wait`)."""
+        events: list[TokenEvent] = []
+        if self._unread is not None:
+            if not self._unread.ready():
+                return events
+            events, self._unread = self._collect(self._unread), None
         if not self.on_device:  # evicted, or its weights still coming back: its requests wait
-            return self._activation_failed()
+            return events + self._activation_failed()
         if self.has_work():
             now = time.perf_counter()
             if self._last_step is not None:  # the time a step of this model takes, others' steps included
@@ -296,9 +307,14 @@ class Instance:
             except Exception as e:
                 failed = e
             else:
+                self.launches += 1
                 for s in batch:
                     s.seq.pending += s.samples
-        events = refused + (self._collect(prev) if prev is not None else [])
+        events += refused
+        if prev is not None and (wait or prev.ready()):
+            events += self._collect(prev)
+        elif prev is not None:
+            self._unread = prev
         if failed is not None:
             events += self._fail(batch, failed)
         if launched is not None:
@@ -341,12 +357,22 @@ class Instance:
             events.append(final_event(seq, FinishReason.ERROR, message))
         return events
 
-    def read_back(self) -> list[TokenEvent]:
-        """The events of the batch queued by the last step, without queueing another."""
-        prev, self._inflight = self._inflight, None
-        return self._collect(prev) if prev is not None else []
+    def read_back(self, wait: bool = True) -> list[TokenEvent]:
+        """The events of the batches queued by earlier steps, without queueing another; without `wait`, only
+        of those the device has finished."""
+        events: list[TokenEvent] = []
+        for attr in ("_unread", "_inflight"):
+            launched = getattr(self, attr)
+            if launched is None:
+                continue
+            if not (wait or launched.ready()):
+                break  # the later batch finishes after this one
+            setattr(self, attr, None)
+            events += self._collect(launched)
+        return events
 
     def _collect(self, launched: Launched) -> list[TokenEvent]:
+        self.collected += 1
         events: list[TokenEvent] = []
         try:
             chosen, logprobs = launched.read()

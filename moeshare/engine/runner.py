@@ -31,6 +31,10 @@ class Launched:
     done: torch.cuda.Event | None  # None on CPU: already there
     row_of: dict[int, int]  # seq_id -> its row in the batch (where the next step finds its token)
 
+    def ready(self) -> bool:
+        """Whether its tokens are back (read would not wait)."""
+        return self.done is None or self.done.query()
+
     def read(self) -> tuple[list[int], list[float]]:
         if self.done is not None:
             self.done.synchronize()

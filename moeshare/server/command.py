@@ -126,7 +126,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         default="serial",
         choices=["serial", "streams"],
         help="how the models picked for a step share the GPU: serial (their batches one after another, the "
-        "default) or streams (each model's batch on a CUDA stream of its own, beside the others')",
+        "default) or streams (each model's batches on a CUDA stream of its own, beside the others' and not "
+        "waiting for them)",
     )
     p.add_argument(
         "--no-chunked-prefill",
