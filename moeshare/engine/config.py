@@ -44,10 +44,11 @@ class EngineConfig:
     # prefill long prompts in chunks beside the running decodes, within max_batched_tokens (off: whole prompts,
     # a prompt longer than the budget alone in its step)
     chunked_prefill: bool = True
-    # how the instances picked for a step share the GPU: "serial" (one stream: their batches run one after
-    # another, each step waits for all) or "streams" (each on a CUDA stream of its own, one model's batch
-    # beside another's, and none waits for another's: a model with short steps takes more of them)
-    multiplex: str = "serial"
+    # how the instances picked for a step share the GPU: "streams" (each on a CUDA stream of its own, one
+    # model's batch beside another's, and none waits for another's: a model with short steps takes more of
+    # them; measured better, scripts/bench_policy.py) or "serial" (one stream: their batches run one after
+    # another, each step waits for all)
+    multiplex: str = "streams"
     # which instances run each step: "least-slack" (requests' latency targets first, every instance with work
     # at least once every 5 steps; without targets the same as "load-order": every instance with work, every step)
     policy: str = "least-slack"

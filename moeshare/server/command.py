@@ -123,11 +123,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--multiplex",
-        default="serial",
+        default="streams",
         choices=["serial", "streams"],
-        help="how the models picked for a step share the GPU: serial (their batches one after another, the "
-        "default) or streams (each model's batches on a CUDA stream of its own, beside the others' and not "
-        "waiting for them)",
+        help="how the models picked for a step share the GPU: streams (each model's batches on a CUDA stream "
+        "of its own, beside the others' and not waiting for them; the default) or serial (their batches one "
+        "after another, each step waiting for all)",
     )
     p.add_argument(
         "--no-chunked-prefill",
