@@ -99,7 +99,9 @@ def _h200_partition_server(kv_blocks: int) -> tuple[Placement, int, int]:
     source = from_spec("variants=2,own=2,layers=32,only=0", "meta")
     dims = MixtralDims.from_config(source.config)
     limit = int(0.9 * 139.8 / 2 * GIB)
-    config = EngineConfig(device="cuda", kv_blocks=kv_blocks, max_num_seqs=32, memory_limit_bytes=limit)
+    config = EngineConfig(
+        device="cuda", kv_blocks=kv_blocks, max_num_seqs=32, max_batched_tokens=2048, memory_limit_bytes=limit
+    )
     probe = MultiVariantMixtral(dims, 1, [], torch.bfloat16, torch.device("meta"))
     slots = [source.bank_slots(x) for x in source.adapter.moe_layers]
     sizes = (probe.row_bytes(), probe.expert_bytes())
@@ -129,7 +131,7 @@ def test_a_memory_limit_that_holds_no_layer_is_one_line_before_anything_is_alloc
     placement, _, _ = _h200_partition_server(2048)
     source = from_spec("variants=2,own=2,layers=32,only=0", "meta")
     dims = MixtralDims.from_config(source.config)
-    config = EngineConfig(device="cuda", kv_blocks=2048, max_num_seqs=32)
+    config = EngineConfig(device="cuda", kv_blocks=2048, max_num_seqs=32, max_batched_tokens=2048)
     probe = MultiVariantMixtral(dims, 1, [], torch.bfloat16, torch.device("meta"))
     slots, sizes = [8] * 32, (probe.row_bytes(), probe.expert_bytes())
     tight = placement.kv + placement.work + placement.rows  # no room for a staged layer

@@ -28,7 +28,8 @@ CUDA_ALLOCATOR_SLACK = 512 * 2**20
 
 
 def work_bytes(c: EngineConfig, fp: Footprint, dtype: torch.dtype) -> int:
-    """Room for one step's activations at the largest batch, and the logits of the largest decode."""
+    """Room for one step's activations at the largest batch, and the logits of the largest decode (`c`: an
+    instance's config, its step budgets set; planner.plan makes it)."""
     return c.max_batched_tokens * fp.work_per_token * dtype.itemsize + 2 * c.max_num_seqs * fp.vocab * 4
 
 
