@@ -322,6 +322,8 @@ def test_sigterm_during_streaming_exits_cleanly(store):
         (["--synthetic", "variants=0"], "need variants >= 1"),
         (["--synthetic", "variants=2,only=2"], "only=2 names no variant; variants are 0..1"),
         (["--synthetic", "variants=2", "--memory-limit", "0"], "--memory-limit must be > 0 GiB"),
+        (["--synthetic", "a:variants=2"], "a NAME is for a spec of one model"),
+        (["--synthetic", ":kind=llama"], "write NAME:SPEC with a non-empty NAME"),
     ],
 )
 def test_serve_bad_arguments_are_one_line_before_anything_starts(args, message):

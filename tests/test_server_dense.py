@@ -108,14 +108,22 @@ def test_a_dense_config_we_do_not_support_is_one_line_and_nothing_loads(tiny_zoo
     assert "Traceback" not in done.stderr
 
 
-def test_synthetic_dense_model_serves_token_id_prompts():
-    s = Server("--synthetic", "kind=llama,layers=1,hidden=64,intermediate=128,heads=4,kv_heads=2,vocab=300")
+def test_synthetic_dense_models_serve_token_id_prompts_under_their_names():
+    tiny = "kind=llama,layers=1,hidden=64,intermediate=128,heads=4,kv_heads=2,vocab=300"
+    s = Server("--synthetic", tiny, "--synthetic", f"other:{tiny},seed=1")
     try:
         with Client(s.address) as client:
-            (info,) = client.list_models()
-            assert (info.name, info.kind, info.architecture) == ("llama", "dense", "llama")
-            c = client.complete("llama", [5, 6, 7, 8], max_tokens=8, temperature=0.0, ignore_eos=True)
-            assert c.completion_tokens == 8 and all(0 <= t < 300 for t in c.token_ids)
+            models = {m.name: m for m in client.list_models()}
+            assert {(m.name, m.kind, m.architecture) for m in models.values()} == {
+                ("llama", "dense", "llama"),
+                ("other", "dense", "llama"),
+            }
+            got = {}
+            for name in models:
+                c = client.complete(name, [5, 6, 7, 8], max_tokens=8, temperature=0.0, ignore_eos=True)
+                assert c.completion_tokens == 8 and all(0 <= t < 300 for t in c.token_ids)
+                got[name] = c.token_ids
+            assert got["llama"] != got["other"]  # another seed: other weights
     finally:
         s.stop()
 

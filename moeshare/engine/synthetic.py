@@ -188,6 +188,15 @@ DENSE_KEYS = ("seed", "layers", "hidden", "intermediate", "heads", "kv_heads", "
 KINDS = ("mixtral", "llama")
 
 
+def named_spec(text: str) -> tuple[str | None, str]:
+    """`moeshare serve --synthetic [NAME:]SPEC`: the name to serve a single model under (None: its own), and
+    the spec. A name is for a spec that makes one model (a dense one, or one variant with only=I)."""
+    name, sep, spec = text.rpartition(":")
+    if sep and not name:
+        raise MoeshareError(f"--synthetic {text}: write NAME:SPEC with a non-empty NAME")
+    return (name or None), spec
+
+
 def from_spec(
     spec: str, device: str, dtype: torch.dtype | None = None
 ) -> RandomMixtralSource | RandomDenseSource:

@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from moeshare.engine.api import EngineFailed
 from moeshare.engine.engine import Engine, EngineConfig
 from moeshare.engine.request import Targets
-from moeshare.engine.synthetic import from_spec
+from moeshare.engine.synthetic import from_spec, named_spec
 from moeshare.errors import MoeshareError
 from moeshare.server.auth import Access, BearerAuth, is_loopback, load_dirs, read_token
 from moeshare.server.bind import SERVER_OPTIONS, check_port, probe, tls_credentials
@@ -81,8 +81,12 @@ def check_args(args: argparse.Namespace) -> tuple[str | None, grpc.ServerCredent
     for p in args.paths:
         if not Path(named_path(p)[1]).exists():
             raise MoeshareError(f"no store or checkpoint at {p}")
-    for spec in args.synthetic:
-        from_spec(spec, "meta")  # the spec's errors now, before anything starts
+    for text in args.synthetic:
+        name, spec = named_spec(text)  # the spec's errors now, before anything starts
+        if len(from_spec(spec, "meta").variants) != 1 and name is not None:
+            raise MoeshareError(
+                f"--synthetic {text}: a NAME is for a spec of one model (kind=llama, or only=I)"
+            )
     _check_numbers(args)
     token = read_token(args.auth_token_file) if args.auth_token_file else None
     if bool(args.tls_cert) != bool(args.tls_key):
@@ -205,7 +209,8 @@ async def run_server(args: argparse.Namespace, engine: Engine | None = None) -> 
     engine = engine or Engine([], _engine_config(args))
     if args.memory_limit is not None:  # a limit that cannot hold what is asked for is one line before binding
         targets = [(path, name) for name, path in map(named_path, args.paths)]
-        engine.check_fits(targets + [(from_spec(spec, "meta"), None) for spec in args.synthetic])
+        synthetic = [named_spec(text) for text in args.synthetic]
+        engine.check_fits(targets + [(from_spec(spec, "meta"), name) for name, spec in synthetic])
     worker = EngineWorker(engine, args.max_queue, metrics.observe if metrics else None, on_fatal)
     servicer = MoeShareServicer(worker, metrics, allowed_load_dirs, slo_defaults(args))
     server = grpc.aio.server(interceptors=[BearerAuth(access)], options=SERVER_OPTIONS)

@@ -19,9 +19,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--synthetic",
         action="append",
         default=[],
-        metavar="SPEC",
+        metavar="[NAME:]SPEC",
         help="also serve random-weight Mixtral variants v0, v1, ... for speed tests, e.g. "
-        "variants=4,own=2,layers=8 (Mixtral-8x7B layer sizes unless given: hidden, intermediate, ...)",
+        "variants=4,own=2,layers=8 (Mixtral-8x7B layer sizes unless given: hidden, intermediate, ...), or a "
+        "dense model: kind=llama,layers=8 (Llama-3-8B sizes unless given); NAME: serve a single model as NAME",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0 picks a free one)")

@@ -24,7 +24,7 @@ from typing import Any
 from moeshare.engine.api import EngineFailed, Submit, TokenEvent, Usage
 from moeshare.engine.engine import Engine
 from moeshare.engine.request import FinishReason, SamplingParams
-from moeshare.engine.synthetic import from_spec
+from moeshare.engine.synthetic import from_spec, named_spec
 from moeshare.errors import MoeshareError, summary
 from moeshare.server.messages import (
     Ask,
@@ -224,7 +224,10 @@ class EngineWorker:
             device = self.engine.config.device
             named = [named_path(p) for p in op.paths]
             loaded = [m for name, path in named for m in self.engine.load(path, name)]
-            return loaded + [m for s in op.synthetic for m in self.engine.load(from_spec(s, device))]
+            for text in op.synthetic:
+                name, spec = named_spec(text)
+                loaded += self.engine.load(from_spec(spec, device), name=name)
+            return loaded
         if isinstance(op, SetKvLimits):
             return self.engine.set_kv_limits(op.model, op.least_bytes, op.most_bytes)
         if isinstance(op, Unload):
