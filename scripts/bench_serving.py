@@ -8,7 +8,7 @@ gRPC API on loopback (issue 7).
 Systems (moeshare.bench.systems): `moeshare` (one consolidated store, cross-variant batching),
 `reconfig-bs1` (same-index-pick bank, one variant's non-expert tensors resident, batch size 1), `swap`
 (one variant's whole weights resident at a time), `partition` (one server per variant, equal shares of
-memory, KV and batch). For each system: start its servers, warm them up, time each variant's request
+memory, KV and batch), `mig-partition` (`partition` with equal shares of the SMs through CUDA MPS; CUDA only). For each system: start its servers, warm them up, time each variant's request
 alone at two prompt lengths, then for each rate replay the seeded workload open loop and keep every
 request's timings. A request meets its SLO when its turnaround is within k times its solo latency at its
 own lengths, on the system where that variant's solo latency is lowest in this run, so every system is
@@ -59,6 +59,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 INTERRUPTED = "interrupted (Ctrl-C)"
+CUDA_ONLY = ("mig-partition",)  # SM shares through CUDA MPS
 # decode steps under load against their floor (the bytes they read over the copy bandwidth; engine/stepcost.py)
 STEP_KEYS = ("decode_steps", "decode_step_ms", "decode_floor_ms", "x_floor")
 TABLE_KEYS = (
@@ -95,7 +96,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--variants", type=int, default=4, help="how many variants (default 4), most popular first"
     )
-    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of {', '.join(SYSTEMS)}")
+    p.add_argument(
+        "--systems",
+        help=f"comma list of {', '.join(SYSTEMS)} (default: all; {', '.join(CUDA_ONLY)} only with --device cuda)",
+    )
     p.add_argument("--rates", default="0.5,1,2,4", help="comma list of request rates, requests/s in all")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per rate (default 60)")
     p.add_argument("--input-len", type=int, default=512, help="median prompt tokens (default 512)")
@@ -144,6 +148,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.systems is None:
+        args.systems = ",".join(s for s in SYSTEMS if args.device == "cuda" or s not in CUDA_ONLY)
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     if not args.systems and not args.keep:
         p.error("--systems is empty: name at least one (an empty list only re-summarizes --out with --keep)")

@@ -12,6 +12,7 @@ from moeshare.bench.systems import SYSTEMS, ServeLimits, SyntheticWorkspace, Wor
 from moeshare.consolidate.same_index import same_index_pick
 
 ROOT = Path(__file__).resolve().parents[1]
+CPU_SYSTEMS = [s for s in SYSTEMS if s != "mig-partition"]  # the default on CPU: MPS needs CUDA
 VARIANTS = 4
 OUT_LEN = 8
 
@@ -50,7 +51,7 @@ def test_every_system_has_a_summary_with_finite_metrics(run):
     for name in ("turnaround_vs_rate.png", "slo_attainment_vs_rate.png"):
         assert (out / name).read_bytes().startswith(b"\x89PNG"), name
     summary = json.loads((out / "summary.json").read_text())
-    assert [r["system"] for r in summary] == list(SYSTEMS)
+    assert [r["system"] for r in summary] == CPU_SYSTEMS
     for r in summary:
         assert r["rate_rps"] == 4.0 and r["requests"] > 0 and r["failed"] == 0, r
         assert r["gpu"] == "cpu" and r["date"]
@@ -63,12 +64,12 @@ def test_every_system_has_a_summary_with_finite_metrics(run):
 def test_every_replayed_request_completes_with_its_tokens(run):
     out, _ = run
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
-    assert {r["system"] for r in records} == set(SYSTEMS)
+    assert {r["system"] for r in records} == set(CPU_SYSTEMS)
     for r in records:
         assert r["error"] is None and r["finish_reason"] == "length", r
         assert len(r["token_times_s"]) == OUT_LEN and r["prompt_tokens"] == 16
     solo = json.loads((out / "solo.json").read_text())
-    assert set(solo["per_system"]) == set(SYSTEMS) and len(solo["reference"]) == VARIANTS
+    assert set(solo["per_system"]) == set(CPU_SYSTEMS) and len(solo["reference"]) == VARIANTS
 
 
 def test_reconfig_store_bank_is_the_same_index_pick_bank(run, tiny_zoo, tmp_path):
@@ -88,6 +89,23 @@ def test_partition_gives_each_variant_an_equal_share(tiny_zoo, tmp_path):
     assert [s.sources for s in specs] == [(str(p),) for p in ckpts.values()]
     for s in specs:
         assert s.options == ("--max-num-seqs", "16", "--kv-blocks", "128", "--memory-limit", "20.000")
+        assert s.sm_percent is None
+    mig = SYSTEMS["mig-partition"].layout(
+        Workspace(ckpts, tmp_path), ServeLimits("cpu", 64, 512, 80.0), "0.5"
+    )
+    assert [(s.options, s.sm_percent) for s in mig] == [
+        (s.options, 25) for s in specs
+    ]  # and a quarter of the SMs
+
+
+def test_mig_partition_on_cpu_fails_in_one_line_and_starts_nothing(tiny_zoo, tmp_path):
+    from moeshare.bench.systems import deploy
+
+    ckpts = {v: tiny_zoo / "mixtral" / v for v in ("kjv", "python")}
+    specs = SYSTEMS["mig-partition"].layout(Workspace(ckpts, tmp_path), ServeLimits("cpu"), "0.5")
+    with pytest.raises(RuntimeError, match="SM shares through CUDA MPS need --device cuda"):
+        deploy("mig-partition", specs, "cpu", tmp_path / "logs")
+    assert not (tmp_path / "logs").exists()
 
 
 def test_synthetic_systems_serve_one_family(tmp_path):

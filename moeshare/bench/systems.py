@@ -9,14 +9,17 @@ servers.
 
 from __future__ import annotations
 
+import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -27,6 +30,7 @@ from moeshare.consolidate.same_index import same_index_pick
 from moeshare.engine.synthetic import from_spec
 
 LISTENING = "moeshare: listening on "
+MPS_CONTROL = "nvidia-cuda-mps-control"
 START_TIMEOUT_S = 600.0
 STOP_TIMEOUT_S = 30.0
 
@@ -47,6 +51,8 @@ class ServerSpec:
     variants: tuple[str, ...]  # the variants it serves
     options: tuple[str, ...]  # serve options beyond host, port and device
     send_as: str | None = None  # every request goes to this served variant, whatever it names
+    # a share of the GPU's SMs through CUDA MPS (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE; deploy starts the daemon)
+    sm_percent: int | None = None
 
 
 @dataclass(frozen=True)
@@ -183,6 +189,14 @@ def partition_layout(ws: Workspace, limits: ServeLimits, budget: str) -> list[Se
     return [_one_store(ws.single(v), [v], share) for v in ws.variants]
 
 
+def mig_partition_layout(ws: Workspace, limits: ServeLimits, budget: str) -> list[ServerSpec]:
+    """`partition`, and each server also holds an equal share of the SMs through CUDA MPS
+    (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE): the closest to MIG that runs without repartitioning the GPU. The
+    servers still share the memory system and copy engines, which MIG would split too."""
+    specs = partition_layout(ws, limits, budget)
+    return [replace(s, sm_percent=max(1, 100 // len(specs))) for s in specs]
+
+
 def single_layout(ws: Workspace, limits: ServeLimits, budget: str) -> list[ServerSpec]:
     """Not a way to serve many variants: the reference for what they cost. The most popular variant
     alone on one server, and every request of the workload goes to it (same arrivals, same lengths)."""
@@ -208,6 +222,7 @@ SYSTEMS = {
         System("reconfig-bs1", reconfig_bs1_layout),
         System("swap", swap_layout),
         System("partition", partition_layout),
+        System("mig-partition", mig_partition_layout),
         System("single", single_layout),
     )
 }
@@ -240,12 +255,43 @@ class ServerProcess:
         )
 
 
-def spawn(spec: ServerSpec, device: str, log: Path) -> ServerProcess:
+class MpsDaemon:
+    """The CUDA MPS control daemon, started for one deployment in a pipe directory of its own (so it serves
+    only the servers given its `env`) and stopped with it."""
+
+    def __init__(self, root: Path) -> None:
+        self.pipes = Path(tempfile.mkdtemp(prefix="mps-", dir=root))
+        self.env = {"CUDA_MPS_PIPE_DIRECTORY": str(self.pipes), "CUDA_MPS_LOG_DIRECTORY": str(self.pipes)}
+        if shutil.which(MPS_CONTROL) is None:
+            raise RuntimeError(f"{MPS_CONTROL} is not on PATH: SM shares need the CUDA MPS control daemon")
+        done = subprocess.run(
+            [MPS_CONTROL, "-d"], env=os.environ | self.env, capture_output=True, text=True, timeout=30
+        )
+        if done.returncode != 0:
+            said = (done.stderr or done.stdout).strip().splitlines()
+            raise RuntimeError(f"{MPS_CONTROL} -d failed: {said[-1] if said else done.returncode}")
+
+    def stop(self) -> None:
+        subprocess.run(
+            [MPS_CONTROL],
+            input="quit\n",
+            env=os.environ | self.env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        shutil.rmtree(self.pipes, ignore_errors=True)
+
+
+def spawn(spec: ServerSpec, device: str, log: Path, env: Mapping[str, str] | None = None) -> ServerProcess:
     cmd = [sys.executable, "-m", "moeshare.cli", "serve", *spec.sources]
     cmd += ["--host", "127.0.0.1", "--port", "0", "--device", device, *spec.options]
     log.parent.mkdir(parents=True, exist_ok=True)
+    extra = dict(env or {})
+    if spec.sm_percent is not None:
+        extra["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(spec.sm_percent)
     with log.open("w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=os.environ | extra)
     server = ServerProcess(spec, proc, log)
     stdout = proc.stdout
     assert stdout is not None
@@ -302,6 +348,7 @@ class Deployment:
 
     system: str
     servers: list[ServerProcess]
+    mps: MpsDaemon | None = None
 
     @property
     def routes(self) -> dict[str, Route]:  # workload variant -> where its requests go
@@ -309,6 +356,8 @@ class Deployment:
 
     def stop(self) -> None:
         stop_all(self.servers)
+        if self.mps is not None:
+            self.mps.stop()
 
     def __enter__(self) -> Deployment:
         return self
@@ -318,15 +367,24 @@ class Deployment:
 
 
 def deploy(system: str, specs: list[ServerSpec], device: str, logs: Path) -> Deployment:
-    """Start every server at once and wait for all; on any failure the started ones are stopped."""
+    """Start every server at once and wait for all (and the MPS daemon first if any server takes a share of
+    the SMs: a CUDA-only system); on any failure the started ones are stopped."""
     servers: list[ServerProcess] = []
+    mps = None
     try:
+        if any(s.sm_percent is not None for s in specs):
+            if device != "cuda":
+                raise RuntimeError(f"{system}: SM shares through CUDA MPS need --device cuda")
+            logs.mkdir(parents=True, exist_ok=True)
+            mps = MpsDaemon(logs)
         for i, spec in enumerate(specs):
-            servers.append(spawn(spec, device, logs / f"{system}-{i}.log"))
+            servers.append(spawn(spec, device, logs / f"{system}-{i}.log", mps.env if mps else None))
         deadline = time.monotonic() + START_TIMEOUT_S
         for s in servers:
             wait_ready(s, deadline)
     except BaseException:
         stop_all(servers)
+        if mps is not None:
+            mps.stop()
         raise
-    return Deployment(system, servers)
+    return Deployment(system, servers, mps)
