@@ -4,6 +4,7 @@ roofs; explicit settings win; on CPU fixed defaults. Multiplexing settings are c
 import pytest
 import torch
 
+from moeshare.engine.api import Submit
 from moeshare.engine.budget import CPU_SEQS, CPU_TOKENS, Roofs, ridge, step_budgets
 from moeshare.engine.engine import Engine, EngineConfig
 from moeshare.engine.models.dense import DENSE
@@ -97,7 +98,8 @@ def test_a_dense_decode_step_reads_its_weights_once_and_each_sequences_kv():
     cost, fp, layout, src = _cost(f"kind=llama,{SMALL}")
     kv_per_token = fp.layers * 2 * fp.kv_heads * fp.head_dim * 2
     batch = _decodes("llama", 0, [10, 30])
-    assert cost.floor(batch) == pytest.approx((layout.row_bytes + 40 * kv_per_token) / 1e12)
+    weights = layout.row_bytes - fp.lookup * 2  # of the embedding table, a step reads only its tokens' rows
+    assert fp.lookup == 300 * 64 and cost.floor(batch) == pytest.approx((weights + 40 * kv_per_token) / 1e12)
 
 
 def test_a_moe_step_reads_the_slots_its_tokens_are_expected_to_route_to():
@@ -108,7 +110,11 @@ def test_a_moe_step_reads_the_slots_its_tokens_are_expected_to_route_to():
     def slots(batch) -> float:
         rows = len({s.row for s in batch})
         ctx = sum(s.start + s.count for s in batch)
-        return (cost.floor(batch) * 1e12 - rows * layout.row_bytes - ctx * kv) / layout.slot_bytes / 2
+        return (
+            (cost.floor(batch) * 1e12 - rows * (layout.row_bytes - fp.lookup * 2) - ctx * kv)
+            / layout.slot_bytes
+            / 2
+        )
 
     assert slots(_decodes(a, 0, [5])) == pytest.approx(2)  # one token: its top 2, in each of 2 layers
     assert slots(_decodes(a, 0, [5] * 400)) == pytest.approx(8)  # many: all of its 8 experts
@@ -118,7 +124,14 @@ def test_a_moe_step_reads_the_slots_its_tokens_are_expected_to_route_to():
 
 def test_the_engine_counts_its_steps_against_their_floor(tiny_zoo):
     engine = Engine([tiny_zoo / "llama" / "kjv"], EngineConfig(overlap=False))
-    engine.generate("kjv", "And God said", SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    engine.submit(Submit("kjv", "And God said", params))
+    for _ in range(4):
+        engine.step()
+    engine.submit(Submit("kjv", "In the beginning", params))  # its prompt joins a step of decodes
+    while engine.has_work():
+        engine.step()
     (load,) = engine.stats().models
-    assert load.decode_steps.steps >= 9 and load.all_steps.steps > load.decode_steps.steps
+    # every step after the first (which starts from idle: nothing before it to time it from) is counted
+    assert load.all_steps.steps == load.decode_steps.steps + 1 and load.decode_steps.steps >= 12
     assert 0 < load.decode_steps.floor_seconds < load.decode_steps.seconds

@@ -44,31 +44,42 @@ class Budgets:
     ridge: float | None  # T*, the batch where a decode step turns compute-bound (None: not measured, CPU)
 
 
-def _timed(fn, reps: int, cuda: bool) -> float:
+def _timed(fn, reps: int, device: torch.device) -> float:
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     fn()
-    if cuda:
-        torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     for _ in range(reps):
         fn()
-    if cuda:
-        torch.cuda.synchronize()
+    sync()
     return (time.perf_counter() - t0) / reps
 
 
 @functools.cache
 def measure_roofs(device: torch.device) -> Roofs:
     """The device's copy bandwidth and matmul throughput (bf16 on CUDA, 0.4 GB of buffers; float32 on CPU)."""
+    roofs = _measure(device)
+    if (
+        device.type == "cuda"
+    ):  # the buffers back to the device, not the cache: KV pools are sized from what is free
+        torch.cuda.empty_cache()
+    return roofs
+
+
+def _measure(device: torch.device) -> Roofs:
     cuda = device.type == "cuda"
     dtype, (m, k, n), nbytes = (torch.bfloat16, (4096, 8192, 4096), 128 << 20) if cuda else (
         torch.float32, (256, 512, 256), 16 << 20
     )  # fmt: skip
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    copy = _timed(lambda: dst.copy_(src), 10, cuda)
+    copy = _timed(lambda: dst.copy_(src), 10, device)
     a = torch.randn(m, k, dtype=dtype, device=device)
     b = torch.randn(k, n, dtype=dtype, device=device)
-    mm = _timed(lambda: a @ b, 10, cuda)
+    mm = _timed(lambda: a @ b, 10, device)
     return Roofs(2 * nbytes / copy, 2 * m * k * n / mm)
 
 
@@ -79,8 +90,9 @@ def _pow2_floor(x: float) -> int:
 def ridge(fp: Footprint, layout: Layout, itemsize: int, roofs: Roofs) -> float:
     """T*: the decode batch at which one variant's step turns from reading weights to computing."""
     moe_layers = len(layout.slots)
-    read = layout.row_bytes + moe_layers * fp.experts * layout.slot_bytes  # every expert, at a large batch
-    active = (layout.row_bytes + moe_layers * fp.experts_per_token * layout.slot_bytes) / itemsize
+    row = layout.row_bytes - fp.lookup * itemsize  # the embedding table is looked up, not read
+    read = row + moe_layers * fp.experts * layout.slot_bytes  # every expert, at a large batch
+    active = (row + moe_layers * fp.experts_per_token * layout.slot_bytes) / itemsize
     return (read / roofs.bandwidth) / (2 * active / roofs.flops)
 
 

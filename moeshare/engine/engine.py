@@ -60,6 +60,7 @@ class Engine:
             self.pages = PageManager.for_device(
                 self.device, self.config.pool_bytes, self.config.pool_page_bytes
             )
+            self.pages.streams = self._streams
         limit = self.config.memory_limit_bytes
         if limit is not None and self.device.type == "cuda":  # hold the caching allocator to the rest too
             index = self.device.index if self.device.index is not None else torch.cuda.current_device()
@@ -131,6 +132,8 @@ class Engine:
         once; their final events come out of the next step) and its memory is dropped. Returns the models
         that were unloaded."""
         instance = self._instance(model)
+        if instance.stream is not None:  # its batches on its own stream finish before its memory goes back
+            instance.stream.synchronize()
         for ev in instance.cancel_all():
             self._by_seq.pop(ev.seq_id, None)
             self._outbox.append(ev)
@@ -288,15 +291,18 @@ class Engine:
         self._steps += 1
         return events
 
+    def _streams(self) -> list[torch.cuda.Stream]:
+        return [i.stream for i in self._instances if i.stream is not None]
+
     def _join_streams(self) -> None:
         """With multiplex "streams": the device's current stream waits for every instance's work queued so
         far, so what it queues next (the page pool's fence, an eviction's copy, a scoring pass) comes after
         every read of the pages and weights it may hand on to another model."""
-        current = None
-        for instance in self._instances:
-            if instance.stream is not None:
-                current = current or torch.cuda.current_stream(self.device)
-                current.wait_stream(instance.stream)
+        streams = self._streams()
+        if streams:
+            current = torch.cuda.current_stream(self.device)
+            for stream in streams:
+                current.wait_stream(stream)
 
     # ---- weights on and off the device (the page pool) ---------------------------------------------------
 

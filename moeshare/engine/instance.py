@@ -109,14 +109,13 @@ class Instance:
         self.step_seconds: float | None = None  # moving average of the time between its busy steps
         self._last_step: float | None = None
         self.cost = cost  # each step's floor beside its time (None: not counted)
-        self._last_batch: list[Scheduled] = []
+        self._last_done: tuple[object, float] | None = None  # the last batch read back: its event, host time
         self.wants_device_since: float | None = None  # evicted with requests waiting: since when
         # multiplex "streams": its batches queue on a CUDA stream of its own (None: the device's current one)
-        self.stream = (
-            torch.cuda.Stream(self.device)
-            if config.multiplex == "streams" and self.device.type == "cuda"
-            else None
-        )
+        self.stream = None
+        if config.multiplex == "streams" and self.device.type == "cuda":
+            self.stream = torch.cuda.Stream(self.device)
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))  # behind what building it queued
 
     @property
     def models(self) -> list[str]:
@@ -269,6 +268,10 @@ class Instance:
 
     # ---- stepping ----------------------------------------------------------------------------------------
 
+    def can_launch(self) -> bool:
+        """Whether a step could queue a batch now (no batch before its last still on the device)."""
+        return self._unread is None or self._unread.ready()
+
     def on_stream(self) -> AbstractContextManager:
         """Where its GPU work queues: its own stream with multiplex "streams", else the current one."""
         return torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
@@ -287,19 +290,18 @@ class Instance:
             events, self._unread = self._collect(self._unread), None
         if not self.on_device:  # evicted, or its weights still coming back: its requests wait
             return events + self._activation_failed()
+        continuing = self._last_step is not None  # it had work at its last step too
         if self.has_work():
             now = time.perf_counter()
             if self._last_step is not None:  # the time a step of this model takes, others' steps included
                 dt = now - self._last_step
                 self.step_seconds = dt if self.step_seconds is None else 0.8 * self.step_seconds + 0.2 * dt
-                if self.cost is not None and self._last_batch:
-                    self.cost.record(self._last_batch, dt)
             self.last_busy = self._last_step = now
         else:
             self._last_step = None
         prev, self._inflight = self._inflight, None
         refused = self._beyond_the_pool()
-        batch = self._last_batch = self.scheduler.schedule()
+        batch = self.scheduler.schedule()
         launched, failed = None, None
         if batch:
             try:
@@ -308,6 +310,7 @@ class Instance:
                 failed = e
             else:
                 self.launches += 1
+                launched.queued_behind = continuing
                 for s in batch:
                     s.seq.pending += s.samples
         events += refused
@@ -371,11 +374,27 @@ class Instance:
             events += self._collect(launched)
         return events
 
+    def _count(self, launched: Launched) -> None:
+        """A batch read back: its time is from the end of this instance's batch before it (on the device, by
+        their events; on CPU, by the host's clock), counted when it was queued at a step right after one that
+        had work too, so the two ran back to back (with multiplex "serial" the batches of other instances queued
+        between count too)."""
+        now = time.perf_counter()
+        last, self._last_done = self._last_done, (launched.done, now)
+        if self.cost is None or last is None or not launched.queued_behind:
+            return
+        if launched.done is not None and last[0] is not None:
+            seconds = last[0].elapsed_time(launched.done) / 1e3
+        else:
+            seconds = now - last[1]
+        self.cost.record(launched.batch, seconds)
+
     def _collect(self, launched: Launched) -> list[TokenEvent]:
         self.collected += 1
         events: list[TokenEvent] = []
         try:
             chosen, logprobs = launched.read()
+            self._count(launched)
             self._advance(launched.batch, chosen, logprobs, events)
         except Exception as e:
             return events + self._fail(launched.batch, e)

@@ -76,10 +76,10 @@ def plan(
     c = config
     if c.max_num_seqs is None or c.max_batched_tokens is None:
         budgets = step_budgets(fp, layout, dtype, device)
+        # an explicit budget bounds the derived one: every decode of a step fits its token budget
+        seqs = c.max_num_seqs or min(budgets.seqs, c.max_batched_tokens or budgets.seqs)
         c = replace(
-            c,
-            max_num_seqs=c.max_num_seqs or budgets.seqs,
-            max_batched_tokens=c.max_batched_tokens or max(budgets.tokens, c.max_num_seqs or 0),
+            c, max_num_seqs=seqs, max_batched_tokens=c.max_batched_tokens or max(budgets.tokens, seqs)
         )
     if pages is not None:
         per_block = BlockPool.block_bytes(c.block_size, fp.layers, fp.kv_heads, fp.head_dim, dtype)
@@ -136,6 +136,8 @@ def build_instance(
     dtype, device = c.torch_dtype, c.torch_device
     # tokenizers before any device memory: one that does not load is one line, and nothing was taken
     tokenizers = {m: load_tokenizer(source.tokenizer_dir(v)) for m, v in names.items()}
+    # the GPU's roofs (measured once, before this instance holds any memory) for its steps' floors
+    cost = StepCost(fp, layout, source, names, dtype.itemsize, measure_roofs(device), c.swap_whole_variants)
     oom = ""
     kv = (blocks, c.block_size, fp.layers, fp.kv_heads, fp.head_dim, dtype)
     pool = ElasticBlockPool(pages, next(iter(names)), *kv) if pages is not None else None
@@ -185,5 +187,5 @@ def build_instance(
         offloaded_layers=len(placement.offload),
         placed_bytes=(placement.work if pages is not None else placement.total) if left is not None else 0,
         weights=weights,
-        cost=StepCost(fp, layout, source, names, dtype.itemsize, measure_roofs(device)),
+        cost=cost,
     )

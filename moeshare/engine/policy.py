@@ -5,8 +5,9 @@ its next token (its arrival plus its time-to-first-token target before the first
 token's time plus its time-per-output-token target per token so far), and an instance's slack is its most
 pressing request's time to deadline. When some instance's slack is below `urgent` seconds, only the urgent
 instances run that step, least slack first, so their steps come faster; the others wait. Fairness bound: an
-instance with work is skipped at most `max_skips` steps in a row, so every model with work runs at least once
-every max_skips + 1 steps whatever the others' targets. Without any targets every instance with work runs every
+instance with work is skipped at most `max_skips` steps in a row in which it could have queued a batch (with
+multiplex "streams" a step finds some instances' batches still running: they are not skipped then), so every
+model with work runs at least once every max_skips + 1 such steps whatever the others' targets. Without any targets every instance with work runs every
 step, in load order, as `LoadOrder` does. Instances whose weights are not on the device are never urgent (they
 cannot run; their activation goes on beside).
 """
@@ -48,8 +49,11 @@ class LeastSlack:
         else:
             due = [i for i in busy if self._skipped.get(id(i), 0) >= self.max_skips]
             picked = sorted(urgent, key=lambda i: slack[id(i)]) + [i for i in due if i not in urgent]
-        for i in busy:
-            self._skipped[id(i)] = 0 if i in picked else self._skipped.get(id(i), 0) + 1
+        for i in busy:  # a step in which it could not have queued a batch anyway is no skip
+            if i in picked:
+                self._skipped[id(i)] = 0
+            elif i.can_launch():
+                self._skipped[id(i)] = self._skipped.get(id(i), 0) + 1
         for key in set(self._skipped) - {id(i) for i in busy}:
             del self._skipped[key]
         return picked

@@ -30,6 +30,9 @@ class Launched:
     logprobs: torch.Tensor  # [n] float32 likewise
     done: torch.cuda.Event | None  # None on CPU: already there
     row_of: dict[int, int]  # seq_id -> its row in the batch (where the next step finds its token)
+    queued_behind: bool = (
+        False  # queued at a step right after one with work (its time counts; Instance._count)
+    )
 
     def ready(self) -> bool:
         """Whether its tokens are back (read would not wait)."""
@@ -123,7 +126,7 @@ class Runner:
         host_l = torch.empty(logprobs.shape, dtype=logprobs.dtype, pin_memory=True)
         host_c.copy_(chosen, non_blocking=True)
         host_l.copy_(logprobs, non_blocking=True)
-        done = torch.cuda.Event()
+        done = torch.cuda.Event(enable_timing=True)  # its time counts against its floor (stepcost.py)
         done.record()
         return Launched(batch, host_c, host_l, done, row_of)
 

@@ -29,35 +29,47 @@ def _log_untouched(table: list[int], slots: int, experts: int, top_k: int) -> np
     """[slots] log P(a token of this variant touches no expert merged into the slot)."""
     counts = np.bincount(np.asarray(table, dtype=np.int64), minlength=slots)[:slots]
     total = math.comb(experts, top_k)
+    # a slot every token touches: a large finite log (a model with no token in the step multiplies it by 0)
     return np.array(
-        [
-            math.log(math.comb(experts - c, top_k) / total) if experts - c >= top_k else -math.inf
-            for c in counts
-        ]
+        [math.log(math.comb(experts - c, top_k) / total) if experts - c >= top_k else -1e9 for c in counts]
     )
 
 
 class StepCost:
     def __init__(
-        self, fp: Footprint, layout: Layout, source: Any, names: dict[str, str], itemsize: int, roofs: Roofs
+        self,
+        fp: Footprint,
+        layout: Layout,
+        source: Any,
+        names: dict[str, str],
+        itemsize: int,
+        roofs: Roofs,
+        private: bool = False,
     ) -> None:
-        """`names`: model name -> the source's variant (its expert tables give the slots it can touch)."""
+        """`names`: model name -> the source's variant (its expert tables give the slots it can touch);
+        `private`: every variant holds its own experts (whole-variant swaps), none shared."""
         self.roofs = roofs
-        self.row_bytes, self.slot_bytes = layout.row_bytes, layout.slot_bytes
+        # a step reads a row's weights but the few embedding rows it looks up
+        self.row_bytes, self.slot_bytes = layout.row_bytes - fp.lookup * itemsize, layout.slot_bytes
         self.kv_per_token = fp.layers * 2 * fp.kv_heads * fp.head_dim * itemsize
         moe = list(source.adapter.moe_layers) if layout.slots else []
         self.flops_per_token = (
-            2 * (layout.row_bytes + len(moe) * fp.experts_per_token * layout.slot_bytes) / itemsize
+            2 * (self.row_bytes + len(moe) * fp.experts_per_token * layout.slot_bytes) / itemsize
         )
         self.attn_flops = 4 * fp.layers * fp.heads * fp.head_dim  # per (query, key) pair: q k and p v
         self.index = {m: i for i, m in enumerate(names)}
         width = max(layout.slots, default=0)
+        if private:
+            width = max(width, len(names) * fp.experts)
         # [models, moe layers, slots] log P(one token of the model leaves the slot untouched)
         self.log_untouched = np.zeros((len(names), len(moe), width))
         for m, v in names.items():
+            i = self.index[m]
             for j, layer in enumerate(moe):
-                self.log_untouched[self.index[m], j] = _log_untouched(
-                    source.table(v, layer), width, fp.experts, fp.experts_per_token
+                # whole-variant swaps: each row owns its experts (E slots of its own), whatever the store shares
+                table = range(i * fp.experts, (i + 1) * fp.experts) if private else source.table(v, layer)
+                self.log_untouched[i, j] = _log_untouched(
+                    list(table), width, fp.experts, fp.experts_per_token
                 )
         self.decode = StepTotals()
         self.all = StepTotals()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -305,6 +305,9 @@ class PageManager:
         self.maps = self.unmaps = 0
         self.map_seconds = self.unmap_seconds = 0.0
         self._unfenced: list[tuple[Region, int]] = []  # pages given back since the last fence
+        # the streams besides the device's default one whose work may read pages (the engine's instances'
+        # with multiplex "streams"): a fence comes after their work queued so far too
+        self.streams: Callable[[], Iterable[torch.cuda.Stream]] = tuple
 
     @classmethod
     def for_device(cls, device: torch.device, nbytes: int, page_bytes: int = PAGE_BYTES) -> PageManager:
@@ -468,8 +471,13 @@ class PageManager:
         engine fences once a step; a reap fences first, so forgetting one is never unsafe, only slower)."""
         if not self._unfenced:
             return
-        event = torch.cuda.Event()  # on the engine device's stream, whatever device is current
-        event.record(torch.cuda.current_stream(self.backend.device))
+        # on the engine device's default stream, whatever stream or device is current (a reap may run inside
+        # one instance's step, on its stream), behind every stream that may read the pages
+        stream = torch.cuda.default_stream(self.backend.device)
+        for other in self.streams():
+            stream.wait_stream(other)
+        event = torch.cuda.Event()
+        event.record(stream)
         for region, page in self._unfenced:
             if region.idle.get(page) is UNFENCED:  # not taken back (or released) since
                 region.idle[page] = event

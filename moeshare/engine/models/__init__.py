@@ -35,6 +35,7 @@ class Footprint:
     heads: int = 0  # query heads
     experts: int = 0  # per MoE layer, in one variant (0: dense)
     experts_per_token: int = 0  # routed per token per MoE layer
+    lookup: int = 0  # elements of a row's weights a step only looks up a few rows of (an untied embedding)
 
 
 @dataclass(frozen=True)

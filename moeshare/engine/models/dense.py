@@ -25,6 +25,7 @@ class Dense:
             layers=d.layers,
             kv_heads=d.kv_heads,
             heads=d.heads,
+            lookup=0 if d.tied else d.vocab * d.hidden,
             head_dim=d.head_dim,
             context=d.max_positions,
             vocab=d.vocab,

@@ -25,6 +25,7 @@ class MoeVariants:
             layers=d.layers,
             kv_heads=d.kv_heads,
             heads=d.heads,
+            lookup=d.vocab * d.hidden,
             head_dim=d.head_dim,
             context=d.max_positions,
             vocab=d.vocab,

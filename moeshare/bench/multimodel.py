@@ -1,0 +1,170 @@
+"""The multi-model benchmark's parts: model sets of dense models and a MoE store at real sizes (random weights,
+`moeshare serve --synthetic`), the systems that serve them on one GPU, and a workload whose popular models go
+idle halfway while cold ones burst (scripts/bench_multimodel.py runs them).
+
+Systems, each a set of `moeshare serve` processes on loopback (`layouts`):
+- `moeshare`: one server, one page pool for every model's weights and KV (weights evicted to host memory and
+  activated on demand), the least-slack policy, batches on a stream per model.
+- `static-partition`: one server per store or checkpoint, each with an equal share of the device memory
+  (`--memory-limit`): its weights and a fixed KV pool in it. A store larger than its share keeps the MoE layers
+  that do not fit in host memory and copies the routed slots in per step; a dense model larger than its
+  share cannot be served and is dropped (its requests fail).
+- `mig-partition`: `static-partition`, and each server also holds an equal share of the SMs (CUDA MPS).
+- `muxserve-style`: one server, our engine with static placement (every model's weights on the device, no
+  eviction), a fixed KV quota per model (`--kv-blocks`), load-order scheduling, batches on a stream per model;
+  models that do not fit, least popular first, are dropped.
+- `time-share`: one server whose page pool holds the largest model's weights and its KV room, so (about) one
+  model is on the device at a time and a switch copies the next one's weights in from pinned host memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from moeshare.bench.systems import ServerSpec
+from moeshare.bench.workload import Lengths, RequestSpec, WorkloadSpec, generate
+from moeshare.engine.config import EngineConfig
+from moeshare.engine.models import architecture
+from moeshare.engine.synthetic import from_spec
+
+GIB = 2**30
+SYSTEMS = ("moeshare", "static-partition", "mig-partition", "muxserve-style", "time-share")
+CUDA_ONLY = ("mig-partition",)
+SLACK = 1 * GIB  # per server on a GPU: work space, the allocator's rounding, the CUDA context's own
+TINY = "hidden=64,intermediate=128,heads=4,kv_heads=2,vocab=300,layers=2"
+DENSE_8B = "kind=llama,layers=32"  # Llama-3-8B shapes
+STORE = "layers=8,variants=4,own=2"  # Mixtral-8x7B layer sizes, 8 layers, 4 variants
+# name -> (dense models, store spec, dense spec)
+MODEL_SETS = {
+    "fits": (4, STORE, DENSE_8B),  # about 110 GB of weights: every system can hold every model
+    "overflows": (8, STORE, DENSE_8B),  # more than the GPU holds: models must take turns
+    "tiny": (3, f"variants=2,own=1,experts=4,{TINY}", f"kind=llama,{TINY}"),  # the CPU smoke run
+}
+
+
+@dataclass(frozen=True)
+class Model:
+    """One store or checkpoint of a set: what a server loads, the models it serves, its sizes."""
+
+    source: str  # the --synthetic argument: NAME:SPEC for a dense model, SPEC for the store
+    models: tuple[str, ...]  # the names it serves (a store: its variants)
+    kind: str  # "dense" or "moe"
+    weights: int  # bytes on the device with every row resident
+    block: int  # bytes of one KV block of 16 tokens
+
+    @property
+    def label(self) -> str:
+        return self.models[0] if self.kind == "dense" else "store"
+
+
+def describe(source: str, kind: str, dtype: torch.dtype = torch.bfloat16) -> Model:
+    """Sizes in `dtype` (what the servers use: bfloat16 on CUDA, float32 on CPU)."""
+    name, _, spec = source.rpartition(":")
+    src = from_spec(spec, "meta")
+    entry = architecture(src.architecture, source)
+    layout = entry.layout(src, EngineConfig(), dtype)
+    fp = entry.footprint(src.config)
+    weights = layout.rows * layout.row_bytes + sum(layout.slots) * layout.slot_bytes
+    block = 16 * fp.layers * 2 * fp.kv_heads * fp.head_dim * dtype.itemsize
+    models = (name,) if name else tuple(src.variants)
+    return Model(source, models, kind, weights, block)
+
+
+def model_set(name: str, dtype: torch.dtype = torch.bfloat16) -> list[Model]:
+    dense, store, spec = MODEL_SETS[name]
+    out = [describe(f"d{i}:{spec},seed={i + 1}", "dense", dtype) for i in range(dense)]
+    return out + [describe(store, "moe", dtype)]
+
+
+@dataclass(frozen=True)
+class Layout:
+    servers: list[ServerSpec]
+    dropped: list[str]  # models no server holds (their requests fail)
+    fixed: dict[str, int]  # device bytes each store or checkpoint holds for good (empty: they move)
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.3f}"
+
+
+def _sources(models: list[Model]) -> tuple[str, ...]:
+    return tuple(x for m in models for x in ("--synthetic", m.source))
+
+
+def _names(models: list[Model]) -> tuple[str, ...]:
+    return tuple(n for m in models for n in m.models)
+
+
+def layout(
+    system: str, models: list[Model], usable: int, popularity: list[str], slack: int = SLACK
+) -> Layout:
+    """The servers of `system` for `models` in `usable` bytes of device memory, `slack` bytes of it per server
+    beside weights and KV; `popularity`: model names, most requested first (muxserve-style drops the least
+    popular that do not fit)."""
+    if system == "moeshare":
+        spec = ServerSpec(
+            _sources(models), _names(models), ("--pool", _gib(usable - SLACK), "--evict-to", "host")
+        )
+        return Layout([spec], [], {})
+    if system in ("static-partition", "mig-partition"):
+        share = usable // len(models)
+        kept = [m for m in models if m.kind == "moe" or m.weights + slack + 64 * m.block <= share]
+        sm = max(1, 100 // len(models)) if system == "mig-partition" else None
+        servers = [
+            ServerSpec(_sources([m]), m.models, ("--memory-limit", _gib(share)), sm_percent=sm) for m in kept
+        ]
+        dropped = [n for m in models if m not in kept for n in m.models]
+        return Layout(servers, dropped, {m.label: share for m in kept})
+    if system == "muxserve-style":
+        rank = {n: i for i, n in enumerate(popularity)}
+        order = sorted(models, key=lambda m: min(rank[n] for n in m.models))
+        kept: list[Model] = []
+        for m in order:  # each kept model needs its weights and at least 256 KV blocks beside
+            trial = [*kept, m]
+            if sum(x.weights + 256 * x.block for x in trial) + slack * len(trial) <= usable:
+                kept = trial
+        left = usable - sum(m.weights for m in kept) - slack * len(kept)
+        blocks = max(16, left // max(m.block for m in kept) // len(kept))  # the same quota for every model
+        options = ("--memory-limit", _gib(usable), "--kv-blocks", str(blocks), "--policy", "load-order")
+        spec = ServerSpec(_sources(kept), _names(kept), options)
+        dropped = [n for m in models if m not in kept for n in m.models]
+        return Layout([spec], dropped, {m.label: m.weights + blocks * m.block for m in kept})
+    if system == "time-share":
+        largest = max(m.weights for m in models)
+        pool = largest + max(2 * GIB, largest // 8)  # its weights and room for its KV
+        spec = ServerSpec(_sources(models), _names(models), ("--pool", _gib(pool), "--evict-to", "host"))
+        return Layout([spec], [], {})
+    raise ValueError(f"unknown system {system!r}; choose from {', '.join(SYSTEMS)}")
+
+
+def phased_workload(
+    popularity: list[str],
+    rate: float,
+    duration: float,
+    alpha: float,
+    cv: float,
+    burst_cv: float,
+    lengths: tuple[Lengths, Lengths],
+    vocab: tuple[int, int],
+    seed: int,
+) -> list[RequestSpec]:
+    """Two halves: Zipf(alpha) over `popularity` with gaps of coefficient of variation `cv`; then the popular
+    half goes idle and the cold half takes the whole rate, least popular first, in bursts (`burst_cv`)."""
+    half = duration / 2
+    cold = popularity[len(popularity) // 2 :][::-1]
+    first = generate(WorkloadSpec(popularity, rate, half, alpha, cv, *lengths, vocab=vocab, seed=seed))
+    second = generate(WorkloadSpec(cold, rate, half, alpha, burst_cv, *lengths, vocab=vocab, seed=seed + 1))
+    out = [RequestSpec(f"a{r.id}", r.variant, r.arrival_s, r.prompt_ids, r.max_tokens) for r in first]
+    out += [
+        RequestSpec(f"b{r.id}", r.variant, half + r.arrival_s, r.prompt_ids, r.max_tokens) for r in second
+    ]
+    return sorted(out, key=lambda r: r.arrival_s)
+
+
+def popularity_order(models: list[Model], seed: int) -> list[str]:
+    """Every served model name, most popular first: a seeded shuffle, so both kinds are among the popular."""
+    names = list(_names(models))
+    return [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
