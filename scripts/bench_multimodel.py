@@ -39,10 +39,10 @@ import torch
 from tqdm import tqdm
 
 from moeshare.bench import multimodel as mm
-from moeshare.bench.metrics import Solo, request_latency
+from moeshare.bench.metrics import Solo, latency_targets, request_latency
 from moeshare.bench.replay import RequestRecord, replay
 from moeshare.bench.systems import Deployment, deploy
-from moeshare.bench.workload import Lengths, RequestSpec
+from moeshare.bench.workload import Lengths, RequestSpec, around
 from moeshare.client import Client
 
 matplotlib.use("Agg")
@@ -93,8 +93,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def lengths(args: argparse.Namespace) -> tuple[Lengths, Lengths]:
-    out = Lengths(args.output_len, lo=max(2, args.output_len // 4), hi=2 * args.output_len)
-    return Lengths(args.input_len, lo=max(1, args.input_len // 4), hi=4 * args.input_len), out
+    return around(args.input_len, args.output_len)
 
 
 # ---- timelines -----------------------------------------------------------------------------------------------
@@ -139,17 +138,6 @@ class SystemRun:
     rows: list[dict] = field(default_factory=list)
     timelines: dict[str, list] = field(default_factory=dict)  # rate -> samples
     error: str = ""
-
-
-def _targets(solo: Mapping[str, Solo], k: float):
-    def of(r: RequestSpec) -> dict[str, float]:
-        s = solo[r.variant]
-        return {
-            "ttft_target": k * (s.ttft0_s + s.ttft_per_token_s * r.prompt_len),
-            "tpot_target": k * s.tpot_s,
-        }
-
-    return of
 
 
 async def _replay_all(d: Deployment, requests: list[RequestSpec], end_s: float, of) -> list[RequestRecord]:
@@ -249,7 +237,7 @@ def run_system(system: str, args, models, popularity, lens, solo, bar, write) ->
             missing = [n for n in popularity if n not in solo]
             if missing:
                 raise RuntimeError(f"no solo latency for {missing[0]}: run a system that serves it first")
-            of = _targets(solo, args.slo_scale)
+            of = latency_targets(solo, args.slo_scale)
             for rate in args.rates:
                 bar.set_description(f"{system}: {rate:g} req/s")
                 requests = mm.phased_workload(

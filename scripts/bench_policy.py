@@ -35,10 +35,10 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_serving import solo_latencies, step_record  # noqa: E402
 
-from moeshare.bench.metrics import Solo, request_latency  # noqa: E402
+from moeshare.bench.metrics import Solo, latency_targets, request_latency  # noqa: E402
 from moeshare.bench.replay import RequestRecord, replay  # noqa: E402
 from moeshare.bench.systems import Route, ServerSpec, deploy  # noqa: E402
-from moeshare.bench.workload import Lengths, RequestSpec, WorkloadSpec, generate  # noqa: E402
+from moeshare.bench.workload import Lengths, RequestSpec, WorkloadSpec, around, generate  # noqa: E402
 from moeshare.engine.synthetic import from_spec  # noqa: E402
 from moeshare.errors import MoeshareError  # noqa: E402
 
@@ -91,21 +91,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def lengths(args: argparse.Namespace) -> tuple[Lengths, Lengths]:
-    out = Lengths(args.output_len, lo=max(2, args.output_len // 4), hi=2 * args.output_len)
-    return Lengths(args.input_len, lo=max(1, args.input_len // 4), hi=4 * args.input_len), out
-
-
-def targets(solo: Mapping[str, Solo], k: float):
-    """Each request's latency targets: k x its model's solo TTFT at its prompt length, k x its solo TPOT."""
-
-    def of(r: RequestSpec) -> dict[str, float]:
-        s = solo[r.variant]
-        return {
-            "ttft_target": k * (s.ttft0_s + s.ttft_per_token_s * r.prompt_len),
-            "tpot_target": k * s.tpot_s,
-        }
-
-    return of
+    return around(args.input_len, args.output_len)
 
 
 def met(r: RequestRecord, t: Mapping[str, float]) -> bool:
@@ -199,7 +185,7 @@ def run_config(config: str, args, lens, solo: dict[str, Solo], bar: tqdm) -> lis
         if not solo:
             bar.set_description(f"{config}: solo latency")
             solo |= solo_latencies(routes, lens, 2, args.seed, quick=True)
-        of = targets(solo, args.slo_scale)
+        of = latency_targets(solo, args.slo_scale)
         for rate in args.rates:
             bar.set_description(f"{config}: {rate:g} req/s")
             w = WorkloadSpec(

@@ -6,7 +6,9 @@ Checks, with Triton kernels and CUDA graphs: teacher-forced logits and 32 greedy
 (float32); a batch mixing all variants against each alone, with prefills joining mid-decode (bfloat16);
 partial reconfiguration (2 resident rows for 4 variants, copies on a side stream) against all resident;
 dense Llama and Qwen2 models the same way (float32 against transformers; bfloat16 with CUDA graphs, in one
-engine with the Mixtral store, together against alone, on one stream and on a stream per model).
+engine with the Mixtral store, together against alone, on one stream and on a stream per model); and models on
+streams of their own sharing a page pool with a few KV pages to spare (preempted, pages handed between them)
+against one stream with room.
 Prints a table; exit status 1 if a check fails.
 """
 
@@ -23,6 +25,7 @@ from moeshare.consolidate import Options, consolidate
 from moeshare.engine.api import Submit
 from moeshare.engine.engine import Engine, EngineConfig
 from moeshare.engine.request import SamplingParams
+from moeshare.engine.synthetic import from_spec
 
 VARIANTS = ["kjv", "fortunes-en", "fortunes-de", "python"]
 DENSE = [("llama", "kjv"), ("qwen2", "python")]  # zoo arch, variant
@@ -44,6 +47,60 @@ def together(engine: Engine, stagger: int, jobs: list[tuple[str, str]] | None = 
     while engine.has_work():
         collect(engine.step())
     return [tokens[h] for h in handles]
+
+
+def streams_under_pressure() -> tuple[str, bool, str]:
+    """Two dense models and a 2-variant store (random weights, float32) on a page pool with a few KV pages
+    beyond their weights, their batches on a stream each: KV pages go back and forth between models whose
+    work runs side by side (preemptions, maps and unmaps every step), tokens as one stream with room."""
+    dense = "kind=llama,layers=8,hidden=512,intermediate=1024,heads=8,kv_heads=8,vocab=1000"
+    store = "variants=2,own=1,experts=4,layers=4,hidden=512,intermediate=1024,heads=8,kv_heads=8,vocab=1000"
+    params = SamplingParams(max_tokens=160, temperature=0, ignore_eos=True)
+
+    def engine(multiplex: str, pool: int) -> Engine:
+        config = EngineConfig(
+            device="cuda", dtype=torch.float32, multiplex=multiplex, pool_bytes=pool, max_num_seqs=16
+        )
+        e = Engine([], config)
+        e.load(from_spec(dense, "cuda", torch.float32), name="a")
+        e.load(from_spec(dense + ",seed=3", "cuda", torch.float32), name="b")
+        e.load(from_spec(store, "cuda", torch.float32))
+        return e
+
+    g = torch.Generator().manual_seed(0)
+    jobs = [
+        (m, torch.randint(5, 900, (40,), generator=g).tolist())
+        for _ in range(6)
+        for m in ("a", "b", "v0", "v1")
+    ]
+
+    def run(e: Engine) -> list[list[int]]:
+        handles, tokens = [], {}
+        for i, (m, p) in enumerate(jobs):
+            handles.append(e.submit(Submit(m, p, params)))
+            if i % 4 == 3:
+                for ev in e.step():
+                    tokens.setdefault(ev.seq_id, []).extend([ev.token_id] if ev.token_id >= 0 else [])
+        while e.has_work():
+            for ev in e.step():
+                tokens.setdefault(ev.seq_id, []).extend([ev.token_id] if ev.token_id >= 0 else [])
+        return [tokens.get(h, []) for h in handles]
+
+    reference = run(engine("serial", 4 << 30))
+    roomy = engine("streams", 4 << 30).stats().pages
+    tight = engine("streams", (sum(roomy.mapped.values()) + 3) * roomy.page_bytes)
+    got = run(tight)
+    same = sum(x == y for a, b in zip(got, reference, strict=True) for x, y in zip(a, b, strict=True))
+    total = sum(len(a) for a in reference)
+    st = tight.stats()
+    detail = (
+        f"{same}/{total} tokens, {st.preemptions} preemptions, {st.pages.maps} maps, {st.pages.unmaps} unmaps"
+    )
+    return (
+        "fp32, 3 models on streams, 3 KV pages beyond their weights vs one stream with room",
+        same == total,
+        detail,
+    )
 
 
 def main() -> int:
@@ -133,6 +190,7 @@ def main() -> int:
                     f"{same}/{32 * len(jobs)} tokens",
                 )
             )
+    rows.append(streams_under_pressure())
     width = max(len(r[0]) for r in rows)
     for name, ok, detail in rows:
         print(f"{name:<{width}}  {'ok  ' if ok else 'FAIL'}  {detail}")

@@ -151,3 +151,17 @@ def summarize(
         slo_attainment_10x=slo_attainment(latencies, solo, 10),
         max_send_lag_s=max((r.sent_s - r.arrival_s for r in records), default=0.0),
     )
+
+
+def latency_targets(solo: Mapping[str, Solo], k: float):
+    """A function of a request (RequestSpec) to its latency targets as generate() takes them: k x its
+    model's solo TTFT at its prompt length, k x its solo TPOT."""
+
+    def of(r) -> dict[str, float]:
+        s = solo[r.variant]
+        return {
+            "ttft_target": k * (s.ttft0_s + s.ttft_per_token_s * r.prompt_len),
+            "tpot_target": k * s.tpot_s,
+        }
+
+    return of

@@ -39,6 +39,13 @@ class Lengths:
         return np.clip(np.rint(raw), self.lo, self.hi).astype(np.int64)
 
 
+def around(input_len: int, output_len: int) -> tuple[Lengths, Lengths]:
+    """Prompt and output lengths lognormal around the medians: prompts within [1/4, 4] x theirs, outputs within
+    [1/4, 2] x theirs (at least 2 tokens, so every request has a time per output token)."""
+    out = Lengths(output_len, lo=max(2, output_len // 4), hi=2 * output_len)
+    return Lengths(input_len, lo=max(1, input_len // 4), hi=4 * input_len), out
+
+
 @dataclass(frozen=True)
 class WorkloadSpec:
     variants: list[str]  # most popular first: variants[i] has Zipf rank i + 1
