@@ -3,8 +3,8 @@
 idle halfway while cold ones burst (scripts/bench_multimodel.py runs them).
 
 Systems, each a set of `moeshare serve` processes on loopback (`layouts`):
-- `moeshare`: one server, one page pool for every model's weights and KV (weights evicted to host memory and
-  activated on demand), the least-slack policy, batches on a stream per model.
+- `moeshare`: one server, one page pool for every model's weights and KV (weights evicted to host memory, or
+  dropped when it has no room, and activated on demand), the least-slack policy, batches on a stream per model.
 - `static-partition`: one server per store or checkpoint, each with an equal share of the device memory
   (`--memory-limit`): its weights and a fixed KV pool in it. A store larger than its share keeps the MoE layers
   that do not fit in host memory and copies the routed slots in per step; a dense model larger than its
@@ -34,6 +34,9 @@ GIB = 2**30
 SYSTEMS = ("moeshare", "static-partition", "mig-partition", "muxserve-style", "time-share")
 CUDA_ONLY = ("mig-partition",)
 SLACK = 1 * GIB  # per server on a GPU: work space, the allocator's rounding, the CUDA context's own
+# evicted weights go to pinned host memory while it has room, else are dropped and drawn again (a random-weight
+# model's stand-in for reading its checkpoint, faster than a disk: it favours time-share, which evicts most)
+EVICT_TO = "auto"
 TINY = "hidden=64,intermediate=128,heads=4,kv_heads=2,vocab=300,layers=2"
 DENSE_8B = "kind=llama,layers=32"  # Llama-3-8B shapes
 STORE = "layers=8,variants=4,own=2"  # Mixtral-8x7B layer sizes, 8 layers, 4 variants
@@ -106,7 +109,7 @@ def layout(
     popular that do not fit)."""
     if system == "moeshare":
         spec = ServerSpec(
-            _sources(models), _names(models), ("--pool", _gib(usable - SLACK), "--evict-to", "host")
+            _sources(models), _names(models), ("--pool", _gib(usable - slack), "--evict-to", EVICT_TO)
         )
         return Layout([spec], [], {})
     if system in ("static-partition", "mig-partition"):
@@ -135,7 +138,7 @@ def layout(
     if system == "time-share":
         largest = max(m.weights for m in models)
         pool = largest + max(2 * GIB, largest // 8)  # its weights and room for its KV
-        spec = ServerSpec(_sources(models), _names(models), ("--pool", _gib(pool), "--evict-to", "host"))
+        spec = ServerSpec(_sources(models), _names(models), ("--pool", _gib(pool), "--evict-to", EVICT_TO))
         return Layout([spec], [], {})
     raise ValueError(f"unknown system {system!r}; choose from {', '.join(SYSTEMS)}")
 
