@@ -135,3 +135,17 @@ def test_the_engine_counts_its_steps_against_their_floor(tiny_zoo):
     # every step after the first (which starts from idle: nothing before it to time it from) is counted
     assert load.all_steps.steps == load.decode_steps.steps + 1 and load.decode_steps.steps >= 12
     assert 0 < load.decode_steps.floor_seconds < load.decode_steps.seconds
+
+
+def test_profile_step_prints_each_batch_against_its_floor(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "profile_step.py"
+    spec = importlib.util.spec_from_file_location("profile_step", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    argv = ["--model", "dense", "--device", "cpu", "--tiny", "--layers", "1", "--batches", "1,3"]
+    assert script.main([*argv, "--context", "16", "--warm", "2", "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("## batch") == 2 and "floor" in out and "by group" in out
