@@ -413,7 +413,7 @@ def targets(summary: Sequence[dict]) -> str:
     ours = _at(summary, "moeshare")
     lines = []
     key = "mean_turnaround_all_s"  # failed requests counted until they failed: a bound where they were cut
-    for other in ("partition", "swap"):
+    for other in ("partition", "mig-partition", "swap"):
         theirs = _at(summary, other)
         cells = [
             f"{rate:g} rps: {1 - ours[rate][key] / theirs[rate][key]:.0%}"
