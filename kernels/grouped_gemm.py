@@ -32,6 +32,9 @@ class GemmConfig:
     block_k: int
     num_warps: int = 4
     num_stages: int = 4
+    # programs per tile along K, each summing its share of K into a float32 partial that one torch sum adds up
+    # (more programs when a decode's tiles are too few to keep every SM streaming weights; not for GATED)
+    split_k: int = 1
 
 
 def gemm_config(rows_per_group: int, gated: bool = False, element_size: int = 2) -> GemmConfig:
@@ -154,6 +157,7 @@ def _grouped_gemm_kernel(
     stride_wk,
     stride_om,
     stride_on,
+    stride_os,
     A_DIV: tl.constexpr,
     GATED: tl.constexpr,
     HAS_SCALE: tl.constexpr,
@@ -163,10 +167,16 @@ def _grouped_gemm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
-    """out[r] = a[r // A_DIV] @ w[g].T for the rows r of one tile of group g (GATED: silu(gate) * up)."""
+    """out[r] = a[r // A_DIV] @ w[g].T for the rows r of one tile of group g (GATED: silu(gate) * up); with
+    SPLIT_K > 1, program k of a tile sums the k-th share of K into out[k] (the caller adds the shares)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    k_per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K  # K of one share, whole tiles
+    k_lo = pid_k * k_per
+    k_hi = tl.minimum(K, k_lo + k_per)
     g = tl.load(tile_group_ptr + pid_m)
     if g >= num_groups:
         return
@@ -174,19 +184,19 @@ def _grouped_gemm_kernel(
     row_ok = rows < num_rows
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_k = k_lo + tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + (rows // A_DIV).to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
     w_ptrs = w_ptr + g.to(tl.int64) * stride_wg + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if GATED:
         up_ptrs = w_ptrs + N * stride_wn
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
             w = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
         else:
-            k_ok = offs_k < K - k0
+            k_ok = offs_k - k_lo < K - k0
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if UPCAST:
@@ -208,7 +218,9 @@ def _grouped_gemm_kernel(
         acc = acc * tl.sigmoid(acc) * acc_up
     if HAS_SCALE:
         acc = acc * tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-    out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
+    out_ptrs = (
+        out_ptr + pid_k * stride_os + rows.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
+    )
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
@@ -224,11 +236,16 @@ def _gemm(
     scale: torch.Tensor | None = None,
 ) -> None:
     cfg, n_out, k_dim = config, out.shape[1], a.shape[1]
-    grid = (tile_group.numel(), triton.cdiv(n_out, cfg.block_n))
+    split = max(1, min(cfg.split_k, triton.cdiv(k_dim, cfg.block_k)))
+    if split > 1 and gated:
+        raise ValueError("split_k needs a GEMM whose output is a sum over K: not the gated one")
+    # the shares of K land in float32 partials [split, rows, N], added into `out` by one torch sum
+    dest = out if split == 1 else torch.empty(split, *out.shape, dtype=torch.float32, device=out.device)
+    grid = (tile_group.numel(), triton.cdiv(n_out, cfg.block_n), split)
     _grouped_gemm_kernel[grid](
         a,
         w,
-        out,
+        dest,
         scale if scale is not None else out,
         sorted_rows,
         tile_group,
@@ -241,8 +258,9 @@ def _gemm(
         w.stride(0),
         w.stride(1),
         w.stride(2),
-        out.stride(0),
-        out.stride(1),
+        dest.stride(-2),
+        dest.stride(-1),
+        dest.stride(0) if split > 1 else 0,
         A_DIV=a_div,
         GATED=gated,
         HAS_SCALE=scale is not None,
@@ -252,9 +270,15 @@ def _gemm(
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
+        SPLIT_K=split,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
+    if split > 1:
+        if out.dtype == torch.float32:
+            torch.sum(dest, dim=0, out=out)
+        else:
+            out.copy_(dest.sum(dim=0))
 
 
 def _rows_per_group(rows: int, groups: int) -> int:

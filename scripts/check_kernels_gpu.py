@@ -291,9 +291,15 @@ def sweep(label: str, run: Callable[..., object], configs: list, nbytes: int, de
     return results
 
 
-def gemm_candidates(block_m: int) -> list:
+def gemm_candidates(block_m: int, splits: tuple[int, ...] = (1,)) -> list:
+    """Tiles to sweep; `splits`: shares of K per tile too (decode: few tiles, so K split over more programs)."""
     shapes = [(bn, bk) for bn in (32, 64, 128) for bk in (64, 128, 256)]
-    return [gemm.GemmConfig(block_m, bn, bk, wp, st) for bn, bk in shapes for wp, st in LAUNCHES]
+    return [
+        gemm.GemmConfig(block_m, bn, bk, wp, st, split)
+        for bn, bk in shapes
+        for wp, st in LAUNCHES
+        for split in splits
+    ]
 
 
 def tune_moe(deadline: float) -> dict[str, list]:
@@ -321,7 +327,8 @@ def tune_linear_and_attention(deadline: float) -> dict[str, list]:
         bm = gemm.gemm_config(gemm._rows_per_group(t, VARIANTS)).block_m
         label = f"grouped_linear {name} T={t}"
         run = partial(gemm.grouped_linear, x, w, group)
-        best[label] = sweep(label, run, gemm_candidates(bm), min(t, VARIANTS) * w[0].nbytes, deadline)
+        splits = (1, 2, 4, 8) if t == 1 else (1,)
+        best[label] = sweep(label, run, gemm_candidates(bm, splits), min(t, VARIANTS) * w[0].nbytes, deadline)
     decode = [attn.AttnConfig(16, bn, wp, st) for bn in (32, 64, 128) for wp in (4, 8) for st in (2, 3)]
     prefill = [
         attn.AttnConfig(bm, bn, wp, st)

@@ -123,6 +123,31 @@ def fused_moe_37_tokens_fp32_and_bf16() -> None:
 
 
 @check
+def split_k_shares_add_up_to_the_whole_sum() -> None:
+    k, gemm, _ = _modules()
+
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(13, 40, generator=g), torch.randn(5, 24, 40, generator=g)
+    group = torch.tensor([0, 3, 3, 1, 0, 3, 3, 3, 1, 0, 0, 3, 1])
+    # K = 40 in tiles of 16: 3 tiles, so 2 shares of 2 and 1 tiles, 3 of one each, 8 clamped to 3
+    for split in (2, 3, 8):
+        cfg = gemm.GemmConfig(16, 16, 16, split_k=split)
+        _close(gemm.grouped_linear(x, w, group, config=cfg), k.grouped_linear_ref(x, w, group))
+        xb, wb = x.bfloat16(), w.bfloat16()
+        _close(gemm.grouped_linear(xb, wb, group, config=cfg), k.grouped_linear_ref(xb, wb, group))
+    # the MoE's second GEMM (scaled by the routing weights, into float32) in shares; the gated first one cannot
+    case = _moe_case(37, torch.float32, seed=3)
+    tiles = (gemm.GemmConfig(16, 16, 16), gemm.GemmConfig(16, 16, 16, split_k=3))
+    _close(gemm.fused_moe(*case, config=tiles), k.fused_moe_ref(*case))
+    try:
+        gemm.fused_moe(*case, config=(gemm.GemmConfig(16, 16, 16, split_k=2), gemm.GemmConfig(16, 16, 16)))
+    except ValueError as e:
+        assert "not the gated one" in str(e)
+    else:
+        raise AssertionError("a gated GEMM in shares of K was not refused")
+
+
+@check
 def paged_attention_decode_gqa_over_strided_shuffled_pages() -> None:
     k, _, attn = _modules()
 
