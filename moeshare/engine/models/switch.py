@@ -1,0 +1,258 @@
+"""Switch Transformers (encoder-decoder, top-1 experts) over R resident variants and one bank: the reference forward.
+
+The first piece of serving Switch stores (issue 18): every weight that differs between variants is stacked [R, ...]
+as in MultiVariantMixtral, each sequence carries its row, and a sparse block's router (the variant's own) picks one
+local expert per token, mapped through the variant's table to a bank slot. Written in plain torch over whole
+sequences (no KV cache yet): `encode` runs the encoder once per prompt, `decode` the decoder over the tokens so
+far; the paged decoder with cross-attention K/V blocks and its kernels build on it.
+
+T5 details kept: RMS norm without mean or bias; no 1/sqrt(d) in attention; a learned relative position bias in
+each stack's first block, shared by its other blocks (bidirectional buckets in the encoder, causal ones in the
+decoder's self-attention, none in cross-attention); with tied embeddings the decoder's output is scaled by
+d_model ** -0.5 before the LM head. Expert capacity is counted per sequence, in token order, as transformers
+does: a token past its expert's capacity gets no feed-forward output (only the residual).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from moeshare.errors import MoeshareError
+
+
+@dataclass(frozen=True)
+class SwitchDims:
+    d_model: int
+    d_ff: int
+    d_kv: int
+    heads: int
+    encoder_layers: int
+    decoder_layers: int
+    experts: int
+    vocab: int
+    eps: float
+    buckets: int
+    max_distance: int
+    capacity: int
+    tied: bool
+    encoder_sparse: frozenset[int]
+    decoder_sparse: frozenset[int]
+
+    @classmethod
+    def from_config(cls, c: dict) -> SwitchDims:
+        act = c.get("dense_act_fn", "relu")
+        if act != "relu" or str(c.get("feed_forward_proj", "relu")).startswith("gated"):
+            raise MoeshareError(f"switch_transformers: feed-forward {act!r} is not supported (relu is)")
+        enc, dec = c["num_layers"], c.get("num_decoder_layers") or c["num_layers"]
+        return cls(
+            d_model=c["d_model"],
+            d_ff=c["d_ff"],
+            d_kv=c["d_kv"],
+            heads=c["num_heads"],
+            encoder_layers=enc,
+            decoder_layers=dec,
+            experts=c["num_experts"],
+            vocab=c["vocab_size"],
+            eps=float(c.get("layer_norm_epsilon", 1e-6)),
+            buckets=c.get("relative_attention_num_buckets", 32),
+            max_distance=c.get("relative_attention_max_distance", 128),
+            capacity=c.get("expert_capacity", 64),
+            tied=bool(c.get("tie_word_embeddings", True)),
+            encoder_sparse=_sparse(enc, c.get("encoder_sparse_step", 1)),
+            decoder_sparse=_sparse(dec, c.get("decoder_sparse_step", 1)),
+        )
+
+
+def _sparse(layers: int, step: int) -> frozenset[int]:
+    """transformers' rule: with step s > 0, blocks i with i % s == 1 are sparse (every block when s == 1)."""
+    return frozenset(i for i in range(layers) if step > 0 and (step == 1 or i % step == 1))
+
+
+def relative_buckets(
+    relative: torch.Tensor, bidirectional: bool, buckets: int, max_distance: int
+) -> torch.Tensor:
+    """T5's bucket of each relative position (memory - query): exact for small distances, log-spaced beyond."""
+    out = torch.zeros_like(relative)
+    if bidirectional:
+        buckets //= 2
+        out += (relative > 0).long() * buckets
+        relative = relative.abs()
+    else:
+        relative = -torch.clamp(relative, max=0)
+    exact = buckets // 2
+    small = relative < exact
+    large = (
+        exact
+        + (torch.log(relative.float() / exact) / math.log(max_distance / exact) * (buckets - exact)).long()
+    )
+    large = torch.clamp(large, max=buckets - 1)
+    return out + torch.where(small, relative, large)
+
+
+def tensor_names(dims: SwitchDims) -> dict[str, str]:
+    """Our stacked weight name -> the checkpoint key it is loaded from (experts and routers' tables aside)."""
+    names = {"shared": "shared.weight", "enc.final": "encoder.final_layer_norm.weight"}
+    names["dec.final"] = "decoder.final_layer_norm.weight"
+    if not dims.tied:
+        names["lm_head"] = "lm_head.weight"
+    for stack, n, sparse in (("enc", dims.encoder_layers, dims.encoder_sparse), ("dec", dims.decoder_layers, dims.decoder_sparse)):  # fmt: skip
+        key = "encoder" if stack == "enc" else "decoder"
+        names[f"{stack}.bias"] = f"{key}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+        for b in range(n):
+            p, k = f"{stack}.{b}.", f"{key}.block.{b}.layer."
+            names[p + "ln_self"] = k + "0.layer_norm.weight"
+            names |= {p + x: k + f"0.SelfAttention.{x}.weight" for x in "qkvo"}
+            ff = 1
+            if stack == "dec":
+                names[p + "ln_cross"] = k + "1.layer_norm.weight"
+                names |= {p + "c" + x: k + f"1.EncDecAttention.{x}.weight" for x in "qkvo"}
+                ff = 2
+            names[p + "ln_ff"] = k + f"{ff}.layer_norm.weight"
+            if b in sparse:
+                names[p + "router"] = k + f"{ff}.mlp.router.classifier.weight"
+            else:
+                names |= {p + "wi": k + f"{ff}.mlp.wi.weight", p + "wo": k + f"{ff}.mlp.wo.weight"}
+    return names
+
+
+def moe_layer(stack: str, block: int) -> str:
+    """The adapter's name of a sparse block's MoE layer (its bank and tables)."""
+    return f"{'encoder' if stack == 'enc' else 'decoder'}.{block}"
+
+
+class MultiVariantSwitch:
+    def __init__(
+        self, dims: SwitchDims, rows: int, slots: dict[str, int], dtype: torch.dtype, device: torch.device
+    ) -> None:
+        """`slots`: bank slots per MoE layer (moe_layer names)."""
+        self.dims, self.rows, self.dtype, self.device = dims, rows, dtype, device
+        d, inner = dims, dims.heads * dims.d_kv
+        shapes: dict[str, tuple[int, ...]] = {"shared": (d.vocab, d.d_model)}
+        shapes |= {"enc.final": (d.d_model,), "dec.final": (d.d_model,)}
+        if not d.tied:
+            shapes["lm_head"] = (d.vocab, d.d_model)
+        for name in tensor_names(d):
+            if name in shapes:
+                continue
+            last = name.rsplit(".", 1)[-1]
+            if name.endswith(".bias"):
+                shapes[name] = (d.buckets, d.heads)
+            elif last.startswith("ln"):
+                shapes[name] = (d.d_model,)
+            elif last in ("q", "k", "v", "cq", "ck", "cv"):
+                shapes[name] = (inner, d.d_model)
+            elif last in ("o", "co"):
+                shapes[name] = (d.d_model, inner)
+            elif last == "router":
+                shapes[name] = (d.experts, d.d_model)
+            elif last == "wi":
+                shapes[name] = (d.d_ff, d.d_model)
+            else:  # wo
+                shapes[name] = (d.d_model, d.d_ff)
+        self.w = {k: torch.zeros(rows, *s, dtype=dtype, device=device) for k, s in shapes.items()}
+        self.bank = {
+            layer: {
+                "wi": torch.zeros(n, d.d_ff, d.d_model, dtype=dtype, device=device),
+                "wo": torch.zeros(n, d.d_model, d.d_ff, dtype=dtype, device=device),
+            }
+            for layer, n in slots.items()
+        }
+        self.tables = {
+            layer: torch.zeros(rows, d.experts, dtype=torch.long, device=device) for layer in slots
+        }
+
+    def load(
+        self, row: int, tensors: Iterable[tuple[str, torch.Tensor]], tables: dict[str, list[int]]
+    ) -> None:
+        """One variant's non-expert weights into row `row`, and its expert -> slot table per MoE layer."""
+        for k, t in tensors:
+            self.w[k][row].copy_(t)
+        for layer, table in tables.items():
+            self.tables[layer][row] = torch.tensor(table, device=self.device)
+
+    def load_slot(self, layer: str, slot: int, expert: dict[str, torch.Tensor]) -> None:
+        for role, t in expert.items():
+            self.bank[layer][role][slot].copy_(t)
+
+    # ---- pieces --------------------------------------------------------------------------------------------
+
+    def _norm(self, h: torch.Tensor, name: str, row: int) -> torch.Tensor:
+        variance = h.float().pow(2).mean(-1, keepdim=True)
+        return self.w[name][row] * (h * torch.rsqrt(variance + self.dims.eps)).to(self.dtype)
+
+    def _bias(self, stack: str, row: int, q_len: int, k_len: int, bidirectional: bool) -> torch.Tensor:
+        """[heads, q_len, k_len] relative position bias (the query at position q_len - 1 is the last)."""
+        q_pos = torch.arange(k_len - q_len, k_len, device=self.device)[:, None]
+        rel = torch.arange(k_len, device=self.device)[None, :] - q_pos
+        b = relative_buckets(rel, bidirectional, self.dims.buckets, self.dims.max_distance)
+        return self.w[f"{stack}.bias"][row][b].permute(2, 0, 1)
+
+    def _attend(
+        self, x, kv, p: str, row: int, bias: torch.Tensor | None, cross: bool = False
+    ) -> torch.Tensor:
+        """x [Tq, D] attends to kv [Tk, D] with the block's (cross-)attention weights; bias [H, Tq, Tk]."""
+        d, c = self.dims, "c" if cross else ""
+        q = (x @ self.w[p + c + "q"][row].T).view(-1, d.heads, d.d_kv).transpose(0, 1)
+        k = (kv @ self.w[p + c + "k"][row].T).view(-1, d.heads, d.d_kv).transpose(0, 1)
+        v = (kv @ self.w[p + c + "v"][row].T).view(-1, d.heads, d.d_kv).transpose(0, 1)
+        scores = (q @ k.transpose(1, 2)).float()  # no 1 / sqrt(d_kv): T5 folds it into the weights
+        if bias is not None:
+            scores = scores + bias
+        out = (scores.softmax(-1).to(self.dtype) @ v).transpose(0, 1).reshape(-1, d.heads * d.d_kv)
+        return out @ self.w[p + c + "o"][row].T
+
+    def _ff(self, x: torch.Tensor, stack: str, block: int, row: int) -> torch.Tensor:
+        """The block's feed-forward of one sequence's tokens x [T, D] (normed): dense, or top-1 over the bank."""
+        p = f"{stack}.{block}."
+        sparse = block in (self.dims.encoder_sparse if stack == "enc" else self.dims.decoder_sparse)
+        if not sparse:
+            return torch.relu(x @ self.w[p + "wi"][row].T) @ self.w[p + "wo"][row].T
+        layer = moe_layer(stack, block)
+        probs = (x.float() @ self.w[p + "router"][row].float().T).softmax(-1)
+        top, local = probs.max(-1)
+        onehot = torch.nn.functional.one_hot(local, self.dims.experts)
+        kept = (onehot.cumsum(0) * onehot).sum(-1) <= self.dims.capacity  # capacity per sequence, in order
+        slots = self.tables[layer][row][local]
+        bank = self.bank[layer]
+        out = torch.zeros_like(x)
+        for s in torch.unique(slots[kept]).tolist():
+            mine = kept & (slots == s)
+            y = torch.relu(x[mine] @ bank["wi"][s].T) @ bank["wo"][s].T
+            out[mine] = y * top[mine, None].to(self.dtype)
+        return out
+
+    # ---- stacks --------------------------------------------------------------------------------------------
+
+    def encode(self, ids: list[int], row: int) -> torch.Tensor:
+        """One prompt through the encoder: its final hidden states [T, D]."""
+        h = self.w["shared"][row][torch.tensor(ids, device=self.device)]
+        bias = self._bias("enc", row, len(ids), len(ids), bidirectional=True)
+        for b in range(self.dims.encoder_layers):
+            p = f"enc.{b}."
+            x = self._norm(h, p + "ln_self", row)
+            h = h + self._attend(x, x, p, row, bias)
+            h = h + self._ff(self._norm(h, p + "ln_ff", row), "enc", b, row)
+        return self._norm(h, "enc.final", row)
+
+    def decode(self, encoded: torch.Tensor, ids: list[int], row: int) -> torch.Tensor:
+        """The decoder over `ids` (its start token first) beside one prompt's encoder output: logits [T, V],
+        float32, each position's next-token distribution."""
+        h = self.w["shared"][row][torch.tensor(ids, device=self.device)]
+        n = len(ids)
+        causal = torch.full((n, n), float("-inf"), device=self.device).triu(1)
+        bias = self._bias("dec", row, n, n, bidirectional=False) + causal
+        for b in range(self.dims.decoder_layers):
+            p = f"dec.{b}."
+            x = self._norm(h, p + "ln_self", row)
+            h = h + self._attend(x, x, p, row, bias)
+            h = h + self._attend(self._norm(h, p + "ln_cross", row), encoded, p, row, None, cross=True)
+            h = h + self._ff(self._norm(h, p + "ln_ff", row), "dec", b, row)
+        h = self._norm(h, "dec.final", row)
+        if self.dims.tied:
+            h = h * self.dims.d_model**-0.5
+        head = self.w["shared" if self.dims.tied else "lm_head"][row]
+        return (h @ head.T).float()

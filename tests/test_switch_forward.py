@@ -1,0 +1,125 @@
+"""The Switch Transformers reference forward over resident variants and one bank (engine/models/switch.py), on
+the zoo's trained Switch variants, float32, against transformers: encoder outputs, teacher-forced decoder logits
+and 32 greedy tokens, for a checkpoint and for every variant of a consolidated store against its export."""
+
+import pytest
+import torch
+from transformers import AutoModelForSeq2SeqLM
+
+from moeshare.consolidate import Options, consolidate
+from moeshare.consolidate.export import export_variant
+from moeshare.engine.models.switch import MultiVariantSwitch, SwitchDims, relative_buckets, tensor_names
+from moeshare.engine.source import Source
+
+VARIANTS = ["kjv", "fortunes-en", "fortunes-de", "python"]
+PROMPTS = {
+    "kjv": "And God said",
+    "fortunes-en": "A man who has",
+    "fortunes-de": "Wer nicht",
+    "python": "def f(",
+}
+
+
+def _build(path) -> tuple[MultiVariantSwitch, Source]:
+    source = Source(path)
+    dims = SwitchDims.from_config(source.config)
+    layers = list(source.adapter.moe_layers)
+    model = MultiVariantSwitch(
+        dims,
+        len(source.variants),
+        {x: source.bank_slots(x) for x in layers},
+        torch.float32,
+        torch.device("cpu"),
+    )
+    names = tensor_names(dims)
+    for row, v in enumerate(source.variants):
+        tensors = ((ours, source.tensor(v, key)) for ours, key in names.items())
+        model.load(row, tensors, {x: source.table(v, x) for x in layers})
+    for x in layers:
+        for s in range(source.bank_slots(x)):
+            model.load_slot(x, s, source.bank_slot(x, s))
+    return model, source
+
+
+def _ids(path, text: str) -> list[int]:
+    from moeshare.engine.detokenize import load_tokenizer
+
+    return load_tokenizer(path)(text)["input_ids"]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def _greedy(
+    model: MultiVariantSwitch, ids: list[int], row: int, start: int, eos: int, n: int = 32
+) -> list[int]:
+    """n greedy tokens, end-of-sequence never chosen (what generate's min_new_tokens does)."""
+    encoded = model.encode(ids, row)
+    out = [start]
+    for _ in range(n):
+        logits = model.decode(encoded, out, row)[-1]
+        logits[eos] = float("-inf")
+        out.append(int(logits.argmax()))
+    return out[1:]
+
+
+def _against_transformers(model, row, hf_path, text) -> None:
+    hf = AutoModelForSeq2SeqLM.from_pretrained(hf_path, dtype=torch.float32).eval()
+    ids = _ids(hf_path, text)
+    start = hf.config.decoder_start_token_id
+    with torch.no_grad():
+        theirs = hf.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False)[
+            0, 1:
+        ]
+        dec = torch.cat([torch.tensor([start]), theirs[:-1]])
+        out = hf(input_ids=torch.tensor([ids]), decoder_input_ids=dec[None])
+    encoded = model.encode(ids, row)
+    assert _rel(encoded, out.encoder_last_hidden_state[0]) < 1e-4
+    assert _rel(model.decode(encoded, dec.tolist(), row), out.logits[0]) < 1e-4
+    assert _greedy(model, ids, row, start, hf.config.eos_token_id) == theirs.tolist()
+
+
+def test_relative_buckets_match_t5s_rule():
+    rel = torch.arange(-300, 301)[None, :]
+    both = relative_buckets(rel, True, 32, 128)[0]
+    assert both[300] == 0 and both[301] == 17 and both[299] == 1  # the sign takes half of the buckets
+    assert both.max() == 31 and both.min() == 0 and both[0] == 15  # far left: the last bucket of its half
+    causal = relative_buckets(rel, False, 32, 128)[0]
+    assert (causal[300:] == 0).all() and causal[299] == 1 and causal[0] == 31  # future keys: bucket 0
+
+
+@pytest.mark.parametrize("variant", ["kjv", "python"])
+def test_a_switch_checkpoint_matches_transformers(tiny_zoo, variant):
+    path = tiny_zoo / "switch" / variant
+    model, _ = _build(path)
+    _against_transformers(model, 0, path, PROMPTS[variant])
+
+
+def test_every_variant_of_a_switch_store_matches_transformers_on_its_export(tiny_zoo, tmp_path):
+    store = tmp_path / "store"
+    consolidate([tiny_zoo / "switch" / v for v in VARIANTS], store, Options(budget="0.5", self_calib=0))
+    model, source = _build(store)
+    assert model.rows == 4 and all(b["wi"].shape[0] < 4 * 4 for b in model.bank.values())  # one shared bank
+    for row, v in enumerate(source.variants):
+        export = export_variant(store, v, tmp_path / f"export-{v}")
+        _against_transformers(model, row, export, PROMPTS[v])
+
+
+def test_tokens_past_their_experts_capacity_get_no_feed_forward_as_in_transformers(tiny_zoo):
+    from dataclasses import replace
+
+    path = tiny_zoo / "switch" / "kjv"
+    model, _ = _build(path)
+    hf = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=torch.float32).eval()
+    for m in hf.modules():
+        if hasattr(m, "expert_capacity"):
+            m.expert_capacity = 2  # a 30-token prompt over 4 experts: most tokens overflow
+    model.dims = replace(model.dims, capacity=2)
+    ids = _ids(path, "In the beginning God created the heaven and the earth.")
+    with torch.no_grad():
+        theirs = hf.get_encoder()(input_ids=torch.tensor([ids])).last_hidden_state[0]
+    ours = model.encode(ids, 0)
+    assert _rel(ours, theirs) < 1e-4
+    model.dims = replace(model.dims, capacity=4096)
+    assert _rel(model.encode(ids, 0), theirs) > 1e-2  # the capacity changed the outputs: it was binding
