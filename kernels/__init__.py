@@ -14,7 +14,7 @@ from .activation_ref import silu_mul_ref
 from .greedy_ref import greedy_pick_ref
 from .grouped_gemm_ref import fused_moe_ref, grouped_linear_ref
 from .norm_rope_ref import add_rms_norm_ref, rotary_ref, rotary_store_ref
-from .paged_attention_ref import paged_attention_ref
+from .paged_attention_ref import PositionBias, paged_attention_ref, relative_buckets
 
 try:
     from . import activation as _act
@@ -54,10 +54,16 @@ def paged_attention(
     context_lens: torch.Tensor,
     query_start: torch.Tensor,
     scale: float,
+    *,
+    causal: bool = True,
+    bias: PositionBias | None = None,
 ) -> torch.Tensor:
-    """Causal attention of new tokens over a paged KV cache — q [T, Hq, D], caches [N, B, Hkv, D] -> [T, Hq, D]."""
+    """Causal attention of new tokens over a paged KV cache — q [T, Hq, D], caches [N, B, Hkv, D] -> [T, Hq, D]
+    (`causal` False: over every cached key; `bias`: T5's relative position bias)."""
     args = (q, k_cache, v_cache, block_tables, context_lens, query_start, scale)
-    return _attn.paged_attention(*args) if _triton(q) else paged_attention_ref(*args)
+    if _triton(q):
+        return _attn.paged_attention(*args, causal=causal, bias=bias)
+    return paged_attention_ref(*args, causal=causal, bias=bias)
 
 
 def add_rms_norm(
@@ -107,6 +113,7 @@ def greedy_pick(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 __all__ = [
+    "PositionBias",
     "add_rms_norm",
     "add_rms_norm_ref",
     "fused_moe",
@@ -117,6 +124,7 @@ __all__ = [
     "grouped_linear_ref",
     "paged_attention",
     "paged_attention_ref",
+    "relative_buckets",
     "rotary",
     "rotary_ref",
     "rotary_store",

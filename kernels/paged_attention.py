@@ -16,6 +16,7 @@ of parts whose partial softmax states are merged by a second kernel (flash decod
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .grouped_gemm import INTERPRET
+from .paged_attention_ref import PositionBias
 
 _LOG2E = 1.4426950408889634
 
@@ -87,7 +89,8 @@ def _find_chunk(chunk, query_start_ptr, num_seqs, BLOCK_Q: tl.constexpr, BLOCK_S
 
 @triton.jit
 def _chunk_rows(seq, ci, q_lo, q_len, kvh, context_lens_ptr,
-                GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
+                GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+                CAUSAL: tl.constexpr = True):  # fmt: skip
     """The rows of one (chunk, kv head) program: token, query head, position and whether the row is real."""
     ctx = tl.load(context_lens_ptr + seq)
     r = tl.arange(0, BLOCK_M)
@@ -95,8 +98,30 @@ def _chunk_rows(seq, ci, q_lo, q_len, kvh, context_lens_ptr,
     hg = r % GROUP_PAD
     row_ok = (qi < q_len) & (hg < GROUP)
     pos = ctx - q_len + qi  # each row's query sees the keys 0..pos
-    kv_end = tl.minimum(ctx, ctx - q_len + ci * BLOCK_Q + BLOCK_Q)
+    kv_end = tl.minimum(ctx, ctx - q_len + ci * BLOCK_Q + BLOCK_Q) if CAUSAL else ctx
     return q_lo + qi, kvh * GROUP + hg, pos, row_ok, kv_end
+
+
+@triton.jit
+def _t5_bias(n, pos, head, row_ok, bias_ptr, stride_bb, stride_bh, inv_log_ratio,
+             BIDIRECTIONAL: tl.constexpr, NUM_BUCKETS: tl.constexpr):  # fmt: skip
+    """T5's relative position bias of each (query row, key) pair [BLOCK_M, BLOCK_N], float32; inv_log_ratio:
+    1 / log(max_distance / exact buckets)."""
+    rel = n[None, :] - pos[:, None]
+    if BIDIRECTIONAL:
+        half: tl.constexpr = NUM_BUCKETS // 2
+        bucket = (rel > 0).to(tl.int32) * half
+        dist = tl.abs(rel)
+    else:
+        half: tl.constexpr = NUM_BUCKETS
+        bucket = tl.zeros_like(rel)
+        dist = tl.maximum(-rel, 0)
+    exact: tl.constexpr = half // 2
+    scaled = tl.log(tl.maximum(dist, 1).to(tl.float32) / exact) * inv_log_ratio
+    large = tl.minimum(exact + (scaled * (half - exact)).to(tl.int32), half - 1)
+    bucket += tl.where(dist < exact, dist, large)
+    ptrs = bias_ptr + bucket * stride_bb + head[:, None] * stride_bh
+    return tl.load(ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
 
 
 # num_seqs changes every step: not specialized on (see grouped_gemm.py's note); BLOCK_S and SPLITS take
@@ -105,6 +130,7 @@ def _chunk_rows(seq, ci, q_lo, q_len, kvh, context_lens_ptr,
 def _paged_attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
     block_tables_ptr, context_lens_ptr, query_start_ptr, num_seqs, num_kv_heads, qk_scale,
+    bias_ptr, stride_bb, stride_bh, inv_log_ratio,
     stride_qt, stride_qh, stride_qd,
     stride_kn, stride_kb, stride_kh, stride_kd,
     stride_vn, stride_vb, stride_vh, stride_vd,
@@ -113,7 +139,9 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_S: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    CAUSAL: tl.constexpr = True, BIAS: tl.constexpr = 0, NUM_BUCKETS: tl.constexpr = 32,
 ):  # fmt: skip
+    # BIAS: 0 none, 1 T5's relative position bias over past keys only, 2 over both sides
     chunk = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -121,7 +149,7 @@ def _paged_attention_kernel(
     if seq >= num_seqs:
         return
     tok, head, pos, row_ok, kv_end = _chunk_rows(
-        seq, ci, q_lo, q_len, kvh, context_lens_ptr, GROUP, GROUP_PAD, BLOCK_Q, BLOCK_M
+        seq, ci, q_lo, q_len, kvh, context_lens_ptr, GROUP, GROUP_PAD, BLOCK_Q, BLOCK_M, CAUSAL
     )
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
@@ -153,7 +181,15 @@ def _paged_attention_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
-        s = tl.where((n[None, :] <= pos[:, None]) & n_ok[None, :], s, float("-inf"))
+        if BIAS > 0:
+            t5 = _t5_bias(
+                n, pos, head, row_ok, bias_ptr, stride_bb, stride_bh, inv_log_ratio, BIAS == 2, NUM_BUCKETS
+            )
+            s += t5 * 1.4426950408889634  # log2 units, as s
+        if CAUSAL:
+            s = tl.where((n[None, :] <= pos[:, None]) & n_ok[None, :], s, float("-inf"))
+        else:
+            s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
@@ -221,8 +257,12 @@ def paged_attention(
     scale: float,
     num_splits: int | None = None,
     config: AttnConfig | None = None,
+    *,
+    causal: bool = True,
+    bias: PositionBias | None = None,
 ) -> torch.Tensor:
-    """Causal attention of each sequence's new queries over its cached keys and values (see the reference).
+    """Causal attention of each sequence's new queries over its cached keys and values (see the reference;
+    `causal` False: over all of them, `bias`: T5's relative position bias).
 
     q [T, Hq, D]; k_cache, v_cache [N, B, Hkv, D] (any strides); block_tables [nseq, max_blocks];
     context_lens [nseq]; query_start [nseq + 1] -> [T, Hq, D]. num_splits: key splits per chunk (default:
@@ -260,13 +300,21 @@ def paged_attention(
         BLOCK_M=block_m,
         BLOCK_S=max(16, triton.next_power_of_2(num_seqs)),
     )
+    if bias is not None:
+        buckets = bias.table.shape[0]
+        exact = (buckets // 2 if bias.bidirectional else buckets) // 2
+        position = dict(BIAS=2 if bias.bidirectional else 1, NUM_BUCKETS=buckets)
+        table, inv_log_ratio = bias.table, 1.0 / math.log(bias.max_distance / exact)
+    else:
+        position, table, inv_log_ratio = dict(BIAS=0), out, 1.0
     _paged_attention_kernel[(chunks, num_kv_heads, num_splits)](
         q, k_cache, v_cache, out, part_m, part_l, part_acc,
         block_tables, context_lens, query_start, num_seqs, num_kv_heads, scale * _LOG2E,
+        table, table.stride(0), table.stride(1) if table.dim() > 1 else 0, inv_log_ratio,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
         **common, BLOCK_N=block_n, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=page, SPLITS=num_splits,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=INTERPRET and q.dtype == torch.bfloat16,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        CAUSAL=causal, **position, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if num_splits > 1:
         _merge_splits_kernel[(chunks, num_kv_heads)](

@@ -2,7 +2,46 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass(frozen=True)
+class PositionBias:
+    """T5's learned relative position bias: `table` [buckets, Hq] float32, indexed by the bucket of key position
+    minus query position (both halves of the buckets by sign when `bidirectional`, else only the past)."""
+
+    table: torch.Tensor
+    bidirectional: bool
+    max_distance: int = 128
+
+    def __post_init__(self) -> None:
+        exact = (self.table.shape[0] // 2 if self.bidirectional else self.table.shape[0]) // 2
+        if self.max_distance <= exact:
+            raise ValueError(f"max_distance {self.max_distance} must exceed the {exact} exact buckets")
+
+
+def relative_buckets(
+    relative: torch.Tensor, bidirectional: bool, buckets: int, max_distance: int
+) -> torch.Tensor:
+    """T5's bucket of each relative position (key - query): exact for small distances, log-spaced beyond."""
+    out = torch.zeros_like(relative)
+    if bidirectional:
+        buckets //= 2
+        out += (relative > 0).long() * buckets
+        relative = relative.abs()
+    else:
+        relative = -torch.clamp(relative, max=0)
+    exact = buckets // 2
+    small = relative < exact
+    large = (
+        exact
+        + (torch.log(relative.float() / exact) / math.log(max_distance / exact) * (buckets - exact)).long()
+    )
+    large = torch.clamp(large, max=buckets - 1)
+    return out + torch.where(small, relative, large)
 
 
 def paged_attention_ref(
@@ -13,8 +52,12 @@ def paged_attention_ref(
     context_lens: torch.Tensor,
     query_start: torch.Tensor,
     scale: float,
+    *,
+    causal: bool = True,
+    bias: PositionBias | None = None,
 ) -> torch.Tensor:
-    """Causal attention of each sequence's new queries over its cached keys and values.
+    """Causal attention of each sequence's new queries over its cached keys and values (with `causal` False,
+    over all of them: an encoder, or cross-attention; `bias` adds T5's relative position bias).
 
     q [T, Hq, D]: the new tokens of all sequences, sequence b's at rows query_start[b]:query_start[b + 1];
     k_cache, v_cache [N, B, Hkv, D]: blocks of B tokens; block_tables [nseq, max_blocks]; context_lens [nseq]:
@@ -35,7 +78,12 @@ def paged_attention_ref(
         v = v.repeat_interleave(n_heads // n_kv, dim=1).float()
         scores = torch.einsum("qhd,khd->hqk", q[lo:hi].float(), k) * scale  # [Hq, nq, ctx]
         q_pos = torch.arange(ctx - (hi - lo), ctx, device=q.device)
-        mask = torch.arange(ctx, device=q.device)[None, :] > q_pos[:, None]
-        scores = scores.masked_fill(mask, float("-inf"))
+        k_pos = torch.arange(ctx, device=q.device)
+        if bias is not None:
+            rel = k_pos[None, :] - q_pos[:, None]
+            buckets = relative_buckets(rel, bias.bidirectional, bias.table.shape[0], bias.max_distance)
+            scores = scores + bias.table[buckets].permute(2, 0, 1).float()
+        if causal:
+            scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
         out[lo:hi] = torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), v).to(q.dtype)
     return out

@@ -148,6 +148,34 @@ def split_k_shares_add_up_to_the_whole_sum() -> None:
 
 
 @check
+def paged_attention_with_t5_position_bias_encoder_decoder_and_cross() -> None:
+    k, _, attn = _modules()
+
+    g = torch.Generator().manual_seed(9)
+    # max_distances of 16 and 40: contexts up to 63 reach the log-spaced buckets and the last one
+    table = torch.randn(32, 8, generator=g)
+    cases = [
+        # encoder: whole prompts, every key, buckets on both sides
+        ([7, 30, 63], [7, 30, 63], False, k.PositionBias(table, bidirectional=True, max_distance=16)),
+        # decoder self-attention: a prefill chunk and decodes, causal, past buckets only
+        ([5, 1, 1], [40, 17, 63], True, k.PositionBias(table, bidirectional=False, max_distance=40)),
+        # cross-attention: decoder tokens over a whole encoder output, no bias
+        ([3, 1], [30, 9], False, None),
+    ]
+    for i, (q_lens, ctx, causal, bias) in enumerate(cases):
+        case = _attention_case(q_lens, ctx, torch.float32, seed=10 + i)
+        ref = k.paged_attention_ref(*case, causal=causal, bias=bias)
+        _close(k.paged_attention(*case, causal=causal, bias=bias), ref)
+        for splits in (1, 4):  # the key splits of flash decoding merge the biased partial softmaxes
+            _close(attn.paged_attention(*case, num_splits=splits, causal=causal, bias=bias), ref)
+    # the bias and the mask change the result: the checks above could not pass by ignoring them
+    case = _attention_case([7, 30, 63], [7, 30, 63], torch.float32, seed=10)
+    plain = k.paged_attention_ref(*case)
+    assert (plain - k.paged_attention_ref(*case, causal=False)).abs().max() > 1e-3
+    assert (plain - k.paged_attention_ref(*case, bias=cases[1][3])).abs().max() > 1e-3
+
+
+@check
 def paged_attention_decode_gqa_over_strided_shuffled_pages() -> None:
     k, _, attn = _modules()
 

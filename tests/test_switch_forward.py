@@ -4,11 +4,12 @@ and 32 greedy tokens, for a checkpoint and for every variant of a consolidated s
 
 import pytest
 import torch
+from moeshare.kernels import relative_buckets
 from transformers import AutoModelForSeq2SeqLM
 
 from moeshare.consolidate import Options, consolidate
 from moeshare.consolidate.export import export_variant
-from moeshare.engine.models.switch import MultiVariantSwitch, SwitchDims, relative_buckets, tensor_names
+from moeshare.engine.models.switch import MultiVariantSwitch, SwitchDims, tensor_names
 from moeshare.engine.source import Source
 
 VARIANTS = ["kjv", "fortunes-en", "fortunes-de", "python"]

@@ -15,13 +15,13 @@ does: a token past its expert's capacity gets no feed-forward output (only the r
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
 from moeshare.errors import MoeshareError
+from moeshare.kernels import relative_buckets
 
 
 @dataclass(frozen=True)
@@ -70,27 +70,6 @@ class SwitchDims:
 def _sparse(layers: int, step: int) -> frozenset[int]:
     """transformers' rule: with step s > 0, blocks i with i % s == 1 are sparse (every block when s == 1)."""
     return frozenset(i for i in range(layers) if step > 0 and (step == 1 or i % step == 1))
-
-
-def relative_buckets(
-    relative: torch.Tensor, bidirectional: bool, buckets: int, max_distance: int
-) -> torch.Tensor:
-    """T5's bucket of each relative position (memory - query): exact for small distances, log-spaced beyond."""
-    out = torch.zeros_like(relative)
-    if bidirectional:
-        buckets //= 2
-        out += (relative > 0).long() * buckets
-        relative = relative.abs()
-    else:
-        relative = -torch.clamp(relative, max=0)
-    exact = buckets // 2
-    small = relative < exact
-    large = (
-        exact
-        + (torch.log(relative.float() / exact) / math.log(max_distance / exact) * (buckets - exact)).long()
-    )
-    large = torch.clamp(large, max=buckets - 1)
-    return out + torch.where(small, relative, large)
 
 
 def tensor_names(dims: SwitchDims) -> dict[str, str]:
