@@ -12,7 +12,7 @@ import torch
 
 from .activation_ref import silu_mul_ref
 from .greedy_ref import greedy_pick_ref
-from .grouped_gemm_ref import fused_moe_ref, grouped_linear_ref
+from .grouped_gemm_ref import fused_moe_ref, fused_moe_relu_ref, grouped_linear_ref
 from .norm_rope_ref import add_rms_norm_ref, rotary_ref, rotary_store_ref
 from .paged_attention_ref import PositionBias, paged_attention_ref, relative_buckets
 
@@ -44,6 +44,15 @@ def fused_moe(
     if _triton(x):
         return _gemm.fused_moe(x, w13, w2, slots, weights)
     return fused_moe_ref(x, w13, w2, slots, weights)
+
+
+def fused_moe_relu(
+    x: torch.Tensor, wi: torch.Tensor, wo: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Switch experts over the bank — x [T, D], wi [S, F, D], wo [S, D, F], slots, weights [T, k] -> [T, D]."""
+    if _triton(x):
+        return _gemm.fused_moe_relu(x, wi, wo, slots, weights)
+    return fused_moe_relu_ref(x, wi, wo, slots, weights)
 
 
 def paged_attention(
@@ -118,6 +127,8 @@ __all__ = [
     "add_rms_norm_ref",
     "fused_moe",
     "fused_moe_ref",
+    "fused_moe_relu",
+    "fused_moe_relu_ref",
     "greedy_pick",
     "greedy_pick_ref",
     "grouped_linear",

@@ -161,6 +161,7 @@ def _grouped_gemm_kernel(
     A_DIV: tl.constexpr,
     GATED: tl.constexpr,
     HAS_SCALE: tl.constexpr,
+    RELU: tl.constexpr,
     EVEN_K: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -216,6 +217,8 @@ def _grouped_gemm_kernel(
         w_ptrs += BLOCK_K * stride_wk
     if GATED:
         acc = acc * tl.sigmoid(acc) * acc_up
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
     if HAS_SCALE:
         acc = acc * tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     out_ptrs = (
@@ -234,10 +237,11 @@ def _gemm(
     a_div: int = 1,
     gated: bool = False,
     scale: torch.Tensor | None = None,
+    relu: bool = False,
 ) -> None:
     cfg, n_out, k_dim = config, out.shape[1], a.shape[1]
     split = max(1, min(cfg.split_k, triton.cdiv(k_dim, cfg.block_k)))
-    if split > 1 and gated:
+    if split > 1 and (gated or relu):
         raise ValueError("split_k needs a GEMM whose output is a sum over K: not the gated one")
     # the shares of K land in float32 partials [split, rows, N], added into `out` by one torch sum
     dest = out if split == 1 else torch.empty(split, *out.shape, dtype=torch.float32, device=out.device)
@@ -264,6 +268,7 @@ def _gemm(
         A_DIV=a_div,
         GATED=gated,
         HAS_SCALE=scale is not None,
+        RELU=relu,
         EVEN_K=k_dim % cfg.block_k == 0,
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         UPCAST=INTERPRET and a.dtype == torch.bfloat16,
@@ -312,8 +317,29 @@ def fused_moe(
     w13 [S, 2I, H] (gate rows then up rows), w2 [S, H, I], slots [T, k], weights [T, k]. config: the tiles
     of the two GEMMs (they must share block_m, the alignment of the rows).
     """
+    return _moe(x, w13, w2, slots, weights, config, gated=True)
+
+
+def fused_moe_relu(
+    x: torch.Tensor,
+    wi: torch.Tensor,
+    wo: torch.Tensor,
+    slots: torch.Tensor,
+    weights: torch.Tensor,
+    config: tuple[GemmConfig, GemmConfig] | None = None,
+) -> torch.Tensor:
+    """Switch experts: sum_k weights[t, k] * wo[s] relu(wi[s] x), s = slots[t, k]  —  x [T, D] -> [T, D].
+
+    wi [S, F, D], wo [S, D, F], slots [T, k], weights [T, k]; config as for fused_moe.
+    """
+    return _moe(x, wi, wo, slots, weights, config, gated=False)
+
+
+def _moe(x, w_in, w_out, slots, weights, config, gated: bool) -> torch.Tensor:
+    """The two GEMMs over the bank, rows aligned by slot: silu-gated (w_in holds gate then up rows) or ReLU."""
+    slots, weights = slots.contiguous(), weights.contiguous()  # the kernels index them flat
     num_tokens, top_k = slots.shape
-    num_slots, inter_dim = w13.shape[0], w2.shape[2]
+    num_slots, inter_dim = w_in.shape[0], w_out.shape[2]
     if num_tokens == 0:
         return x.new_zeros(0, x.shape[1])
     pairs = num_tokens * top_k
@@ -321,15 +347,15 @@ def fused_moe(
         per_slot = _rows_per_group(pairs, num_slots)
         size = x.element_size()
         config = (
-            gemm_config(per_slot, gated=True, element_size=size),
+            gemm_config(per_slot, gated=gated, element_size=size),
             gemm_config(per_slot, element_size=size),
         )
     cfg1, cfg2 = config
     if cfg1.block_m != cfg2.block_m:
         raise ValueError(f"the two GEMMs must share block_m, got {cfg1.block_m} and {cfg2.block_m}")
     sorted_rows, tile_group = align_rows(slots, num_slots, cfg1.block_m)
-    inter = x.new_empty(pairs, inter_dim)  # [T*k, I] silu(gate) * up, row t*k + j
-    _gemm(x, w13, inter, sorted_rows, tile_group, cfg1, a_div=top_k, gated=True)
+    inter = x.new_empty(pairs, inter_dim)  # [T*k, I] the activation, row t*k + j
+    _gemm(x, w_in, inter, sorted_rows, tile_group, cfg1, a_div=top_k, gated=gated, relu=not gated)
     per_pair = torch.empty(pairs, x.shape[1], dtype=torch.float32, device=x.device)  # [T*k, H]
-    _gemm(inter, w2, per_pair, sorted_rows, tile_group, cfg2, scale=weights.reshape(-1))
+    _gemm(inter, w_out, per_pair, sorted_rows, tile_group, cfg2, scale=weights.reshape(-1))
     return per_pair.view(num_tokens, top_k, -1).sum(dim=1).to(x.dtype)

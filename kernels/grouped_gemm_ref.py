@@ -35,3 +35,21 @@ def fused_moe_ref(
         y = (F.silu(gate) * up) @ w2[s].T
         out.index_add_(0, t, (y * weights.reshape(-1)[pick, None]).float())
     return out.to(x.dtype)
+
+
+def fused_moe_relu_ref(
+    x: torch.Tensor, wi: torch.Tensor, wo: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Switch experts over the bank: sum_k weights[t, k] * wo[s] relu(wi[s] x), s = slots[t, k].
+
+    x [T, D], wi [S, F, D], wo [S, D, F], slots [T, k], weights [T, k] -> [T, D].
+    """
+    out = torch.zeros_like(x, dtype=torch.float32)
+    flat = slots.reshape(-1)
+    token = torch.arange(x.shape[0], device=x.device).repeat_interleave(slots.shape[1])
+    for s in flat.unique().tolist():
+        pick = flat == s
+        t = token[pick]
+        y = torch.relu(x[t] @ wi[s].T) @ wo[s].T
+        out.index_add_(0, t, (y * weights.reshape(-1)[pick, None]).float())
+    return out.to(x.dtype)

@@ -123,6 +123,25 @@ def fused_moe_37_tokens_fp32_and_bf16() -> None:
 
 
 @check
+def fused_moe_relu_the_switch_expert_form() -> None:
+    k, gemm, _ = _modules()
+
+    for dtype, tokens in ((torch.float32, 37), (torch.bfloat16, 5), (torch.float32, 1)):
+        x, wi, wo, chosen, weights = _moe_case(tokens, dtype, seed=6)
+        wi = wi[:, : wo.shape[2]]  # [S, F, D]: one projection up, no gate
+        top1, w1 = chosen[:, :1], weights[:, :1]  # Switch routes each token to one expert
+        for slots, w in ((top1, w1), (chosen, weights)):
+            _close(k.fused_moe_relu(x, wi, wo, slots, w), k.fused_moe_relu_ref(x, wi, wo, slots, w))
+    small = (gemm.GemmConfig(16, 16, 16), gemm.GemmConfig(16, 16, 32, split_k=2))
+    x, wi, wo, chosen, weights = _moe_case(37, torch.float32, seed=7)
+    wi = wi[:, : wo.shape[2]]
+    ref = k.fused_moe_relu_ref(x, wi, wo, chosen, weights)
+    _close(gemm.fused_moe_relu(x, wi, wo, chosen, weights, config=small), ref)
+    # the ReLU matters here: without it the sums differ
+    assert (ref - k.fused_moe_ref(x, torch.cat([wi, wi], 1), wo, chosen, weights)).abs().max() > 1e-3
+
+
+@check
 def split_k_shares_add_up_to_the_whole_sum() -> None:
     k, gemm, _ = _modules()
 

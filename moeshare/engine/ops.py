@@ -3,6 +3,7 @@
 from moeshare.kernels import (
     add_rms_norm,
     fused_moe,
+    fused_moe_relu,
     greedy_pick,
     grouped_linear,
     paged_attention,
@@ -14,6 +15,7 @@ from moeshare.kernels import (
 __all__ = [
     "add_rms_norm",
     "fused_moe",
+    "fused_moe_relu",
     "greedy_pick",
     "grouped_linear",
     "paged_attention",

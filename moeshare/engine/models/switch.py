@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moeshare.engine import ops
 from moeshare.errors import MoeshareError
 from moeshare.kernels import relative_buckets
 
@@ -195,14 +196,10 @@ class MultiVariantSwitch:
         top, local = probs.max(-1)
         onehot = torch.nn.functional.one_hot(local, self.dims.experts)
         kept = (onehot.cumsum(0) * onehot).sum(-1) <= self.dims.capacity  # capacity per sequence, in order
-        slots = self.tables[layer][row][local]
+        slots = self.tables[layer][row][local]  # [T] bank slots
+        weights = (top * kept).to(self.dtype)  # a token past capacity: weight 0, no output
         bank = self.bank[layer]
-        out = torch.zeros_like(x)
-        for s in torch.unique(slots[kept]).tolist():
-            mine = kept & (slots == s)
-            y = torch.relu(x[mine] @ bank["wi"][s].T) @ bank["wo"][s].T
-            out[mine] = y * top[mine, None].to(self.dtype)
-        return out
+        return ops.fused_moe_relu(x, bank["wi"], bank["wo"], slots[:, None], weights[:, None])
 
     # ---- stacks --------------------------------------------------------------------------------------------
 
