@@ -231,9 +231,11 @@ def run_system(system: str, args, models, popularity, lens, solo, bar, write) ->
             warm = [RequestSpec(f"warm-{n}", n, 0.0, tuple(range(10, 10 + lens[0].hi)), 2) for n in served]
             for r in warm:  # one at a time: each may have to come onto the device
                 asyncio.run(replay(d.routes[r.variant].address, [r], temperature=0.0))
-            if not solo:
+            if need := [
+                n for n in served if n not in solo
+            ]:  # the first system that serves them measures them
                 bar.set_description(f"{system}: solo latency")
-                solo |= solo_latencies(d, served, lens, args.seed)
+                solo |= solo_latencies(d, need, lens, args.seed)
             missing = [n for n in popularity if n not in solo]
             if missing:
                 raise RuntimeError(f"no solo latency for {missing[0]}: run a system that serves it first")

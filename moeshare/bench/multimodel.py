@@ -13,8 +13,9 @@ Systems, each a set of `moeshare serve` processes on loopback (`layouts`):
 - `muxserve-style`: one server, our engine with static placement (every model's weights on the device, no
   eviction), a fixed KV quota per model (`--kv-blocks`), load-order scheduling, batches on a stream per model;
   models that do not fit, least popular first, are dropped.
-- `time-share`: one server whose page pool holds the largest model's weights and its KV room, so (about) one
-  model is on the device at a time and a switch copies the next one's weights in from pinned host memory.
+- `time-share`: one server whose page pool holds the largest model's weights and its KV room, so models take
+  turns on the device (a switch to the largest evicts every other; smaller ones may share the pool) and a switch
+  copies the next one's weights in from pinned host memory.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ import torch
 
 from moeshare.bench.systems import ServerSpec
 from moeshare.bench.workload import Lengths, RequestSpec, WorkloadSpec, generate
+from moeshare.engine.budget import SEQS_RANGE, TOKENS_RANGE
 from moeshare.engine.config import EngineConfig
 from moeshare.engine.models import architecture
+from moeshare.engine.placement import CUDA_ALLOCATOR_SLACK, load_bytes, work_bytes
 from moeshare.engine.synthetic import from_spec
 
 GIB = 2**30
@@ -57,6 +60,7 @@ class Model:
     kind: str  # "dense" or "moe"
     weights: int  # bytes on the device with every row resident
     block: int  # bytes of one KV block of 16 tokens
+    work: int  # what the engine reserves beside weights and KV: a step's work space or loading's largest draw
 
     @property
     def label(self) -> str:
@@ -73,7 +77,10 @@ def describe(source: str, kind: str, dtype: torch.dtype = torch.bfloat16) -> Mod
     weights = layout.rows * layout.row_bytes + sum(layout.slots) * layout.slot_bytes
     block = 16 * fp.layers * 2 * fp.kv_heads * fp.head_dim * dtype.itemsize
     models = (name,) if name else tuple(src.variants)
-    return Model(source, models, kind, weights, block)
+    # the engine's own reservation (placement.py) at the largest step budgets it derives
+    most = EngineConfig(max_batched_tokens=TOKENS_RANGE[1] // 4, max_num_seqs=SEQS_RANGE[1])
+    work = max(work_bytes(most, fp, dtype), load_bytes(fp, dtype)) + CUDA_ALLOCATOR_SLACK
+    return Model(source, models, kind, weights, block, work)
 
 
 def model_set(name: str, dtype: torch.dtype = torch.bfloat16) -> list[Model]:
@@ -114,8 +121,8 @@ def layout(
         return Layout([spec], [], {})
     if system in ("static-partition", "mig-partition"):
         share = usable // len(models)
-        kept = [m for m in models if m.kind == "moe" or m.weights + slack + 64 * m.block <= share]
-        sm = max(1, 100 // len(models)) if system == "mig-partition" else None
+        kept = [m for m in models if m.kind == "moe" or m.weights + m.work + slack + 64 * m.block <= share]
+        sm = max(1, 100 // len(kept)) if system == "mig-partition" else None
         servers = [
             ServerSpec(_sources([m]), m.models, ("--memory-limit", _gib(share)), sm_percent=sm) for m in kept
         ]
@@ -125,19 +132,21 @@ def layout(
         rank = {n: i for i, n in enumerate(popularity)}
         order = sorted(models, key=lambda m: min(rank[n] for n in m.models))
         kept: list[Model] = []
-        for m in order:  # each kept model needs its weights and at least 256 KV blocks beside
+        for m in order:  # each kept model needs its weights, its work space and at least 256 KV blocks beside
             trial = [*kept, m]
-            if sum(x.weights + 256 * x.block for x in trial) + slack * len(trial) <= usable:
+            if sum(x.weights + x.work + 256 * x.block for x in trial) + slack <= usable:
                 kept = trial
-        left = usable - sum(m.weights for m in kept) - slack * len(kept)
-        blocks = max(16, left // max(m.block for m in kept) // len(kept))  # the same quota for every model
+        left = usable - sum(m.weights + m.work for m in kept) - slack
+        blocks = max(16, left // max(m.block for m in kept) // len(kept) - 1)  # one quota for every model
         options = ("--memory-limit", _gib(usable), "--kv-blocks", str(blocks), "--policy", "load-order")
         spec = ServerSpec(_sources(kept), _names(kept), options)
         dropped = [n for m in models if m not in kept for n in m.models]
         return Layout([spec], dropped, {m.label: m.weights + blocks * m.block for m in kept})
     if system == "time-share":
         largest = max(m.weights for m in models)
-        pool = largest + max(2 * GIB, largest // 8)  # its weights and room for its KV
+        # the largest model's weights and room for its KV: a switch to it evicts the others (smaller models
+        # may share the pool: three 8B-size dense ones fit where the 41 GiB store does)
+        pool = largest + max(2 * GIB, largest // 8)
         spec = ServerSpec(_sources(models), _names(models), ("--pool", _gib(pool), "--evict-to", EVICT_TO))
         return Layout([spec], [], {})
     raise ValueError(f"unknown system {system!r}; choose from {', '.join(SYSTEMS)}")

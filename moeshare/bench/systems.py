@@ -260,14 +260,17 @@ class MpsDaemon:
     only the servers given its `env`) and stopped with it."""
 
     def __init__(self, root: Path) -> None:
-        self.pipes = Path(tempfile.mkdtemp(prefix="mps-", dir=root))
-        self.env = {"CUDA_MPS_PIPE_DIRECTORY": str(self.pipes), "CUDA_MPS_LOG_DIRECTORY": str(self.pipes)}
         if shutil.which(MPS_CONTROL) is None:
             raise RuntimeError(f"{MPS_CONTROL} is not on PATH: SM shares need the CUDA MPS control daemon")
+        # the pipes under /tmp (a socket path must stay short), the daemon's log beside the servers' (kept)
+        self.pipes = Path(tempfile.mkdtemp(prefix="mps-"))
+        logs = Path(tempfile.mkdtemp(prefix="mps-log-", dir=root))
+        self.env = {"CUDA_MPS_PIPE_DIRECTORY": str(self.pipes), "CUDA_MPS_LOG_DIRECTORY": str(logs)}
         done = subprocess.run(
             [MPS_CONTROL, "-d"], env=os.environ | self.env, capture_output=True, text=True, timeout=30
         )
         if done.returncode != 0:
+            shutil.rmtree(self.pipes, ignore_errors=True)
             said = (done.stderr or done.stdout).strip().splitlines()
             raise RuntimeError(f"{MPS_CONTROL} -d failed: {said[-1] if said else done.returncode}")
 

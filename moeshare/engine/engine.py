@@ -275,6 +275,7 @@ class Engine:
                 events += instance.step(wait)
         for instance in self._instances:  # a batch queued by the last step is read back whatever runs now
             if instance not in picked:
+                instance.skipped()
                 events += instance.read_back(wait)
         self._join_streams()
         if not wait and progress == sum(i.launches + i.collected for i in self._instances):

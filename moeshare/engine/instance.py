@@ -268,6 +268,11 @@ class Instance:
 
     # ---- stepping ----------------------------------------------------------------------------------------
 
+    def skipped(self) -> None:
+        """A step passed it by (the policy, or its weights off the device): its next batch is not back to back
+        with its last, so neither its time nor the step-time average counts the gap."""
+        self._last_step = None
+
     def can_launch(self) -> bool:
         """Whether a step could queue a batch now (no batch before its last still on the device)."""
         return self._unread is None or self._unread.ready()
@@ -289,6 +294,7 @@ class Instance:
                 return events
             events, self._unread = self._collect(self._unread), None
         if not self.on_device:  # evicted, or its weights still coming back: its requests wait
+            self.skipped()
             return events + self._activation_failed()
         continuing = self._last_step is not None  # it had work at its last step too
         if self.has_work():
@@ -394,10 +400,10 @@ class Instance:
         events: list[TokenEvent] = []
         try:
             chosen, logprobs = launched.read()
-            self._count(launched)
             self._advance(launched.batch, chosen, logprobs, events)
         except Exception as e:
             return events + self._fail(launched.batch, e)
+        self._count(launched)
         return events
 
     def _advance(

@@ -10,7 +10,9 @@ T5 details kept: RMS norm without mean or bias; no 1/sqrt(d) in attention; a lea
 each stack's first block, shared by its other blocks (bidirectional buckets in the encoder, causal ones in the
 decoder's self-attention, none in cross-attention); with tied embeddings the decoder's output is scaled by
 d_model ** -0.5 before the LM head. Expert capacity is counted per sequence, in token order, as transformers
-does: a token past its expert's capacity gets no feed-forward output (only the residual).
+does: a token past its expert's capacity gets no feed-forward output (only the residual). `decode` recomputes the
+decoder's tokens together, so capacity counts over them all, as a teacher-forced transformers forward does;
+generate with a cache routes one token at a time, where capacity never binds (the paged decoder will do that).
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ class SwitchDims:
 
     @classmethod
     def from_config(cls, c: dict) -> SwitchDims:
+        if c.get("router_bias"):
+            raise MoeshareError("switch_transformers: router_bias is not supported")
         act = c.get("dense_act_fn", "relu")
         if act != "relu" or str(c.get("feed_forward_proj", "relu")).startswith("gated"):
             raise MoeshareError(f"switch_transformers: feed-forward {act!r} is not supported (relu is)")
