@@ -130,7 +130,7 @@ def _t5_bias(n, pos, head, row_ok, bias_ptr, stride_bb, stride_bh, inv_log_ratio
 def _paged_attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
     block_tables_ptr, context_lens_ptr, query_start_ptr, num_seqs, num_kv_heads, qk_scale,
-    bias_ptr, stride_bb, stride_bh, inv_log_ratio,
+    bias_ptr, bias_rows_ptr, stride_br, stride_bb, stride_bh, inv_log_ratio,
     stride_qt, stride_qh, stride_qd,
     stride_kn, stride_kb, stride_kh, stride_kd,
     stride_vn, stride_vb, stride_vh, stride_vd,
@@ -140,6 +140,7 @@ def _paged_attention_kernel(
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_S: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     CAUSAL: tl.constexpr = True, BIAS: tl.constexpr = 0, NUM_BUCKETS: tl.constexpr = 32,
+    PER_ROW: tl.constexpr = False,
 ):  # fmt: skip
     # BIAS: 0 none, 1 T5's relative position bias over past keys only, 2 over both sides
     chunk = tl.program_id(0)
@@ -182,8 +183,11 @@ def _paged_attention_kernel(
             v = v.to(tl.float32)
         s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
         if BIAS > 0:
+            table = bias_ptr  # the sequence's own table: one per variant with PER_ROW
+            if PER_ROW:
+                table += tl.load(bias_rows_ptr + seq).to(tl.int64) * stride_br
             t5 = _t5_bias(
-                n, pos, head, row_ok, bias_ptr, stride_bb, stride_bh, inv_log_ratio, BIAS == 2, NUM_BUCKETS
+                n, pos, head, row_ok, table, stride_bb, stride_bh, inv_log_ratio, BIAS == 2, NUM_BUCKETS
             )
             s += t5 * 1.4426950408889634  # log2 units, as s
         if CAUSAL:
@@ -301,16 +305,19 @@ def paged_attention(
         BLOCK_S=max(16, triton.next_power_of_2(num_seqs)),
     )
     if bias is not None:
-        buckets = bias.table.shape[0]
+        buckets = bias.buckets
         exact = (buckets // 2 if bias.bidirectional else buckets) // 2
-        position = dict(BIAS=2 if bias.bidirectional else 1, NUM_BUCKETS=buckets)
+        per_row = bias.rows is not None
+        position = dict(BIAS=2 if bias.bidirectional else 1, NUM_BUCKETS=buckets, PER_ROW=per_row)
         table, inv_log_ratio = bias.table, 1.0 / math.log(bias.max_distance / exact)
+        rows = bias.rows if per_row else context_lens
+        strides = (table.stride(0) if per_row else 0, table.stride(-2), table.stride(-1))
     else:
-        position, table, inv_log_ratio = dict(BIAS=0), out, 1.0
+        position, table, inv_log_ratio, rows, strides = dict(BIAS=0), out, 1.0, context_lens, (0, 0, 0)
     _paged_attention_kernel[(chunks, num_kv_heads, num_splits)](
         q, k_cache, v_cache, out, part_m, part_l, part_acc,
         block_tables, context_lens, query_start, num_seqs, num_kv_heads, scale * _LOG2E,
-        table, table.stride(0), table.stride(1) if table.dim() > 1 else 0, inv_log_ratio,
+        table, rows, *strides, inv_log_ratio,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
         **common, BLOCK_N=block_n, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=page, SPLITS=num_splits,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=INTERPRET and q.dtype == torch.bfloat16,

@@ -10,15 +10,29 @@ import torch
 
 @dataclass(frozen=True)
 class PositionBias:
-    """T5's learned relative position bias: `table` [buckets, Hq] float32, indexed by the bucket of key position
-    minus query position (both halves of the buckets by sign when `bidirectional`, else only the past)."""
+    """T5's learned relative position bias: `table` [buckets, Hq], indexed by the bucket of key position minus
+    query position (both halves of the buckets by sign when `bidirectional`, else only the past); or one table
+    per variant [R, buckets, Hq] with `rows` [nseq] the table of each sequence."""
 
     table: torch.Tensor
     bidirectional: bool
     max_distance: int = 128
+    rows: torch.Tensor | None = None
+
+    @property
+    def buckets(self) -> int:
+        return self.table.shape[-2]
+
+    def of(self, seq: int) -> torch.Tensor:
+        """Sequence `seq`'s table [buckets, Hq]."""
+        return self.table if self.rows is None else self.table[int(self.rows[seq])]
 
     def __post_init__(self) -> None:
-        exact = (self.table.shape[0] // 2 if self.bidirectional else self.table.shape[0]) // 2
+        if (self.table.dim() == 3) != (self.rows is not None):
+            raise ValueError(
+                "a table per variant [R, buckets, Hq] goes with rows, one table [buckets, Hq] without"
+            )
+        exact = (self.buckets // 2 if self.bidirectional else self.buckets) // 2
         if self.max_distance <= exact:
             raise ValueError(f"max_distance {self.max_distance} must exceed the {exact} exact buckets")
 
@@ -81,8 +95,8 @@ def paged_attention_ref(
         k_pos = torch.arange(ctx, device=q.device)
         if bias is not None:
             rel = k_pos[None, :] - q_pos[:, None]
-            buckets = relative_buckets(rel, bias.bidirectional, bias.table.shape[0], bias.max_distance)
-            scores = scores + bias.table[buckets].permute(2, 0, 1).float()
+            buckets = relative_buckets(rel, bias.bidirectional, bias.buckets, bias.max_distance)
+            scores = scores + bias.of(b)[buckets].permute(2, 0, 1).float()
         if causal:
             scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
         out[lo:hi] = torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), v).to(q.dtype)

@@ -187,6 +187,15 @@ def paged_attention_with_t5_position_bias_encoder_decoder_and_cross() -> None:
         _close(k.paged_attention(*case, causal=causal, bias=bias), ref)
         for splits in (1, 4):  # the key splits of flash decoding merge the biased partial softmaxes
             _close(attn.paged_attention(*case, num_splits=splits, causal=causal, bias=bias), ref)
+    # one table per variant, each sequence its own
+    tables = torch.randn(3, 32, 8, generator=g)
+    rows = torch.tensor([2, 0, 1])
+    case = _attention_case([7, 30, 63], [7, 30, 63], torch.float32, seed=13)
+    per_row = k.PositionBias(tables, bidirectional=True, max_distance=16, rows=rows)
+    ref = k.paged_attention_ref(*case, causal=False, bias=per_row)
+    _close(k.paged_attention(*case, causal=False, bias=per_row), ref)
+    one = k.paged_attention_ref(*case, causal=False, bias=k.PositionBias(tables[0], True, 16))
+    assert torch.allclose(ref[7:37], one[7:37]) and not torch.allclose(ref[:7], one[:7])
     # the bias and the mask change the result: the checks above could not pass by ignoring them
     case = _attention_case([7, 30, 63], [7, 30, 63], torch.float32, seed=10)
     plain = k.paged_attention_ref(*case)
