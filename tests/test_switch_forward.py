@@ -124,3 +124,41 @@ def test_tokens_past_their_experts_capacity_get_no_feed_forward_as_in_transforme
     assert _rel(ours, theirs) < 1e-4
     model.dims = replace(model.dims, capacity=4096)
     assert _rel(model.encode(ids, 0), theirs) > 1e-2  # the capacity changed the outputs: it was binding
+
+
+def test_paged_batched_encode_and_decode_give_each_sequence_its_reference_tokens(tiny_zoo, tmp_path):
+    """Prompts of three variants encoded in one pass into paged cross blocks, then 12 greedy decode steps of all
+    three together over paged self blocks: each sequence's logits and tokens as the reference gives it alone."""
+    from moeshare.engine.attention import AttnBatch
+
+    store = tmp_path / "store"
+    consolidate([tiny_zoo / "switch" / v for v in VARIANTS], store, Options(budget="0.5", self_calib=0))
+    model, source = _build(store)
+    d, block = model.dims, 4
+    jobs = [("python", "def f(x):"), ("kjv", "And God said, Let there be light"), ("fortunes-en", "A man")]
+    rows = [source.variants.index(v) for v, _ in jobs]
+    prompts = [_ids(tiny_zoo / "switch" / v, p) for v, p in jobs]
+    steps = 12
+    kv_x = torch.zeros(64, d.encoder_layers + d.decoder_layers, 2, block, d.heads, d.d_kv)
+    kv_s = torch.zeros(64, d.decoder_layers, 2, block, d.heads, d.d_kv)
+    free = iter(range(64))
+    cross = [[next(free) for _ in range(-(-len(p) // block))] for p in prompts]
+    own = [[next(free) for _ in range(-(-(steps + 1) // block))] for _ in prompts]
+    seq_rows = torch.tensor(rows)
+    token_rows = torch.tensor([r for r, p in zip(rows, prompts, strict=True) for _ in p])
+    enc = AttnBatch.build(cross, [0] * 3, [len(p) for p in prompts], block, torch.device("cpu"))
+    model.encode_paged(torch.tensor([t for p in prompts for t in p]), token_rows, seq_rows, enc, kv_x)
+    start = source.config.get("decoder_start_token_id", 0)
+    outs = [[start] for _ in prompts]
+    for step in range(steps):
+        attn = AttnBatch.build(own, [step] * 3, [1] * 3, block, torch.device("cpu"))
+        cross_step = AttnBatch.build(
+            cross, [len(p) - 1 for p in prompts], [1] * 3, block, torch.device("cpu")
+        )
+        logits = model.decode_paged(
+            torch.tensor([o[-1] for o in outs]), seq_rows, seq_rows, attn, cross_step, kv_s, kv_x
+        )
+        for i, (o, p, r) in enumerate(zip(outs, prompts, rows, strict=True)):
+            alone = model.decode(model.encode(p, r), o, r)[-1]
+            assert _rel(logits[i], alone) < 1e-4, (jobs[i][0], step)
+            o.append(int(logits[i].argmax()))

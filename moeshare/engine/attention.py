@@ -18,10 +18,11 @@ class AttnBatch:
     query_start: torch.Tensor  # [nseq + 1] where each sequence's new tokens start in the step
 
     def attend(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float, **how
     ) -> torch.Tensor:
+        """`how`: the kernel's causal / bias options (an encoder's, or cross-attention)."""
         return ops.paged_attention(
-            q, k_cache, v_cache, self.block_tables, self.context_lens, self.query_start, scale
+            q, k_cache, v_cache, self.block_tables, self.context_lens, self.query_start, scale, **how
         )
 
     def self_attention(

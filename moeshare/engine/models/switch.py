@@ -23,8 +23,9 @@ from dataclasses import dataclass
 import torch
 
 from moeshare.engine import ops
+from moeshare.engine.attention import AttnBatch
 from moeshare.errors import MoeshareError
-from moeshare.kernels import relative_buckets
+from moeshare.kernels import PositionBias, relative_buckets
 
 
 @dataclass(frozen=True)
@@ -236,3 +237,106 @@ class MultiVariantSwitch:
             h = h * self.dims.d_model**-0.5
         head = self.w["shared" if self.dims.tied else "lm_head"][row]
         return (h @ head.T).float()
+
+    # ---- paged and batched: many sequences of any variants in one pass ----------------------------------------
+    # Two KV pools: `kv_x` [N, encoder_layers + decoder_layers, 2, B, H, d_kv] holds each prompt's encoder
+    # self-attention K/V (layers 0..) and every decoder block's cross-attention K/V (after them), written once
+    # by encode_paged; `kv_s` [N, decoder_layers, 2, B, H, d_kv] the decoder's own K/V, growing a token a step.
+
+    def _linear(self, x: torch.Tensor, name: str, rows: torch.Tensor) -> torch.Tensor:
+        return ops.grouped_linear(x, self.w[name], rows)
+
+    def _normed(self, h: torch.Tensor, name: str, rows: torch.Tensor) -> torch.Tensor:
+        return ops.add_rms_norm(h, None, self.w[name], rows, self.dims.eps)[1]
+
+    def _store(self, kv: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, attn: AttnBatch) -> None:
+        kv[attn.block_of, layer, 0, attn.offset_of] = k
+        kv[attn.block_of, layer, 1, attn.offset_of] = v
+
+    def _paged_attend(self, x, kv, layer, p, rows, attn, store: AttnBatch | None, **how) -> torch.Tensor:
+        """x [T, D] (normed) -> the block's attention output [T, D]: q from x, and with `store` k and v too,
+        written into `layer` of kv before the paged attention over each sequence's blocks (attn)."""
+        d, c = self.dims, "c" if store is None else ""
+        q = self._linear(x, p + c + "q", rows).view(-1, d.heads, d.d_kv)
+        if store is not None:
+            k = self._linear(x, p + "k", rows).view(-1, d.heads, d.d_kv)
+            v = self._linear(x, p + "v", rows).view(-1, d.heads, d.d_kv)
+            self._store(kv, layer, k, v, store)
+        o = attn.attend(q, kv[:, layer, 0], kv[:, layer, 1], 1.0, **how)  # no 1 / sqrt(d_kv) in T5
+        return self._linear(o.reshape(-1, d.heads * d.d_kv), p + c + "o", rows)
+
+    def _ff_batch(self, x: torch.Tensor, stack: str, block: int, rows: torch.Tensor, seq_of: torch.Tensor):
+        """The block's feed-forward of a batch's tokens (normed x [T, D]); seq_of [T]: each token's sequence,
+        over which capacity is counted in token order."""
+        p = f"{stack}.{block}."
+        if block not in (self.dims.encoder_sparse if stack == "enc" else self.dims.decoder_sparse):
+            return self._linear(torch.relu(self._linear(x, p + "wi", rows)), p + "wo", rows)
+        layer = moe_layer(stack, block)
+        probs = ops.grouped_linear(x.float(), self.w[p + "router"].float(), rows).softmax(-1)
+        top, local = probs.max(-1)
+        onehot = torch.nn.functional.one_hot(local, self.dims.experts)
+        count = onehot.cumsum(0)
+        first = torch.searchsorted(seq_of, seq_of)  # each token's sequence's first token (seq_of ascending)
+        before = torch.where((first > 0)[:, None], count[(first - 1).clamp(min=0)], 0)
+        kept = ((count - before) * onehot).sum(-1) <= self.dims.capacity
+        slots = self.tables[layer][rows, local]
+        weights = (top * kept).to(self.dtype)
+        bank = self.bank[layer]
+        return ops.fused_moe_relu(x, bank["wi"], bank["wo"], slots[:, None], weights[:, None])
+
+    def encode_paged(
+        self,
+        ids: torch.Tensor,
+        rows: torch.Tensor,
+        seq_rows: torch.Tensor,
+        attn: AttnBatch,
+        kv_x: torch.Tensor,
+    ) -> None:
+        """Whole prompts (attn: each sequence's blocks, its tokens all new) through the encoder: the encoder's K/V
+        and every decoder block's cross K/V land in kv_x. ids, rows [T]; seq_rows [nseq]."""
+        d = self.dims
+        seq_of = torch.repeat_interleave(
+            torch.arange(len(seq_rows), device=ids.device), attn.query_start.diff().long()
+        )
+        bias = PositionBias(self.w["enc.bias"], True, d.max_distance, rows=seq_rows)
+        h = self.w["shared"][rows, ids]
+        for b in range(d.encoder_layers):
+            p = f"enc.{b}."
+            x = self._normed(h, p + "ln_self", rows)
+            h = h + self._paged_attend(x, kv_x, b, p, rows, attn, attn, causal=False, bias=bias)
+            h = h + self._ff_batch(self._normed(h, p + "ln_ff", rows), "enc", b, rows, seq_of)
+        encoded = self._normed(h, "enc.final", rows)
+        for j in range(d.decoder_layers):  # the cross-attention K/V of every decoder block, once
+            k = self._linear(encoded, f"dec.{j}.ck", rows).view(-1, d.heads, d.d_kv)
+            v = self._linear(encoded, f"dec.{j}.cv", rows).view(-1, d.heads, d.d_kv)
+            self._store(kv_x, d.encoder_layers + j, k, v, attn)
+
+    def decode_paged(
+        self,
+        ids: torch.Tensor,
+        rows: torch.Tensor,
+        seq_rows: torch.Tensor,
+        attn: AttnBatch,
+        cross: AttnBatch,
+        kv_s: torch.Tensor,
+        kv_x: torch.Tensor,
+    ) -> torch.Tensor:
+        """New decoder tokens of each sequence (attn: their self blocks; cross: their prompt's blocks in kv_x,
+        context the prompt's length, query_start as attn's) -> float32 logits [T, V]."""
+        d = self.dims
+        seq_of = torch.repeat_interleave(
+            torch.arange(len(seq_rows), device=ids.device), attn.query_start.diff().long()
+        )
+        bias = PositionBias(self.w["dec.bias"], False, d.max_distance, rows=seq_rows)
+        h = self.w["shared"][rows, ids]
+        for j in range(d.decoder_layers):
+            p = f"dec.{j}."
+            x = self._normed(h, p + "ln_self", rows)
+            h = h + self._paged_attend(x, kv_s, j, p, rows, attn, attn, causal=True, bias=bias)
+            x = self._normed(h, p + "ln_cross", rows)
+            h = h + self._paged_attend(x, kv_x, d.encoder_layers + j, p, rows, cross, None, causal=False)
+            h = h + self._ff_batch(self._normed(h, p + "ln_ff", rows), "dec", j, rows, seq_of)
+        h = self._normed(h, "dec.final", rows)
+        if d.tied:
+            h = h * d.d_model**-0.5
+        return self._linear(h, "shared" if d.tied else "lm_head", rows).float()
