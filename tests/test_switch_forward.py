@@ -9,7 +9,7 @@ from transformers import AutoModelForSeq2SeqLM
 
 from moeshare.consolidate import Options, consolidate
 from moeshare.consolidate.export import export_variant
-from moeshare.engine.models.switch import MultiVariantSwitch, SwitchDims, tensor_names
+from moeshare.engine.models.switch import MultiVariantSwitch
 from moeshare.engine.source import Source
 
 VARIANTS = ["kjv", "fortunes-en", "fortunes-de", "python"]
@@ -23,23 +23,7 @@ PROMPTS = {
 
 def _build(path) -> tuple[MultiVariantSwitch, Source]:
     source = Source(path)
-    dims = SwitchDims.from_config(source.config)
-    layers = list(source.adapter.moe_layers)
-    model = MultiVariantSwitch(
-        dims,
-        len(source.variants),
-        {x: source.bank_slots(x) for x in layers},
-        torch.float32,
-        torch.device("cpu"),
-    )
-    names = tensor_names(dims)
-    for row, v in enumerate(source.variants):
-        tensors = ((ours, source.tensor(v, key)) for ours, key in names.items())
-        model.load(row, tensors, {x: source.table(v, x) for x in layers})
-    for x in layers:
-        for s in range(source.bank_slots(x)):
-            model.load_slot(x, s, source.bank_slot(x, s))
-    return model, source
+    return MultiVariantSwitch.from_source(source, torch.float32, torch.device("cpu")), source
 
 
 def _ids(path, text: str) -> list[int]:

@@ -150,6 +150,23 @@ class MultiVariantSwitch:
             layer: torch.zeros(rows, d.experts, dtype=torch.long, device=device) for layer in slots
         }
 
+    @classmethod
+    def from_source(cls, source, dtype: torch.dtype, device: torch.device) -> MultiVariantSwitch:
+        """Every variant of a store (or a checkpoint, one variant) resident, row i = source.variants[i], and
+        the bank read slot by slot (a Source's interface: tensor, table, bank_slots, bank_slot)."""
+        dims = SwitchDims.from_config(source.config)
+        layers = list(source.adapter.moe_layers)
+        slots = {x: source.bank_slots(x) for x in layers}
+        model = cls(dims, len(source.variants), slots, dtype, device)
+        names = tensor_names(dims)
+        for row, v in enumerate(source.variants):
+            tensors = ((ours, source.tensor(v, key)) for ours, key in names.items())
+            model.load(row, tensors, {x: source.table(v, x) for x in layers})
+        for x in layers:
+            for s in range(slots[x]):
+                model.load_slot(x, s, source.bank_slot(x, s))
+        return model
+
     def load(
         self, row: int, tensors: Iterable[tuple[str, torch.Tensor]], tables: dict[str, list[int]]
     ) -> None:
