@@ -18,6 +18,18 @@ def grouped_linear_ref(x: torch.Tensor, w: torch.Tensor, group: torch.Tensor) ->
     return out
 
 
+def _over_bank(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, expert) -> torch.Tensor:
+    """sum_k weights[t, k] * expert(s, x[t]) over the slots s = slots[t, k] each token routes to."""
+    out = torch.zeros_like(x, dtype=torch.float32)
+    flat = slots.reshape(-1)
+    token = torch.arange(x.shape[0], device=x.device).repeat_interleave(slots.shape[1])
+    for s in flat.unique().tolist():
+        pick = flat == s
+        t = token[pick]
+        out.index_add_(0, t, (expert(s, x[t]) * weights.reshape(-1)[pick, None]).float())
+    return out.to(x.dtype)
+
+
 def fused_moe_ref(
     x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
@@ -25,16 +37,12 @@ def fused_moe_ref(
 
     x [T, H], w13 [S, 2I, H] (gate rows then up rows), w2 [S, H, I], slots [T, k], weights [T, k] -> [T, H].
     """
-    out = torch.zeros_like(x, dtype=torch.float32)
-    flat = slots.reshape(-1)
-    token = torch.arange(x.shape[0], device=x.device).repeat_interleave(slots.shape[1])
-    for s in flat.unique().tolist():
-        pick = flat == s
-        t = token[pick]
-        gate, up = (x[t] @ w13[s].T).chunk(2, dim=-1)
-        y = (F.silu(gate) * up) @ w2[s].T
-        out.index_add_(0, t, (y * weights.reshape(-1)[pick, None]).float())
-    return out.to(x.dtype)
+
+    def expert(s: int, xs: torch.Tensor) -> torch.Tensor:
+        gate, up = (xs @ w13[s].T).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ w2[s].T
+
+    return _over_bank(x, slots, weights, expert)
 
 
 def fused_moe_relu_ref(
@@ -44,12 +52,4 @@ def fused_moe_relu_ref(
 
     x [T, D], wi [S, F, D], wo [S, D, F], slots [T, k], weights [T, k] -> [T, D].
     """
-    out = torch.zeros_like(x, dtype=torch.float32)
-    flat = slots.reshape(-1)
-    token = torch.arange(x.shape[0], device=x.device).repeat_interleave(slots.shape[1])
-    for s in flat.unique().tolist():
-        pick = flat == s
-        t = token[pick]
-        y = torch.relu(x[t] @ wi[s].T) @ wo[s].T
-        out.index_add_(0, t, (y * weights.reshape(-1)[pick, None]).float())
-    return out.to(x.dtype)
+    return _over_bank(x, slots, weights, lambda s, xs: torch.relu(xs @ wi[s].T) @ wo[s].T)

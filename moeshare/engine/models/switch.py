@@ -301,6 +301,17 @@ class MultiVariantSwitch:
         bank = self.bank[layer]
         return ops.fused_moe_relu(x, bank["wi"], bank["wo"], slots[:, None], weights[:, None])
 
+    def _batch(
+        self, attn: AttnBatch, seq_rows: torch.Tensor, stack: str
+    ) -> tuple[torch.Tensor, PositionBias]:
+        """Each new token's sequence [T], and the stack's position bias with each sequence's variant's table."""
+        counts = attn.query_start.diff().long()
+        seq_of = torch.repeat_interleave(torch.arange(len(seq_rows), device=counts.device), counts)
+        bidirectional = stack == "enc"  # the decoder's self-attention: past keys only
+        return seq_of, PositionBias(
+            self.w[f"{stack}.bias"], bidirectional, self.dims.max_distance, rows=seq_rows
+        )
+
     def encode_paged(
         self,
         ids: torch.Tensor,
@@ -312,10 +323,7 @@ class MultiVariantSwitch:
         """Whole prompts (attn: each sequence's blocks, its tokens all new) through the encoder: the encoder's K/V
         and every decoder block's cross K/V land in kv_x. ids, rows [T]; seq_rows [nseq]."""
         d = self.dims
-        seq_of = torch.repeat_interleave(
-            torch.arange(len(seq_rows), device=ids.device), attn.query_start.diff().long()
-        )
-        bias = PositionBias(self.w["enc.bias"], True, d.max_distance, rows=seq_rows)
+        seq_of, bias = self._batch(attn, seq_rows, "enc")
         h = self.w["shared"][rows, ids]
         for b in range(d.encoder_layers):
             p = f"enc.{b}."
@@ -341,10 +349,7 @@ class MultiVariantSwitch:
         """New decoder tokens of each sequence (attn: their self blocks; cross: their prompt's blocks in kv_x,
         context the prompt's length, query_start as attn's) -> float32 logits [T, V]."""
         d = self.dims
-        seq_of = torch.repeat_interleave(
-            torch.arange(len(seq_rows), device=ids.device), attn.query_start.diff().long()
-        )
-        bias = PositionBias(self.w["dec.bias"], False, d.max_distance, rows=seq_rows)
+        seq_of, bias = self._batch(attn, seq_rows, "dec")
         h = self.w["shared"][rows, ids]
         for j in range(d.decoder_layers):
             p = f"dec.{j}."
