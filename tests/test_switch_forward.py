@@ -146,3 +146,18 @@ def test_paged_batched_encode_and_decode_give_each_sequence_its_reference_tokens
             alone = model.decode(model.encode(p, r), o, r)[-1]
             assert _rel(logits[i], alone) < 1e-4, (jobs[i][0], step)
             o.append(int(logits[i].argmax()))
+
+
+def test_our_switch_scorer_gives_transformers_logits_and_greedy_reconstructions(tiny_zoo):
+    """What `moeshare eval` scores Switch variants with: our forward against transformers on span denoising."""
+    from moeshare.engine.detokenize import load_tokenizer
+    from moeshare.evals.data import denoising_set
+    from moeshare.evals.scorers import SwitchScorer, TransformersScorer
+
+    path = tiny_zoo / "switch" / "python"
+    text = (tiny_zoo / "heldout" / "python.txt").read_text()
+    data = denoising_set("python", text, load_tokenizer(path), 128, 1024, 4)
+    model, source = _build(path)
+    ours, theirs = SwitchScorer(model, 0, source.config), TransformersScorer(path, "switch")
+    assert _rel(ours.logits(data.inputs, data.labels), theirs.logits(data.inputs, data.labels)) < 1e-4
+    assert ours.greedy(data.prompts, 24) == theirs.greedy(data.prompts, 24)

@@ -21,12 +21,14 @@ from tqdm import tqdm
 from moeshare.consolidate import Options, Plan, consolidate, export_variant, plan
 from moeshare.consolidate.calibrate import calibrate, read_calibration_text
 from moeshare.engine.engine import Engine, EngineConfig
+from moeshare.engine.models.switch import MultiVariantSwitch
+from moeshare.engine.source import Source
 from moeshare.errors import MoeshareError
 from moeshare.evals import baselines
 from moeshare.evals.config import EvalConfig, Subject
 from moeshare.evals.data import EvalSet, causal_set, denoising_set
 from moeshare.evals.metrics import Reference, perplexity, quality, reference
-from moeshare.evals.scorers import EngineScorer, Scorer, TransformersScorer
+from moeshare.evals.scorers import EngineScorer, Scorer, SwitchScorer, TransformersScorer
 
 
 @dataclass
@@ -93,10 +95,8 @@ class Harness:
     def checkpoint_scorers(self, checkpoints: dict[str, Path]) -> Iterator[dict[str, Scorer]]:
         """variant -> the HF checkpoint that stands for it (several variants may share one)."""
         if self.denoising:
-            yield {
-                v: TransformersScorer(p, self.subject.arch, self.config.device)
-                for v, p in checkpoints.items()
-            }
+            models = {p: self._switch(p) for p in set(checkpoints.values())}
+            yield {v: SwitchScorer(models[p][0], 0, models[p][1].config) for v, p in checkpoints.items()}
             return
         distinct = sorted(set(checkpoints.values()))
         with self._engine(distinct) as engine:
@@ -108,8 +108,13 @@ class Harness:
             with self._engine([store]) as engine:
                 yield {v: EngineScorer(engine, v) for v in self.subject.variants}
             return
-        with self.checkpoint_scorers(self._export(store)) as scorers:
-            yield scorers
+        model, source = self._switch(store)
+        yield {v: SwitchScorer(model, source.variants.index(v), source.config) for v in self.subject.variants}
+
+    def _switch(self, path: Path) -> tuple[MultiVariantSwitch, Source]:
+        """A Switch store's or checkpoint's variants through our reference forward, float32."""
+        source = Source(path)
+        return MultiVariantSwitch.from_source(source, torch.float32, torch.device(self.config.device)), source
 
     def _export(self, store: Path) -> dict[str, Path]:
         shutil.rmtree(self.work / "export", ignore_errors=True)
@@ -200,7 +205,7 @@ class Harness:
                 )
             with self.store_scorers(store) as scorers:
                 got = self.score(method, scorers)
-            if budget == self.config.check_budget and not self.denoising:
+            if budget == self.config.check_budget:
                 self._check(method, store, got)
             shutil.rmtree(store, ignore_errors=True)
             bar.update()

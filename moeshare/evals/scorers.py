@@ -1,5 +1,5 @@
-"""What scores a model: our engine (Mixtral) or transformers (a check, and Switch, which the engine does not
-serve yet). Both give teacher-forced logits and greedy continuations of fixed length."""
+"""What scores a model: our engine (Mixtral, dense), our Switch forward (engine/models/switch.py, which the engine
+does not serve yet), or transformers (the check). All give teacher-forced logits and greedy continuations."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from moeshare.checkpoint.hf import load_model
 from moeshare.engine.api import Submit
 from moeshare.engine.engine import Engine
+from moeshare.engine.models.switch import MultiVariantSwitch
 from moeshare.engine.request import FinishReason, SamplingParams
 from moeshare.errors import MoeshareError
 
@@ -57,6 +58,38 @@ class EngineScorer:
                 if ev.finished:
                     left.discard(ev.seq_id)
         return [tokens[h] for h in handles]
+
+
+class SwitchScorer:
+    """One variant (row) of a Switch store or checkpoint through our reference forward, float32. Greedy output is
+    what transformers' batched generate gives: each prompt until its eos (kept) or n tokens, the shorter ones
+    padded to the longest with the pad token."""
+
+    name = "engine"
+
+    def __init__(self, model: MultiVariantSwitch, row: int, config: dict) -> None:
+        self.model, self.row = model, row
+        self.start = config.get("decoder_start_token_id") or 0
+        self.eos, self.pad = config.get("eos_token_id", 1), config.get("pad_token_id") or 0
+
+    @torch.inference_mode()
+    def logits(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        out = []
+        for x, y in zip(inputs.tolist(), labels.tolist(), strict=True):
+            decoder = [self.start] + [t if t >= 0 else self.pad for t in y[:-1]]  # labels shifted right
+            out.append(self.model.decode(self.model.encode(x, self.row), decoder, self.row))
+        return torch.stack(out)
+
+    @torch.inference_mode()
+    def greedy(self, prompts: torch.Tensor, n: int) -> list[list[int]]:
+        outs = []
+        for x in prompts.tolist():
+            encoded, ids = self.model.encode(x, self.row), [self.start]
+            while len(ids) <= n and (len(ids) == 1 or ids[-1] != self.eos):
+                ids.append(int(self.model.decode(encoded, ids, self.row)[-1].argmax()))
+            outs.append(ids[1:])
+        longest = max((len(o) for o in outs), default=0)
+        return [o + [self.pad] * (longest - len(o)) for o in outs]
 
 
 class TransformersScorer:
