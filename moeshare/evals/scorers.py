@@ -10,6 +10,7 @@ import torch
 
 from moeshare.checkpoint.hf import load_model
 from moeshare.engine.api import Submit
+from moeshare.engine.attention import AttnBatch
 from moeshare.engine.engine import Engine
 from moeshare.engine.models.switch import MultiVariantSwitch
 from moeshare.engine.request import FinishReason, SamplingParams
@@ -61,35 +62,81 @@ class EngineScorer:
 
 
 class SwitchScorer:
-    """One variant (row) of a Switch store or checkpoint through our reference forward, float32. Greedy output is
-    what transformers' batched generate gives: each prompt until its eos (kept) or n tokens, the shorter ones
-    padded to the longest with the pad token."""
+    """One variant (row) of a Switch store or checkpoint through our forward, float32, batched over paged KV
+    blocks (encode_paged, decode_paged). Greedy output is what transformers' batched generate gives: each prompt
+    until its eos (kept) or n tokens, the shorter ones padded to the longest with the pad token."""
 
     name = "engine"
+    block = 16
 
     def __init__(self, model: MultiVariantSwitch, row: int, config: dict) -> None:
         self.model, self.row = model, row
         self.start = config.get("decoder_start_token_id") or 0
         self.eos, self.pad = config.get("eos_token_id", 1), config.get("pad_token_id") or 0
 
+    def _blocks(self, lengths: list[int], layers: int) -> tuple[torch.Tensor, list[list[int]]]:
+        """A KV pool [N, layers, 2, B, H, d_kv] with consecutive blocks for sequences of `lengths` tokens."""
+        d, m = self.model.dims, self.model
+        counts = [-(-n // self.block) for n in lengths]
+        kv = torch.zeros(
+            sum(counts) + 1, layers, 2, self.block, d.heads, d.d_kv, dtype=m.dtype, device=m.device
+        )
+        firsts = [sum(counts[:i]) for i in range(len(counts))]
+        return kv, [list(range(f, f + c)) for f, c in zip(firsts, counts, strict=True)]
+
+    def _encode(self, rows_ids: list[list[int]]) -> tuple[torch.Tensor, list[list[int]], torch.Tensor]:
+        """Prompts through the encoder: their cross pool, block tables, and the row of each sequence."""
+        m, d = self.model, self.model.dims
+        kv_x, tables = self._blocks([len(x) for x in rows_ids], d.encoder_layers + d.decoder_layers)
+        attn = AttnBatch.build(tables, [0] * len(tables), [len(x) for x in rows_ids], self.block, m.device)
+        ids = torch.tensor([t for x in rows_ids for t in x], device=m.device)
+        seq_rows = torch.full((len(rows_ids),), self.row, device=m.device)
+        m.encode_paged(ids, torch.full_like(ids, self.row), seq_rows, attn, kv_x)
+        return kv_x, tables, seq_rows
+
+    def _decode(
+        self, kv_x, cross, seq_rows, kv_s, own, starts, tokens: list[list[int]], lengths
+    ) -> torch.Tensor:
+        """New decoder tokens of every sequence (tokens[b], after starts[b] cached) -> logits [sum, V]."""
+        m, counts = self.model, [len(t) for t in tokens]
+        attn = AttnBatch.build(own, starts, counts, self.block, m.device)
+        over = AttnBatch.build(cross, [n - c for n, c in zip(lengths, counts, strict=True)], counts, self.block, m.device)  # fmt: skip
+        ids = torch.tensor([t for x in tokens for t in x], device=m.device)
+        rows = torch.full_like(ids, self.row)
+        return m.decode_paged(ids, rows, seq_rows, attn, over, kv_s, kv_x)
+
     @torch.inference_mode()
     def logits(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         out = []
-        for x, y in zip(inputs.tolist(), labels.tolist(), strict=True):
-            decoder = [self.start] + [t if t >= 0 else self.pad for t in y[:-1]]  # labels shifted right
-            out.append(self.model.decode(self.model.encode(x, self.row), decoder, self.row))
-        return torch.stack(out)
+        for lo in range(0, len(inputs), BATCH):
+            xs, ys = inputs[lo : lo + BATCH].tolist(), labels[lo : lo + BATCH].tolist()
+            kv_x, cross, seq_rows = self._encode(xs)
+            decoder = [
+                [self.start] + [t if t >= 0 else self.pad for t in y[:-1]] for y in ys
+            ]  # shifted right
+            kv_s, own = self._blocks([len(t) for t in decoder], self.model.dims.decoder_layers)
+            lengths = [len(x) for x in xs]
+            logits = self._decode(kv_x, cross, seq_rows, kv_s, own, [0] * len(xs), decoder, lengths)
+            out.append(logits.view(len(xs), len(ys[0]), -1))
+        return torch.cat(out)
 
     @torch.inference_mode()
     def greedy(self, prompts: torch.Tensor, n: int) -> list[list[int]]:
-        outs = []
-        for x in prompts.tolist():
-            encoded, ids = self.model.encode(x, self.row), [self.start]
-            while len(ids) <= n and (len(ids) == 1 or ids[-1] != self.eos):
-                ids.append(int(self.model.decode(encoded, ids, self.row)[-1].argmax()))
-            outs.append(ids[1:])
-        longest = max((len(o) for o in outs), default=0)
-        return [o + [self.pad] * (longest - len(o)) for o in outs]
+        xs = prompts.tolist()
+        kv_x, cross, seq_rows = self._encode(xs)
+        kv_s, own = self._blocks([n + 1] * len(xs), self.model.dims.decoder_layers)
+        lengths, outs = [len(x) for x in xs], [[self.start] for _ in xs]
+        for step in range(n):
+            logits = self._decode(
+                kv_x, cross, seq_rows, kv_s, own, [step] * len(xs), [[o[-1]] for o in outs], lengths
+            )
+            for o, nxt in zip(outs, logits.argmax(-1).tolist(), strict=True):
+                o.append(nxt)
+            if all(self.eos in o[1:] for o in outs):
+                break
+        cut = [o[1 : o.index(self.eos, 1) + 1] if self.eos in o[1:] else o[1:] for o in outs]
+        longest = max((len(c) for c in cut), default=0)
+        return [c + [self.pad] * (longest - len(c)) for c in cut]
 
 
 class TransformersScorer:
