@@ -44,6 +44,7 @@ from moeshare.bench.replay import RequestRecord, replay
 from moeshare.bench.systems import Deployment, deploy
 from moeshare.bench.workload import Lengths, RequestSpec, around
 from moeshare.client import Client
+from moeshare.errors import one_line
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -277,7 +278,7 @@ def run_system(system: str, args, models, popularity, lens, solo, bar, write) ->
     except KeyboardInterrupt:
         run.error = "interrupted (Ctrl-C)"
     except Exception as e:
-        run.error = " ".join(f"{type(e).__name__}: {e}".split())
+        run.error = one_line(e)
         tqdm.write(f"bench_multimodel: {system} failed: {run.error}")
     finally:
         bar.update(len(args.rates) - len(run.rows))

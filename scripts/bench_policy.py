@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serving import solo_latencies, step_record  # noqa: E402
+from bench_serving import decode_totals, solo_latencies, step_record  # noqa: E402
 
 from moeshare.bench.metrics import Solo, latency_targets, request_latency  # noqa: E402
 from moeshare.bench.replay import RequestRecord, replay  # noqa: E402
@@ -142,16 +142,8 @@ def summarize(
 
 def kinds_step_totals(address: str, args) -> dict[str, tuple[int, float, float]]:
     """Decode-step totals of the dense model's instance and the store's (one model of each)."""
-
-    from moeshare.client import Client
-
-    out = {}
-    with Client(address) as client:
-        models = {m.name: m for m in client.stats(timeout=10.0).models}
-    for k, ms in args.models.items():
-        t = models[ms[0]].decode_steps
-        out[k] = (t.steps, t.seconds, t.floor_seconds)
-    return out
+    totals = decode_totals(address)
+    return {k: totals[ms[0]] for k, ms in args.models.items()}
 
 
 def run_config(config: str, args, lens, solo: dict[str, Solo], bar: tqdm) -> list[dict]:

@@ -52,7 +52,7 @@ from moeshare.bench.systems import (
 )
 from moeshare.bench.workload import ZOO_PRINTABLE, Lengths, RequestSpec, WorkloadSpec, generate
 from moeshare.client import Client
-from moeshare.errors import MoeshareError
+from moeshare.errors import MoeshareError, one_line
 from moeshare.zoo import build_zoo
 
 matplotlib.use("Agg")
@@ -279,15 +279,19 @@ class RateRun:
     )  # decode steps during the rate, against their floor (step_record)
 
 
+def decode_totals(address: str) -> dict[str, tuple[int, float, float]]:
+    """Per model, its store's or checkpoint's decode-step totals so far (steps, seconds, floor seconds)."""
+    with Client(address) as client:
+        models = client.stats(timeout=10.0).models
+    return {
+        m.name: (m.decode_steps.steps, m.decode_steps.seconds, m.decode_steps.floor_seconds) for m in models
+    }
+
+
 def step_totals(d: Deployment) -> list[tuple[int, float, float]]:
-    """Each server's decode-step totals so far (steps, seconds, floor seconds), from GetStats: every server
-    here serves one store or checkpoint, so any of its models carries its instance's totals."""
-    out = []
-    for s in d.servers:
-        with Client(s.address) as client:
-            t = client.stats(timeout=10.0).models[0].decode_steps
-        out.append((t.steps, t.seconds, t.floor_seconds))
-    return out
+    """Each server's decode-step totals: every server here serves one store or checkpoint, so any of its
+    models carries its instance's totals."""
+    return [next(iter(decode_totals(s.address).values())) for s in d.servers]
 
 
 def step_record(before: list[tuple[int, float, float]], after: list[tuple[int, float, float]]) -> dict:
@@ -338,7 +342,7 @@ def run_system(
     except KeyboardInterrupt:  # the caller stops here, and writes what ran
         run.error = INTERRUPTED
     except Exception as e:
-        run.error = " ".join(f"{type(e).__name__}: {e}".split())
+        run.error = one_line(e)
         tqdm.write(f"bench_serving: {name} failed: {run.error}")
     finally:
         bar.update(len(args.rates) - len(run.rates))

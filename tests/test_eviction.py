@@ -296,15 +296,21 @@ def test_weights_in_chunks_of_several_pages_leave_and_come_back_whole(paths, alo
     assert engine.stats().pages.mapped["kjv weights"] == arena.npages
 
 
-def test_a_request_that_fits_only_once_an_idle_model_leaves_is_taken_and_runs_with_its_own_tokens(
-    paths, alone
-):
+def _too_long_for_the_free_pages(paths) -> tuple[Engine, list[int], list[int]]:
+    """kjv and python on a pool with 4 pages free beside both, a 600-token kjv prompt that needs more (but fits
+    once python's weights leave), and its tokens alone."""
     wk, wp = weights_pages(paths["kjv"], BIG_PAGE), weights_pages(paths["python"], BIG_PAGE)
-    engine = Engine([paths["kjv"], paths["python"]], _pool(wk, wp, 6))  # 4 pages free beside both
+    engine = Engine([paths["kjv"], paths["python"]], _pool(wk, wp, 6))
     prompt = torch.randint(10, 200, (600,), generator=torch.Generator().manual_seed(3)).tolist()
     kv = engine.instance("kjv").pool
     assert kv.blocks_for(600 + 16) > 2 * 4 and kv.blocks_for(600 + 16) <= kv.capacity  # python's room counts
-    want = Engine([paths["kjv"]]).generate("kjv", prompt, GREEDY)[1]
+    return engine, prompt, Engine([paths["kjv"]]).generate("kjv", prompt, GREEDY)[1]
+
+
+def test_a_request_that_fits_only_once_an_idle_model_leaves_is_taken_and_runs_with_its_own_tokens(
+    paths, alone
+):
+    engine, prompt, want = _too_long_for_the_free_pages(paths)
     assert engine.generate("kjv", prompt, GREEDY)[1] == want
     assert [m.resident for m in engine.models()] == [True, False]  # python left for it
     assert _tokens(engine, "python", "def f(") == alone["python"]  # and comes back once kjv is idle
@@ -312,12 +318,7 @@ def test_a_request_that_fits_only_once_an_idle_model_leaves_is_taken_and_runs_wi
 
 
 def test_a_request_that_fits_only_once_a_busy_model_leaves_drains_it_and_both_keep_their_tokens(paths, alone):
-    wk, wp = weights_pages(paths["kjv"], BIG_PAGE), weights_pages(paths["python"], BIG_PAGE)
-    engine = Engine([paths["kjv"], paths["python"]], _pool(wk, wp, 6))  # 4 pages free beside both
-    prompt = torch.randint(10, 200, (600,), generator=torch.Generator().manual_seed(3)).tolist()
-    kv = engine.instance("kjv").pool
-    assert kv.blocks_for(600 + 16) > 2 * 4 and kv.blocks_for(600 + 16) <= kv.capacity  # python's room counts
-    want = Engine([paths["kjv"]]).generate("kjv", prompt, GREEDY)[1]
+    engine, prompt, want = _too_long_for_the_free_pages(paths)
     python = [engine.submit(Submit("python", "def f(", GREEDY))]
     engine.step()  # python runs: it cannot leave until its request is done
     long = engine.submit(Submit("kjv", prompt, GREEDY))

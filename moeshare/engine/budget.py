@@ -87,13 +87,23 @@ def _pow2_floor(x: float) -> int:
     return 1 << max(0, int(x).bit_length() - 1)
 
 
+def row_read_bytes(fp: Footprint, layout: Layout, itemsize: int) -> int:
+    """What a step reads of one row's weights: all of them but the embedding table, of which it looks up a few."""
+    return layout.row_bytes - fp.lookup * itemsize
+
+
+def flops_per_token(fp: Footprint, layout: Layout, itemsize: int) -> float:
+    """2 FLOPs per parameter a token goes through: its row's, and top_k experts per MoE layer."""
+    routed = len(layout.slots) * fp.experts_per_token * layout.slot_bytes
+    return 2 * (row_read_bytes(fp, layout, itemsize) + routed) / itemsize
+
+
 def ridge(fp: Footprint, layout: Layout, itemsize: int, roofs: Roofs) -> float:
     """T*: the decode batch at which one variant's step turns from reading weights to computing."""
-    moe_layers = len(layout.slots)
-    row = layout.row_bytes - fp.lookup * itemsize  # the embedding table is looked up, not read
-    read = row + moe_layers * fp.experts * layout.slot_bytes  # every expert, at a large batch
-    active = (row + moe_layers * fp.experts_per_token * layout.slot_bytes) / itemsize
-    return (read / roofs.bandwidth) / (2 * active / roofs.flops)
+    read = (
+        row_read_bytes(fp, layout, itemsize) + len(layout.slots) * fp.experts * layout.slot_bytes
+    )  # all experts
+    return (read / roofs.bandwidth) / (flops_per_token(fp, layout, itemsize) / roofs.flops)
 
 
 def step_budgets(

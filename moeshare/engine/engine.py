@@ -34,9 +34,8 @@ from moeshare.memory.pages import PageManager
 from moeshare.memory.weights import arena_pages, host_bytes_available
 
 ACTIVATION_POLL_S = 0.002  # how long a step with nothing to run but activations pauses
-STREAMS_POLL_S = (
-    50e-6  # with multiplex "streams", how long a step that found every batch still running pauses
-)
+# with multiplex "streams", how long a step that found every batch still running pauses
+STREAMS_POLL_S = 50e-6
 HOST_RESERVE = 4 << 30  # host memory an "auto" eviction leaves free beside the copy it makes
 
 __all__ = ["Engine", "EngineConfig", "EngineFailed", "TokenEvent"]

@@ -7,8 +7,8 @@ pressing request's time to deadline. When some instance's slack is below `urgent
 instances run that step, least slack first, so their steps come faster; the others wait. Fairness bound: an
 instance with work is skipped at most `max_skips` steps in a row in which it could have queued a batch (with
 multiplex "streams" a step finds some instances' batches still running: they are not skipped then), so every
-model with work runs at least once every max_skips + 1 such steps whatever the others' targets. Without any targets every instance with work runs every
-step, in load order, as `LoadOrder` does. Instances whose weights are not on the device are never urgent (they
+model with work runs at least once every max_skips + 1 such steps whatever the others' targets. Without any
+targets every instance with work runs every step, in load order, as `LoadOrder` does. Instances whose weights are not on the device are never urgent (they
 cannot run; their activation goes on beside).
 """
 

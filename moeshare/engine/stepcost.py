@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from moeshare.engine.api import StepTotals
-from moeshare.engine.budget import Roofs
+from moeshare.engine.budget import Roofs, flops_per_token, row_read_bytes
 from moeshare.engine.models import Footprint, Layout
 from moeshare.engine.scheduler import Scheduled
 
@@ -49,13 +49,10 @@ class StepCost:
         """`names`: model name -> the source's variant (its expert tables give the slots it can touch);
         `private`: every variant holds its own experts (whole-variant swaps), none shared."""
         self.roofs = roofs
-        # a step reads a row's weights but the few embedding rows it looks up
-        self.row_bytes, self.slot_bytes = layout.row_bytes - fp.lookup * itemsize, layout.slot_bytes
+        self.row_bytes, self.slot_bytes = row_read_bytes(fp, layout, itemsize), layout.slot_bytes
         self.kv_per_token = fp.layers * 2 * fp.kv_heads * fp.head_dim * itemsize
         moe = list(source.adapter.moe_layers) if layout.slots else []
-        self.flops_per_token = (
-            2 * (self.row_bytes + len(moe) * fp.experts_per_token * layout.slot_bytes) / itemsize
-        )
+        self.flops_per_token = flops_per_token(fp, layout, itemsize)
         self.attn_flops = 4 * fp.layers * fp.heads * fp.head_dim  # per (query, key) pair: q k and p v
         self.index = {m: i for i, m in enumerate(names)}
         width = max(layout.slots, default=0)
