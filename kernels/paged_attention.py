@@ -305,11 +305,9 @@ def paged_attention(
         BLOCK_S=max(16, triton.next_power_of_2(num_seqs)),
     )
     if bias is not None:
-        buckets = bias.buckets
-        exact = (buckets // 2 if bias.bidirectional else buckets) // 2
         per_row = bias.rows is not None
-        position = dict(BIAS=2 if bias.bidirectional else 1, NUM_BUCKETS=buckets, PER_ROW=per_row)
-        table, inv_log_ratio = bias.table, 1.0 / math.log(bias.max_distance / exact)
+        position = dict(BIAS=2 if bias.bidirectional else 1, NUM_BUCKETS=bias.buckets, PER_ROW=per_row)
+        table, inv_log_ratio = bias.table, 1.0 / math.log(bias.max_distance / bias.exact)
         rows = bias.rows if per_row else context_lens
         strides = (table.stride(0) if per_row else 0, table.stride(-2), table.stride(-1))
     else:

@@ -23,6 +23,11 @@ class PositionBias:
     def buckets(self) -> int:
         return self.table.shape[-2]
 
+    @property
+    def exact(self) -> int:
+        """Buckets of one distance each (the rest log-spaced up to max_distance), per side."""
+        return (self.buckets // 2 if self.bidirectional else self.buckets) // 2
+
     def of(self, seq: int) -> torch.Tensor:
         """Sequence `seq`'s table [buckets, Hq]."""
         return self.table if self.rows is None else self.table[int(self.rows[seq])]
@@ -32,9 +37,8 @@ class PositionBias:
             raise ValueError(
                 "a table per variant [R, buckets, Hq] goes with rows, one table [buckets, Hq] without"
             )
-        exact = (self.buckets // 2 if self.bidirectional else self.buckets) // 2
-        if self.max_distance <= exact:
-            raise ValueError(f"max_distance {self.max_distance} must exceed the {exact} exact buckets")
+        if self.max_distance <= self.exact:
+            raise ValueError(f"max_distance {self.max_distance} must exceed the {self.exact} exact buckets")
 
 
 def relative_buckets(

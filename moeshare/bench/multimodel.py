@@ -77,7 +77,8 @@ def describe(source: str, kind: str, dtype: torch.dtype = torch.bfloat16) -> Mod
     weights = layout.rows * layout.row_bytes + sum(layout.slots) * layout.slot_bytes
     block = 16 * fp.layers * 2 * fp.kv_heads * fp.head_dim * dtype.itemsize
     models = (name,) if name else tuple(src.variants)
-    # the engine's own reservation (placement.py) at the largest step budgets it derives
+    # the engine's own reservation (placement.py) at 2048 tokens and 256 sequences a step: the most it derives
+    # for these sets on an H200 (the MoE store's budgets; a dense model gets 512 and 128)
     most = EngineConfig(max_batched_tokens=TOKENS_RANGE[1] // 4, max_num_seqs=SEQS_RANGE[1])
     work = max(work_bytes(most, fp, dtype), load_bytes(fp, dtype)) + CUDA_ALLOCATOR_SLACK
     return Model(source, models, kind, weights, block, work)
