@@ -268,7 +268,8 @@ class Engine:
         # multiplex "streams": no instance waits for another's batch; each queues its next one as soon as the
         # one before its last is done, so a model with short steps takes more of them
         wait = self.config.multiplex != "streams"
-        progress = sum(i.launches + i.collected for i in self._instances)
+        launches = sum(i.launches for i in self._instances)
+        progress = launches + sum(i.collected for i in self._instances)
         for instance in picked:
             with instance.on_stream():
                 events += instance.step(wait)
@@ -276,7 +277,8 @@ class Engine:
             if instance not in picked:
                 instance.skipped()
                 events += instance.read_back(wait)
-        self._join_streams()
+        if launches != sum(i.launches for i in self._instances):
+            self._join_streams()  # the current stream already waits for what was queued before
         if not wait and progress == sum(i.launches + i.collected for i in self._instances):
             time.sleep(STREAMS_POLL_S)  # every batch still on the device: a moment's pause, not a spin
         for ev in events:

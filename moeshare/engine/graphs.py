@@ -66,6 +66,9 @@ class DecodeGraphs:
             for _ in range(2)
         ]
         self._turn = 0
+        # per staging set and row: the block table list last written there and how many entries (holding the
+        # list keeps its id from being reused)
+        self._written: list[list[tuple[list | None, int]]] = [[(None, 0)] * n for _ in range(2)]
         self._shown = np.zeros((n, self.width), dtype=np.int32)  # what block_tables holds on the device
 
     def _step(self, b: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,8 +142,8 @@ class DecodeGraphs:
         b = next(s for s in self.sizes if s >= n)
         bs = self.pool.block_size
         temperature, top_p, top_k, seeds, steps = sampling
-        ints_t, floats_t, table_t = self._staging[self._turn]
-        self._turn ^= 1
+        turn, self._turn = self._turn, self._turn ^ 1
+        ints_t, floats_t, table_t = self._staging[turn]
         ints, floats, table = ints_t.numpy(), floats_t.numpy(), table_t.numpy()
         for row, values in ((IDS, ids), (SRC, src), (POS, positions), (ROWS, rows), (TOP_K, top_k)):
             ints[row, :n] = values
@@ -150,8 +153,16 @@ class DecodeGraphs:
         np.remainder(pos, bs, out=ints[OFFSET, :n])
         np.add(pos, 1, out=ints[CTX, :n])
         floats[0, :n], floats[1, :n] = temperature, top_p
-        for i, t in enumerate(tables):  # entries past a table's end are never read (context_lens bounds them)
-            table[i, : len(t)] = t
+        # entries past a table's end are never read (context_lens bounds them); a row holding the same table
+        # (a list the scheduler only appends to, or replaces) gets only the entries appended since
+        written = self._written[turn]
+        for i, t in enumerate(tables):
+            was, k = written[i]
+            if was is not t:
+                k = 0
+            if k != len(t):
+                table[i, k : len(t)] = t[k:]
+                written[i] = (t, len(t))
         # whole buffers (contiguous) from pinned memory: queued behind the step in flight, not waited for
         self.ints.copy_(ints_t, non_blocking=True)
         self.floats.copy_(floats_t, non_blocking=True)

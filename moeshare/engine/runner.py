@@ -70,6 +70,9 @@ class Runner:
         is still pending reads it from `prev`, the step launched just before."""
         ids, src, positions, rows, last = [], [], [], [], []
         none = self.last.none
+        decodes = all(s.count == 1 for s in batch)
+        if decodes:  # the common step, without the per-token lists
+            positions, rows, last = [s.start for s in batch], [s.row for s in batch], list(range(len(batch)))
         for s in batch:
             seq = s.seq
             if s.start >= len(seq):  # the input is the token `prev` sampled: read on the device
@@ -79,9 +82,10 @@ class Runner:
             else:
                 ids += seq.tokens(s.start, s.count)
                 src += [none] * s.count
-            positions += range(s.start, s.start + s.count)
-            rows += [s.row] * s.count
-            last.append(len(ids) - 1)
+            if not decodes:
+                positions += range(s.start, s.start + s.count)
+                rows += [s.row] * s.count
+                last.append(len(ids) - 1)
         params = [s.seq.params for s in batch]
         temperature = [p.temperature for p in params]
         top_p = [p.top_p for p in params]

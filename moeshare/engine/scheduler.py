@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from itertools import chain, repeat
 
 from moeshare.engine.request import Sequence, Status
 from moeshare.engine.residency import Residency
@@ -110,17 +111,21 @@ class Scheduler:
         budget = self.max_batched_tokens
         # every running sequence advances: decodes first (one token each), then the next chunk of each prompt
         # being prefilled, within what the decodes leave of the step's token budget
-        for decodes in (True, False):
-            for seq in list(self.running):
-                if seq.status is not Status.RUNNING or seq.last_after_pending(self.context):
-                    continue  # preempted below to make room for an older one, or ends when its token is read
-                left = seq.ahead - seq.num_cached  # tokens not in the cache yet: 1 for a decode
-                if (left == 1) != decodes:
-                    continue
-                count = 1 if decodes else min(left, budget - sum(s.count for s in out))
-                if count < 1:
-                    continue  # no budget left this step: its next chunk waits for the next one
-                end = seq.num_cached + count
+        decodes, chunks = [], []
+        for seq in self.running:
+            if seq.pending and seq.last_after_pending(self.context):
+                continue  # ends when its token is read
+            (decodes if seq.ahead - seq.num_cached == 1 else chunks).append(seq)  # 1: tokens not cached yet
+        row_of, block_size, used = self.residency.row_of, self.pool.block_size, 0
+        for seq, decode in chain(zip(decodes, repeat(True)), zip(chunks, repeat(False))):
+            if seq.status is not Status.RUNNING:
+                continue  # preempted below to make room for an older one
+            start = seq.num_cached
+            count = 1 if decode else min(seq.ahead - start, budget - used)
+            if count < 1:
+                continue  # no budget left this step: its next chunk waits for the next one
+            end = start + count
+            if end > len(seq.block_table) * block_size:  # it needs another block
                 if seq.pending and not self._grow(seq, end):
                     continue  # its token may end it: it preempts nobody for a row that could be dropped
                 while not self._grow(seq, end):
@@ -128,11 +133,13 @@ class Scheduler:
                     self._preempt(victim)
                     # the newest may have been scheduled already: it runs in no batch without its blocks
                     out = [s for s in out if s.seq is not victim]
+                    used = sum(s.count for s in out)
                     if victim is seq:
                         break
-                if seq.status is Status.RUNNING:
-                    row = self.residency.row_of[seq.model]
-                    out.append(Scheduled(seq, row, seq.num_cached, count, end == seq.ahead))
+                if seq.status is not Status.RUNNING:
+                    continue
+            out.append(Scheduled(seq, row_of[seq.model], start, count, end == seq.ahead))
+            used += count
         tokens = sum(s.count for s in out)
         starving = any(w >= self.starve_steps for w in self._waited.values())
         # then prefills, higher priority first, else first come first served, among those whose variant's weights

@@ -72,14 +72,16 @@ class StepCost:
         self.all = StepTotals()
 
     def floor(self, batch: list[Scheduled]) -> float:
-        tokens = np.zeros(len(self.index))
+        index, counts = self.index, [0] * len(self.index)  # Python ints: numpy scalars cost more per row
         rows: set[int] = set()
         kv = pairs = 0
         for s in batch:
-            tokens[self.index[s.seq.model]] += s.count
+            count, end = s.count, s.start + s.count
+            counts[index[s.seq.model]] += count
             rows.add(s.row)
-            kv += s.start + s.count
-            pairs += s.count * (s.start + s.count)
+            kv += end
+            pairs += count * end
+        tokens = np.asarray(counts, dtype=np.float64)
         read = len(rows) * self.row_bytes + kv * self.kv_per_token
         if self.log_untouched.size:
             untouched = np.exp(np.tensordot(tokens, self.log_untouched, axes=1))  # [layers, slots]
