@@ -28,7 +28,19 @@ def test_the_fits_set_is_about_110_gb_and_every_system_places_every_model(sets):
         lay = mm.layout(system, models, H200, pop)
         assert lay.dropped == [], system
     static = mm.layout("static-partition", models, H200, pop)
-    assert len(static.servers) == 5 and {s.options for s in static.servers} == {("--memory-limit", "25.164")}
+    assert len(static.servers) == 5 and {s.options[:2] for s in static.servers} == {
+        ("--memory-limit", "25.164")
+    }
+    for m, server in zip(models, static.servers, strict=True):  # KV: what the share leaves beside the weights
+        blocks = int(server.options[server.options.index("--kv-blocks") + 1])
+        if m.kind == "dense":
+            assert (
+                m.weights + m.work + blocks * m.block + mm.SLACK
+                <= H200 // 5
+                < m.weights + m.work + (blocks + 1) * m.block + mm.SLACK
+            )
+        else:  # the store does not fit its share: its MoE layers wait in host memory, KV takes a quarter
+            assert m.weights > H200 // 5 and blocks == H200 // 5 // 4 // m.block
     mig = mm.layout("mig-partition", models, H200, pop)
     assert {s.sm_percent for s in mig.servers} == {20}
     [one] = mm.layout("moeshare", models, H200, pop).servers

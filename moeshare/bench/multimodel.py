@@ -109,6 +109,13 @@ def _names(models: list[Model]) -> tuple[str, ...]:
     return tuple(n for m in models for n in m.models)
 
 
+def _share_blocks(m: Model, share: int, slack: int) -> int:
+    """KV blocks of a server with `share` bytes for `m`: what its weights, work space and slack leave; a model
+    whose weights do not fit (its MoE layers wait in host memory) gets a quarter of the share."""
+    left = share - m.weights - m.work - slack
+    return max(64, (left if left >= 64 * m.block else share // 4) // m.block)
+
+
 def layout(
     system: str, models: list[Model], usable: int, popularity: list[str], slack: int = SLACK
 ) -> Layout:
@@ -125,7 +132,13 @@ def layout(
         kept = [m for m in models if m.kind == "moe" or m.weights + m.work + slack + 64 * m.block <= share]
         sm = max(1, 100 // len(kept)) if system == "mig-partition" else None
         servers = [
-            ServerSpec(_sources([m]), m.models, ("--memory-limit", _gib(share)), sm_percent=sm) for m in kept
+            ServerSpec(
+                _sources([m]),
+                m.models,
+                ("--memory-limit", _gib(share), "--kv-blocks", str(_share_blocks(m, share, slack))),
+                sm_percent=sm,
+            )
+            for m in kept
         ]
         dropped = [n for m in models if m not in kept for n in m.models]
         return Layout(servers, dropped, {m.label: share for m in kept})

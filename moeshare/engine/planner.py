@@ -141,14 +141,20 @@ def build_instance(
     oom = ""
     kv = (blocks, c.block_size, fp.layers, fp.kv_heads, fp.head_dim, dtype)
     pool = ElasticBlockPool(pages, next(iter(names)), *kv) if pages is not None else None
-    weights = None
+    weights, lent = None, 0
     try:
         pool = pool or BlockPool(*kv, device)
+        # with the pool, the model is built in torch's memory (pages the pool does not use now are lent for it,
+        # with room for a tensor being read) and then moves into the pool: its weights can leave the device and
+        # come back
+        lent = pages.lend(placement.rows + placement.banks + (1 << 30)) if pages is not None else 0
         model, residency = entry.build(source, names, layout, placement.offload, c, dtype, device)
-        if pages is not None:  # the weights move into the pool too: they can leave the device and come back
+        if pages is not None:
             weights = WeightArena(pages, weights_owner(next(iter(names))), model, device)
             if device.type == "cuda":  # what the model was built in goes back to the device, not the cache
                 torch.cuda.empty_cache()
+            pages.take_back(lent)
+            lent = 0
         last = LastTokens(c.max_num_seqs, device)
         graphs = None
         if device.type == "cuda" and c.cuda_graphs and not placement.offload:
@@ -164,6 +170,8 @@ def build_instance(
             pool.release()
         if weights is not None:
             weights.release()
+        if pages is not None:
+            pages.take_back(lent)
         raise
     if oom:
         if isinstance(pool, ElasticBlockPool):
@@ -171,6 +179,8 @@ def build_instance(
         if weights is not None:
             weights.release()
         torch.cuda.empty_cache()
+        if pages is not None:
+            pages.take_back(lent)
         raise MoeshareError(out_of_memory(target, placement, left, oom))
     return Instance(
         source,

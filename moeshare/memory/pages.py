@@ -15,6 +15,7 @@ accounting behaviour is tested without a GPU.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator
@@ -25,6 +26,8 @@ from typing import Protocol
 import torch
 
 from moeshare.errors import MoeshareError
+
+log = logging.getLogger(__name__)
 
 PAGE_BYTES = 2 << 20  # the CUDA driver's allocation granularity on current GPUs
 
@@ -174,6 +177,37 @@ class CudaBackend:
                 f"the KV pool's {pages} pages of {self.page_bytes >> 20} MiB do not fit on the device ({e}): "
                 "lower --pool"
             ) from None
+
+    def lend(self, nbytes: int) -> int:
+        """Give up to `nbytes` of the kept physical pages (none of them mapped) back to the device for a while:
+        a model is built in torch's memory before it moves into the pool, and a pool that holds nearly the whole
+        device would leave it no room. Maps meanwhile hold no more than what is left. Returns the bytes given."""
+        given = 0
+        with self._on_device():
+            for size, handles in self._spare.items():
+                while handles and given < nbytes:
+                    self._ok(self.cu.cuMemRelease(handles.pop()))
+                    self.held -= size
+                    given += size
+        if self.limit is not None:
+            self.limit -= given
+        return given
+
+    def take_back(self, given: int) -> int:
+        """Make the pages `lend` gave again, as far as the device has them back (what torch or the driver kept
+        meanwhile stays theirs: the pool holds that much less from now on); returns the bytes it could not."""
+        if self.limit is None:
+            return 0
+        target = self.limit + given
+        with self._on_device():
+            while self.held + self.page_bytes <= target:
+                try:
+                    handle = self._make(self.page_bytes)
+                except MoeshareError:
+                    break
+                self._keep(self.page_bytes, handle)
+        self.limit = self.held
+        return target - self.held
 
     def _make(self, nbytes: int) -> object:
         handle = self._ok(self.cu.cuMemCreate(nbytes, self.prop, 0))
@@ -374,6 +408,27 @@ class PageManager:
 
     def pages_for(self, nbytes: int) -> int:
         return -(-nbytes // self.page_bytes)
+
+    def lend(self, nbytes: int) -> int:
+        """Up to `nbytes` of the pool's physical memory that no page holds now, the device's until `take_back`
+        (see CudaBackend.lend; nothing on CPU, where pages take memory only when written). Returns the bytes."""
+        lend = getattr(self.backend, "lend", None)
+        return lend(nbytes) if lend is not None else 0
+
+    def take_back(self, given: int) -> None:
+        """The pages `lend` gave, made again; those the device does not give back (torch or the driver kept
+        some meanwhile) leave the pool, with a warning."""
+        if not given:
+            return
+        short = self.backend.take_back(given)
+        if short > 0:
+            lost = min(-(-short // self.page_bytes), self.total_pages - self._mapped)
+            self.total_pages -= lost
+            log.warning(
+                "the page pool is %d pages (%d MiB) smaller: the device kept them after a model loaded",
+                lost,
+                lost * self.page_bytes >> 20,
+            )
 
     def reserve(self, owner: str, nbytes: int, chunk: int = 1) -> Region:
         """A virtual range of at least nbytes (whole chunks of `chunk` pages), no page mapped yet."""
