@@ -80,8 +80,15 @@ def dispatch_sends_cpu_tensors_to_the_interpreted_kernels() -> None:
 def align_kernel_matches_torch_prep() -> None:
     _, gemm, _ = _modules()
     g = torch.Generator().manual_seed(8)
-    # the larger cases take several CHUNK steps in every loop of the kernel
-    for n, groups, block_m in ((1, 3, 16), (37, 6, 16), (74, 5, 4), (700, 20, 16), (2000, 9, 64)):
+    # the larger cases take several CHUNK steps in every loop of the kernel (60 rows: narrow chunks, 16 tiles)
+    for n, groups, block_m in (
+        (1, 3, 16),
+        (37, 6, 16),
+        (60, 20, 64),
+        (74, 5, 4),
+        (700, 20, 16),
+        (2000, 9, 64),
+    ):
         ids = torch.randint(0, max(1, groups - 2), (n,), generator=g)  # the top two groups stay empty
         out, ref = gemm.align_rows(ids, groups, block_m), gemm.align_rows_ref(ids, groups, block_m)
         assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1]), (n, groups, block_m)
