@@ -164,7 +164,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
         print(
             f"{m.name:<20} {m.architecture:<8} {m.kind:<8} ctx {m.context_length:<6} "
             f"{'resident' if m.resident else 'host':<9} step {m.max_batched_tokens:>5} tok/{m.max_num_seqs:<3} seq "
-            f"{m.store}"
+            f"{m.store}" + ("  (text-to-text: the prompt is the encoder's input)" if m.text_to_text else "")
         )
     return 0
 

@@ -113,11 +113,17 @@ def test_a_checkpoint_is_served_under_the_name_given(kjv, tiny_zoo):
     assert [m.name for m in engine.models()] == ["bible"]
 
 
-def test_an_architecture_without_a_registry_entry_is_one_line_and_loads_nothing(tiny_zoo):
+def test_an_architecture_without_a_registry_entry_is_one_line_and_loads_nothing():
+    from moeshare.engine.synthetic import from_spec
+
     engine = Engine([])
-    path = tiny_zoo / "switch" / "base"
-    with pytest.raises(MoeshareError, match=r"serving switch is not supported yet \(served architectures: "):
-        engine.load(path)
+    source = from_spec("variants=1,hidden=64,intermediate=128,heads=4,kv_heads=2,vocab=300,layers=1", "cpu")
+    source.architecture = "gpt_neox"  # an adapter's name the registry has no entry for
+    with pytest.raises(
+        MoeshareError,
+        match=r"serving gpt_neox is not supported yet \(served architectures: llama, mixtral, switch\)",
+    ):
+        engine.load(source)
     assert engine.models() == [] and engine.stats().kv_blocks_free == 0
 
 

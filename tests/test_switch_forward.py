@@ -123,15 +123,20 @@ def test_paged_batched_encode_and_decode_give_each_sequence_its_reference_tokens
     rows = [source.variants.index(v) for v, _ in jobs]
     prompts = [_ids(tiny_zoo / "switch" / v, p) for v, p in jobs]
     steps = 12
-    kv_x = torch.zeros(64, d.encoder_layers + d.decoder_layers, 2, block, d.heads, d.d_kv)
-    kv_s = torch.zeros(64, d.decoder_layers, 2, block, d.heads, d.d_kv)
-    free = iter(range(64))
+    kv_enc = torch.zeros(32, d.encoder_layers, 2, block, d.heads, d.d_kv)  # the encoder's K/V, for now
+    kv = torch.zeros(64, d.decoder_layers, 2, block, d.heads, d.d_kv)  # cross and self blocks, shuffled
+    free = iter(torch.randperm(64, generator=torch.Generator().manual_seed(0)).tolist())
     cross = [[next(free) for _ in range(-(-len(p) // block))] for p in prompts]
     own = [[next(free) for _ in range(-(-(steps + 1) // block))] for _ in prompts]
     seq_rows = torch.tensor(rows)
     token_rows = torch.tensor([r for r, p in zip(rows, prompts, strict=True) for _ in p])
-    enc = AttnBatch.build(cross, [0] * 3, [len(p) for p in prompts], block, torch.device("cpu"))
-    model.encode_paged(torch.tensor([t for p in prompts for t in p]), token_rows, seq_rows, enc, kv_x)
+    lengths = [len(p) for p in prompts]
+    enc_free = iter(range(32))
+    enc_tables = [[next(enc_free) for _ in range(-(-n // block))] for n in lengths]
+    enc = AttnBatch.build(enc_tables, [0] * 3, lengths, block, torch.device("cpu"))
+    store = AttnBatch.build(cross, [0] * 3, lengths, block, torch.device("cpu"))
+    ids = torch.tensor([t for p in prompts for t in p])
+    model.encode_paged(ids, token_rows, seq_rows, enc, kv_enc, store, kv)
     start = source.config.get("decoder_start_token_id", 0)
     outs = [[start] for _ in prompts]
     for step in range(steps):
@@ -140,7 +145,7 @@ def test_paged_batched_encode_and_decode_give_each_sequence_its_reference_tokens
             cross, [len(p) - 1 for p in prompts], [1] * 3, block, torch.device("cpu")
         )
         logits = model.decode_paged(
-            torch.tensor([o[-1] for o in outs]), seq_rows, seq_rows, attn, cross_step, kv_s, kv_x
+            torch.tensor([o[-1] for o in outs]), seq_rows, seq_rows, attn, cross_step, kv
         )
         for i, (o, p, r) in enumerate(zip(outs, prompts, rows, strict=True)):
             alone = model.decode(model.encode(p, r), o, r)[-1]

@@ -89,6 +89,9 @@ class ModelInfo:
     resident: bool  # its weights are on the device now
     max_batched_tokens: int = 0  # its instance's step budgets: tokens a step computes at most
     max_num_seqs: int = 0  # and sequences it decodes at most
+    text_to_text: bool = (
+        False  # an encoder-decoder: the prompt is the encoder's input, the tokens the decoder's
+    )
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,31 @@ class AttnBatch:
         return o.reshape(-1, heads * head_dim)
 
     @classmethod
+    def over(
+        cls,
+        tables: list[list[int]],
+        contexts: list[int],
+        counts: list[int],
+        block_size: int,
+        device: torch.device,
+    ) -> AttnBatch:
+        """Queries (counts[b] of sequence b) over a context of fixed length that they add nothing to: contexts[b]
+        tokens in tables[b] (an encoder-decoder's cross-attention)."""
+        width = max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        query_start = [0]
+        for n in counts:
+            query_start.append(query_start[-1] + n)
+        none = torch.zeros(0, dtype=torch.int64, device=device)
+        return cls(
+            none,
+            none,
+            torch.tensor(padded, dtype=torch.int32, device=device),
+            torch.tensor(contexts, dtype=torch.int32, device=device),
+            torch.tensor(query_start, dtype=torch.int32, device=device),
+        )
+
+    @classmethod
     def build(
         cls,
         tables: list[list[int]],

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 def usage(seq: Sequence) -> Usage:
     finish = seq.finish_time or time.perf_counter()
     return Usage(
-        len(seq.prompt_ids), len(seq.output_ids), seq.arrival, seq.first_token_time, finish, seq.targets
+        seq.prompt_tokens, len(seq.output_ids), seq.arrival, seq.first_token_time, finish, seq.targets
     )
 
 
@@ -102,6 +102,8 @@ class Instance:
         eos = source.config.get("eos_token_id")
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.detok = Detokenizer(self.tokenizers, eos_ids, footprint.context)
+        # an encoder-decoder model's decoder starts from this token (None: decoder-only)
+        self.decoder_start: int | None = getattr(model, "decoder_start", None)
         self.seqs: dict[int, Sequence] = {}
         self.weights = weights  # in the engine's page pool (it can be evicted), or None: where torch put it
         self.last_busy = time.perf_counter()  # when it last had a request (idle eviction counts from here)
@@ -158,14 +160,20 @@ class Instance:
                 f"its own weights and the other models' minimums leave {model}'s KV no page of the pool: "
                 "lower --kv-min or grow --pool"
             )
-        if self.pool.blocks_for(total) > capacity:
+        need, what = self.pool.blocks_for(total), f"prompt + max_tokens = {total} tokens"
+        if self.decoder_start is not None:  # the prompt's cross blocks, and the decoder's own
+            decoder = min(1 + params.max_tokens, context)
+            need = self.pool.blocks_for(len(ids)) + self.pool.blocks_for(decoder)
+            what = f"a prompt of {len(ids)} tokens and {decoder} decoder tokens"
+        if need > capacity:
             raise RequestTooLarge(
-                f"prompt + max_tokens = {total} tokens needs {self.pool.blocks_for(total)} KV blocks; "
-                f"the pool has {capacity}: lower max_tokens or shorten the prompt"
+                f"{what} needs {need} KV blocks; the pool has {capacity}: lower max_tokens or shorten the prompt"
             )
         return ids
 
     def add(self, seq: Sequence) -> None:
+        if self.decoder_start is not None and not seq.encoder_ids:  # the prompt is the encoder's input
+            seq.encoder_ids, seq.prompt_ids = seq.prompt_ids, [self.decoder_start]
         self.seqs[seq.seq_id] = seq
         self.scheduler.add(seq)
 
@@ -358,7 +366,7 @@ class Instance:
         most = self.pool.capacity
         events = []
         for seq in list(waiting):
-            need = self.pool.blocks_for(len(seq) + 1)
+            need = self.pool.blocks_for(len(seq) + 1) + self.pool.blocks_for(len(seq.encoder_ids))
             if seq.pending or need <= most:
                 continue
             self.finish(seq, FinishReason.ERROR)
@@ -490,6 +498,7 @@ class Instance:
                 m in resident,
                 c.max_batched_tokens,
                 c.max_num_seqs,
+                self.decoder_start is not None,
             )
             for m in self.names
         ]

@@ -133,6 +133,11 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: FinishReason | None = None
     block_table: list[int] = field(default_factory=list)
+    # an encoder-decoder model's request (Switch): the prompt goes through the encoder once, its cross-attention
+    # K/V into cross_table's blocks (kept until it ends or is preempted); prompt_ids is then the decoder's
+    # start token, so the decoder's tokens are prompt_ids + output_ids as a decoder-only model's are
+    encoder_ids: list[int] = field(default_factory=list)
+    cross_table: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose KV is in the cache (or being written by a launched step)
     pending: int = 0  # tokens sampled by launched steps, not read back yet (2 at most: read next, queued now)
     arrival: float = 0.0
@@ -157,6 +162,11 @@ class Sequence:
         return self.pending > 0 and (
             len(self.output_ids) + self.pending >= self.params.max_tokens or self.ahead >= context
         )
+
+    @property
+    def prompt_tokens(self) -> int:
+        """What the request's prompt was (the encoder's input for an encoder-decoder model)."""
+        return len(self.encoder_ids) if self.encoder_ids else len(self.prompt_ids)
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)

@@ -68,34 +68,18 @@ class Runner:
     def launch(self, batch: list[Scheduled], prev: Launched | None) -> Launched:
         """Queue the step that samples the next token of every scheduled sequence. A decode whose input token
         is still pending reads it from `prev`, the step launched just before."""
-        ids, src, positions, rows, last = [], [], [], [], []
-        none = self.last.none
-        decodes = all(s.count == 1 for s in batch)
-        if decodes:  # the common step, without the per-token lists
-            positions, rows, last = [s.start for s in batch], [s.row for s in batch], list(range(len(batch)))
-        for s in batch:
-            seq = s.seq
-            if s.start >= len(seq):  # the input is the token `prev` sampled: read on the device
-                assert prev is not None and s.count == 1, "a pending token comes from the step before"
-                ids.append(0)
-                src.append(prev.row_of[seq.seq_id])
-            else:
-                ids += seq.tokens(s.start, s.count)
-                src += [none] * s.count
-            if not decodes:
-                positions += range(s.start, s.start + s.count)
-                rows += [s.row] * s.count
-                last.append(len(ids) - 1)
-        params = [s.seq.params for s in batch]
-        temperature = [p.temperature for p in params]
-        top_p = [p.top_p for p in params]
-        top_k = [p.top_k for p in params]
-        seeds = [p.seed for p in params]
-        steps = [len(s.seq.output_ids) + s.seq.pending for s in batch]  # the index of the token drawn now
+        if getattr(self.model, "encoder_decoder", False):
+            return self._launch_encoder_decoder(batch, prev)
+        ids, src, last = self._inputs(batch, prev)
+        if len(ids) == len(batch):  # the common step: one token each
+            positions, rows = [s.start for s in batch], [s.row for s in batch]
+        else:
+            positions = [p for s in batch for p in range(s.start, s.start + s.count)]
+            rows = [s.row for s in batch for _ in range(s.count)]
+        knobs = self._knobs(batch)
         if self.graphs is not None and len(ids) == len(batch) and self.graphs.fits(len(batch)):
             tables = [s.seq.block_table for s in batch]
-            sampling = (temperature, top_p, top_k, seeds, steps)
-            chosen, logprobs = self.graphs.run(ids, src, positions, rows, tables, sampling)
+            chosen, logprobs = self.graphs.run(ids, src, positions, rows, tables, knobs)
             return self._back(batch, chosen, logprobs)
         attn = AttnBatch.build(
             [s.seq.block_table for s in batch],
@@ -104,12 +88,51 @@ class Runner:
             self.pool.block_size,
             self.device,
         )
-        ids_t = self._longs(ids)
-        if any(i != none for i in src):
-            ids_t += self.last.ids[self._longs(src)]
-        row_t, last_t = self._longs(rows), self._longs(last)
+        ids_t, row_t, last_t = self._ids(ids, src), self._longs(rows), self._longs(last)
         hidden = self.model.forward(ids_t, self._longs(positions), row_t, attn, self.pool.kv)
         logits = self.model.head(hidden[last_t], row_t[last_t])  # [B, V] in the model dtype
+        return self._sample(batch, logits, knobs)
+
+    def _inputs(
+        self, batch: list[Scheduled], prev: Launched | None
+    ) -> tuple[list[int], list[int], list[int]]:
+        """The step's new tokens (0 where it is the one `prev` sampled, read on the device from src, see
+        LastTokens), and the index of each sequence's last."""
+        ids, src, last = [], [], []
+        none = self.last.none
+        for s in batch:
+            seq = s.seq
+            if s.start >= len(seq):
+                assert prev is not None and s.count == 1, "a pending token comes from the step before"
+                ids.append(0)
+                src.append(prev.row_of[seq.seq_id])
+            else:
+                ids += seq.tokens(s.start, s.count)
+                src += [none] * s.count
+            last.append(len(ids) - 1)
+        return ids, src, last
+
+    def _ids(self, ids: list[int], src: list[int]) -> torch.Tensor:
+        ids_t = self._longs(ids)
+        if any(i != self.last.none for i in src):
+            ids_t += self.last.ids[self._longs(src)]
+        return ids_t
+
+    @staticmethod
+    def _knobs(batch: list[Scheduled]) -> tuple[list, list, list, list, list]:
+        """Each sequence's temperature, top_p, top_k, seed, and the index of the token it draws now."""
+        params = [s.seq.params for s in batch]
+        steps = [len(s.seq.output_ids) + s.seq.pending for s in batch]
+        return (
+            [p.temperature for p in params],
+            [p.top_p for p in params],
+            [p.top_k for p in params],
+            [p.seed for p in params],
+            steps,
+        )
+
+    def _sample(self, batch: list[Scheduled], logits: torch.Tensor, knobs: tuple) -> Launched:
+        temperature, top_p, top_k, seeds, steps = knobs
         sb = SamplingBatch(
             temperature=self._to_device(temperature, torch.float32),
             top_p=self._to_device(top_p, torch.float32),
@@ -120,6 +143,32 @@ class Runner:
         chosen, logprobs = sample(logits, sb, mode_for(temperature, top_p, top_k))
         self.last.ids[: len(batch)].copy_(chosen)
         return self._back(batch, chosen, logprobs)
+
+    def _launch_encoder_decoder(self, batch: list[Scheduled], prev: Launched | None) -> Launched:
+        """A step of an encoder-decoder model (Switch): the prompts starting now through the encoder (their
+        cross K/V into their cross blocks), then every sequence's new decoder tokens. No captured graph yet."""
+        model, bs, dev = self.model, self.pool.block_size, self.device
+        fresh = [s for s in batch if s.start == 0 and s.seq.encoder_ids]
+        if fresh:
+            lengths = [len(s.seq.encoder_ids) for s in fresh]
+            kv_enc, tables = model.encoder_blocks(lengths, bs)  # the encoder's own K/V: this step only
+            attn = AttnBatch.build(tables, [0] * len(fresh), lengths, bs, dev)
+            store = AttnBatch.build([s.seq.cross_table for s in fresh], [0] * len(fresh), lengths, bs, dev)
+            ids = self._longs([t for s in fresh for t in s.seq.encoder_ids])
+            rows = self._longs([s.row for s in fresh for _ in s.seq.encoder_ids])
+            model.encode_paged(
+                ids, rows, self._longs([s.row for s in fresh]), attn, kv_enc, store, self.pool.kv
+            )
+        ids, src, last = self._inputs(batch, prev)
+        counts = [s.count for s in batch]
+        attn = AttnBatch.build([s.seq.block_table for s in batch], [s.start for s in batch], counts, bs, dev)
+        prompts = [len(s.seq.encoder_ids) for s in batch]
+        cross = AttnBatch.over([s.seq.cross_table for s in batch], prompts, counts, bs, dev)
+        rows = self._longs([s.row for s in batch for _ in range(s.count)])
+        seq_rows = self._longs([s.row for s in batch])
+        ids_t, last_t = self._ids(ids, src), self._longs(last)
+        logits = model.decode_paged(ids_t, rows, seq_rows, attn, cross, self.pool.kv, last_t)
+        return self._sample(batch, logits, self._knobs(batch))
 
     def _back(self, batch: list[Scheduled], chosen: torch.Tensor, logprobs: torch.Tensor) -> Launched:
         """Queue the copy of the step's tokens to the host."""

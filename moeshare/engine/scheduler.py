@@ -73,8 +73,8 @@ class Scheduler:
 
     def release(self, seq: Sequence) -> None:
         """Return a sequence's blocks at once (finished or cancelled)."""
-        self.pool.free(seq.block_table)
-        seq.block_table = []
+        self.pool.free(seq.block_table + seq.cross_table)
+        seq.block_table, seq.cross_table = [], []
         seq.num_cached = 0
         if seq in self.running:
             self.running.remove(seq)
@@ -83,8 +83,8 @@ class Scheduler:
         self._waited.pop(seq.seq_id, None)
 
     def _preempt(self, seq: Sequence) -> None:
-        self.pool.free(seq.block_table)
-        seq.block_table, seq.num_cached, seq.status = [], 0, Status.WAITING
+        self.pool.free(seq.block_table + seq.cross_table)  # an encoder-decoder's prompt is encoded again
+        seq.block_table, seq.cross_table, seq.num_cached, seq.status = [], [], 0, Status.WAITING
         seq.preemptions += 1
         self.preemptions += 1
         self.running.remove(seq)
@@ -98,6 +98,17 @@ class Scheduler:
             return False
         try:  # a pool over shared pages may find fewer than it estimated: another model took them
             seq.block_table += self.pool.allocate(need)
+        except OutOfBlocks:
+            return False
+        return True
+
+    def _cross(self, seq: Sequence) -> bool:
+        """The blocks an encoder-decoder's prompt keeps its cross-attention K/V in, if the pool has them."""
+        need = self.pool.blocks_for(len(seq.encoder_ids))
+        if not self.pool.can_allocate(need):
+            return False
+        try:
+            seq.cross_table = self.pool.allocate(need)
         except OutOfBlocks:
             return False
         return True
@@ -156,13 +167,20 @@ class Scheduler:
             if starving and self._waited.get(seq.seq_id, 0) < self.starve_steps:
                 continue  # let rows drain for a variant that has waited too long
             count = len(seq) - seq.num_cached
+            # an encoder-decoder's prompt goes through the encoder whole, with its decoder's first chunk
+            encoder = len(seq.encoder_ids) if seq.num_cached == 0 else 0
             if self.chunked_prefill:
-                count = min(count, budget - tokens)  # the rest of the prompt in later steps
-                if count < 1:
+                count = min(count, budget - tokens - encoder)  # the rest of the prompt in later steps
+                if count < 1 and not (encoder and not out):  # a prompt above the budget runs alone
                     break
-            elif tokens + count > budget and out:
+                count = max(count, 1)
+            elif tokens + encoder + count > budget and out:
+                break
+            if encoder and not seq.cross_table and not self._cross(seq):
                 break
             if not self._grow(seq, seq.num_cached + count):
+                self.pool.free(seq.cross_table)
+                seq.cross_table = []
                 break
             self.waiting.remove(seq)
             self._waited.pop(seq.seq_id, None)
@@ -170,7 +188,7 @@ class Scheduler:
             self.running.append(seq)
             busy.add(row)
             out.append(Scheduled(seq, row, seq.num_cached, count, seq.num_cached + count == len(seq)))
-            tokens += count
+            tokens += count + encoder
         for s in out:
             s.seq.num_cached = s.start + s.count
         return out

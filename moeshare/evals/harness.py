@@ -1,8 +1,8 @@
 """`moeshare eval`: every method's models scored against the original variants, in one run.
 
 Methods: original, moeshare (budgets x similarity x merge), same-index-pick (budgets), average, ties, base.
-Mixtral is scored with our engine, and at one budget also with transformers on `moeshare export` output as a
-check; Switch, which the engine does not serve yet, with transformers on the export.
+Both architectures are scored with our engine's forward (float32; Switch through its paged encoder and decoder),
+and at one budget also with transformers on `moeshare export` output as a check.
 """
 
 from __future__ import annotations

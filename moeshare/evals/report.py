@@ -129,9 +129,7 @@ def markdown(results: Results, command: str) -> str:
     names = [f"{v}" if v == d else f"{v} ({d})" for v, d in t.pairs]
     s = results.subject
     lines = [f"# Quality report: {s['label'] or s['arch']}", "", f"Command: `{command}`", ""]
-    scorer = "transformers on `moeshare export` output (the engine does not serve Switch yet)"
-    if not t.denoising:
-        scorer = "the moeshare engine (float32); transformers on `moeshare export` output as a check"
+    scorer = "the moeshare engine (float32); transformers on `moeshare export` output as a check"
     lines += [
         f"Scored with {scorer}. Perplexity: {'span-denoising' if t.denoising else 'next-token'}; KL: mean "
         "KL(original ‖ method) per scored token; top-1: agreement of the argmax token with the original; "

@@ -84,51 +84,54 @@ class SwitchScorer:
         firsts = [sum(counts[:i]) for i in range(len(counts))]
         return kv, [list(range(f, f + c)) for f, c in zip(firsts, counts, strict=True)]
 
-    def _encode(self, rows_ids: list[list[int]]) -> tuple[torch.Tensor, list[list[int]], torch.Tensor]:
-        """Prompts through the encoder: their cross pool, block tables, and the row of each sequence."""
+    def _encode(
+        self, rows_ids: list[list[int]], decoder_lengths: list[int]
+    ) -> tuple[torch.Tensor, list[list[int]], list[list[int]], torch.Tensor]:
+        """Prompts through the encoder -> (the KV pool, each prompt's cross blocks in it, each sequence's own
+        blocks for `decoder_lengths` decoder tokens, the row of each sequence)."""
         m, d = self.model, self.model.dims
-        kv_x, tables = self._blocks([len(x) for x in rows_ids], d.encoder_layers + d.decoder_layers)
-        attn = AttnBatch.build(tables, [0] * len(tables), [len(x) for x in rows_ids], self.block, m.device)
+        lengths = [len(x) for x in rows_ids]
+        kv_enc, enc_tables = self._blocks(lengths, d.encoder_layers)
+        kv, tables = self._blocks(lengths + decoder_lengths, d.decoder_layers)
+        cross, own = tables[: len(lengths)], tables[len(lengths) :]
+        attn = AttnBatch.build(enc_tables, [0] * len(lengths), lengths, self.block, m.device)
+        store = AttnBatch.build(cross, [0] * len(lengths), lengths, self.block, m.device)
         ids = torch.tensor([t for x in rows_ids for t in x], device=m.device)
         seq_rows = torch.full((len(rows_ids),), self.row, device=m.device)
-        m.encode_paged(ids, torch.full_like(ids, self.row), seq_rows, attn, kv_x)
-        return kv_x, tables, seq_rows
+        m.encode_paged(ids, torch.full_like(ids, self.row), seq_rows, attn, kv_enc, store, kv)
+        return kv, cross, own, seq_rows
 
-    def _decode(
-        self, kv_x, cross, seq_rows, kv_s, own, starts, tokens: list[list[int]], lengths
-    ) -> torch.Tensor:
+    def _decode(self, kv, cross, seq_rows, own, starts, tokens: list[list[int]], lengths) -> torch.Tensor:
         """New decoder tokens of every sequence (tokens[b], after starts[b] cached) -> logits [sum, V]."""
         m, counts = self.model, [len(t) for t in tokens]
         attn = AttnBatch.build(own, starts, counts, self.block, m.device)
         over = AttnBatch.build(cross, [n - c for n, c in zip(lengths, counts, strict=True)], counts, self.block, m.device)  # fmt: skip
         ids = torch.tensor([t for x in tokens for t in x], device=m.device)
         rows = torch.full_like(ids, self.row)
-        return m.decode_paged(ids, rows, seq_rows, attn, over, kv_s, kv_x)
+        return m.decode_paged(ids, rows, seq_rows, attn, over, kv)
 
     @torch.inference_mode()
     def logits(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         out = []
         for lo in range(0, len(inputs), BATCH):
             xs, ys = inputs[lo : lo + BATCH].tolist(), labels[lo : lo + BATCH].tolist()
-            kv_x, cross, seq_rows = self._encode(xs)
             decoder = [
                 [self.start] + [t if t >= 0 else self.pad for t in y[:-1]] for y in ys
             ]  # shifted right
-            kv_s, own = self._blocks([len(t) for t in decoder], self.model.dims.decoder_layers)
+            kv, cross, own, seq_rows = self._encode(xs, [len(t) for t in decoder])
             lengths = [len(x) for x in xs]
-            logits = self._decode(kv_x, cross, seq_rows, kv_s, own, [0] * len(xs), decoder, lengths)
+            logits = self._decode(kv, cross, seq_rows, own, [0] * len(xs), decoder, lengths)
             out.append(logits.view(len(xs), len(ys[0]), -1))
         return torch.cat(out)
 
     @torch.inference_mode()
     def greedy(self, prompts: torch.Tensor, n: int) -> list[list[int]]:
         xs = prompts.tolist()
-        kv_x, cross, seq_rows = self._encode(xs)
-        kv_s, own = self._blocks([n + 1] * len(xs), self.model.dims.decoder_layers)
+        kv, cross, own, seq_rows = self._encode(xs, [n + 1] * len(xs))
         lengths, outs = [len(x) for x in xs], [[self.start] for _ in xs]
         for step in range(n):
             logits = self._decode(
-                kv_x, cross, seq_rows, kv_s, own, [step] * len(xs), [[o[-1]] for o in outs], lengths
+                kv, cross, seq_rows, own, [step] * len(xs), [[o[-1]] for o in outs], lengths
             )
             for o, nxt in zip(outs, logits.argmax(-1).tolist(), strict=True):
                 o.append(nxt)

@@ -131,6 +131,7 @@ def _model_info(m: ModelInfo) -> pb.ModelInfo:
         kind=m.kind,
         max_batched_tokens=m.max_batched_tokens,
         max_num_seqs=m.max_num_seqs,
+        text_to_text=m.text_to_text,
     )
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amoeshare/v1/moeshare.proto\x12\x0bmoeshare.v1\"\xb7\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x18\n\x10prompt_token_ids\x18\x0c \x03(\x05\x12 \n\x13ttft_target_seconds\x18\r \x01(\x01H\x03\x88\x01\x01\x12 \n\x13tpot_target_seconds\x18\x0e \x01(\x01H\x04\x88\x01\x01\x12\x10\n\x08priority\x18\x0f \x01(\x05\x12\x16\n\x0erefuse_if_late\x18\x10 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x16\n\x14_ttft_target_secondsB\x16\n\x14_tpot_target_seconds\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0cttft_seconds\x18\x03 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x04 \x01(\x01\"\xae\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.moeshare.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.moeshare.v1.Usage\"\xae\x01\n\x10\x43ompleteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.moeshare.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.moeshare.v1.Usage\"\x13\n\x11ListModelsRequest\"\xa8\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05store\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\x05\x12\x10\n\x08resident\x18\x05 \x01(\x08\x12\x0c\n\x04kind\x18\x06 \x01(\t\x12\x1a\n\x12max_batched_tokens\x18\x07 \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\x08 \x01(\x05\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.moeshare.v1.ModelInfo\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x11\n\x0fGetStatsRequest\"\xef\x02\n\nModelStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x02 \x01(\x05\x12\x0f\n\x07running\x18\x03 \x01(\x05\x12\x19\n\x11tokens_per_second\x18\x04 \x01(\x01\x12\x18\n\x10ttft_p50_seconds\x18\x05 \x01(\x01\x12\x18\n\x10ttft_p99_seconds\x18\x06 \x01(\x01\x12\x18\n\x10tpot_p50_seconds\x18\x07 \x01(\x01\x12\x18\n\x10tpot_p99_seconds\x18\x08 \x01(\x01\x12\x16\n\x0erequests_total\x18\t \x01(\x04\x12\x10\n\x08resident\x18\n \x01(\x08\x12\x14\n\x0cslo_requests\x18\x0b \x01(\x04\x12\x0f\n\x07slo_met\x18\x0c \x01(\x04\x12-\n\x0c\x64\x65\x63ode_steps\x18\r \x01(\x0b\x32\x17.moeshare.v1.StepTotals\x12*\n\tall_steps\x18\x0e \x01(\x0b\x32\x17.moeshare.v1.StepTotals\"C\n\nStepTotals\x12\r\n\x05steps\x18\x01 \x01(\x04\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\x12\x15\n\rfloor_seconds\x18\x03 \x01(\x01\"\xe8\x01\n\rStatsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.moeshare.v1.ModelStats\x12\x16\n\x0ekv_blocks_used\x18\x02 \x01(\x05\x12\x16\n\x0ekv_blocks_free\x18\x03 \x01(\x05\x12\x19\n\x11resident_variants\x18\x04 \x03(\t\x12\x10\n\x08swap_ins\x18\x05 \x01(\x04\x12\x14\n\x0cswap_seconds\x18\x06 \x01(\x01\x12\x13\n\x0bpreemptions\x18\x07 \x01(\x04\x12&\n\x08kv_pages\x18\x08 \x01(\x0b\x32\x14.moeshare.v1.KvPages\"\xf1\x01\n\x07KvPages\x12\x12\n\npage_bytes\x18\x01 \x01(\x03\x12\r\n\x05total\x18\x02 \x01(\x05\x12\x0c\n\x04\x66ree\x18\x03 \x01(\x05\x12\x0c\n\x04idle\x18\x04 \x01(\x05\x12/\n\x06in_use\x18\x05 \x03(\x0b\x32\x1f.moeshare.v1.KvPages.InUseEntry\x12\x0c\n\x04maps\x18\x06 \x01(\x04\x12\x0e\n\x06unmaps\x18\x07 \x01(\x04\x12\x13\n\x0bmap_seconds\x18\x08 \x01(\x01\x12\x15\n\runmap_seconds\x18\t \x01(\x01\x1a,\n\nInUseEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"U\n\x12SetKvLimitsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07min_gib\x18\x02 \x01(\x01\x12\x14\n\x07max_gib\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\n\n\x08_max_gib\"\x15\n\x13SetKvLimitsResponse\" \n\x10LoadStoreRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"#\n\x11LoadStoreResponse\x12\x0e\n\x06models\x18\x01 \x03(\t\"\"\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\'\n\x13UnloadModelResponse\x12\x10\n\x08unloaded\x18\x01 \x03(\t*\x97\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x19\n\x15\x46INISH_REASON_CONTEXT\x10\x04\x32\xe5\x04\n\x08MoeShare\x12I\n\x08Generate\x12\x1c.moeshare.v1.GenerateRequest\x1a\x1d.moeshare.v1.GenerateResponse0\x01\x12G\n\x08\x43omplete\x12\x1c.moeshare.v1.GenerateRequest\x1a\x1d.moeshare.v1.CompleteResponse\x12M\n\nListModels\x12\x1e.moeshare.v1.ListModelsRequest\x1a\x1f.moeshare.v1.ListModelsResponse\x12@\n\x08GetModel\x12\x1c.moeshare.v1.GetModelRequest\x1a\x16.moeshare.v1.ModelInfo\x12\x44\n\x08GetStats\x12\x1c.moeshare.v1.GetStatsRequest\x1a\x1a.moeshare.v1.StatsResponse\x12J\n\tLoadStore\x12\x1d.moeshare.v1.LoadStoreRequest\x1a\x1e.moeshare.v1.LoadStoreResponse\x12P\n\x0bUnloadModel\x12\x1f.moeshare.v1.UnloadModelRequest\x1a .moeshare.v1.UnloadModelResponse\x12P\n\x0bSetKvLimits\x12\x1f.moeshare.v1.SetKvLimitsRequest\x1a .moeshare.v1.SetKvLimitsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amoeshare/v1/moeshare.proto\x12\x0bmoeshare.v1\"\xb7\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x18\n\x10prompt_token_ids\x18\x0c \x03(\x05\x12 \n\x13ttft_target_seconds\x18\r \x01(\x01H\x03\x88\x01\x01\x12 \n\x13tpot_target_seconds\x18\x0e \x01(\x01H\x04\x88\x01\x01\x12\x10\n\x08priority\x18\x0f \x01(\x05\x12\x16\n\x0erefuse_if_late\x18\x10 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x16\n\x14_ttft_target_secondsB\x16\n\x14_tpot_target_seconds\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0cttft_seconds\x18\x03 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x04 \x01(\x01\"\xae\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.moeshare.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.moeshare.v1.Usage\"\xae\x01\n\x10\x43ompleteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.moeshare.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.moeshare.v1.Usage\"\x13\n\x11ListModelsRequest\"\xbe\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05store\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\x05\x12\x10\n\x08resident\x18\x05 \x01(\x08\x12\x0c\n\x04kind\x18\x06 \x01(\t\x12\x1a\n\x12max_batched_tokens\x18\x07 \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\x08 \x01(\x05\x12\x14\n\x0ctext_to_text\x18\t \x01(\x08\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.moeshare.v1.ModelInfo\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x11\n\x0fGetStatsRequest\"\xef\x02\n\nModelStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x02 \x01(\x05\x12\x0f\n\x07running\x18\x03 \x01(\x05\x12\x19\n\x11tokens_per_second\x18\x04 \x01(\x01\x12\x18\n\x10ttft_p50_seconds\x18\x05 \x01(\x01\x12\x18\n\x10ttft_p99_seconds\x18\x06 \x01(\x01\x12\x18\n\x10tpot_p50_seconds\x18\x07 \x01(\x01\x12\x18\n\x10tpot_p99_seconds\x18\x08 \x01(\x01\x12\x16\n\x0erequests_total\x18\t \x01(\x04\x12\x10\n\x08resident\x18\n \x01(\x08\x12\x14\n\x0cslo_requests\x18\x0b \x01(\x04\x12\x0f\n\x07slo_met\x18\x0c \x01(\x04\x12-\n\x0c\x64\x65\x63ode_steps\x18\r \x01(\x0b\x32\x17.moeshare.v1.StepTotals\x12*\n\tall_steps\x18\x0e \x01(\x0b\x32\x17.moeshare.v1.StepTotals\"C\n\nStepTotals\x12\r\n\x05steps\x18\x01 \x01(\x04\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\x12\x15\n\rfloor_seconds\x18\x03 \x01(\x01\"\xe8\x01\n\rStatsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.moeshare.v1.ModelStats\x12\x16\n\x0ekv_blocks_used\x18\x02 \x01(\x05\x12\x16\n\x0ekv_blocks_free\x18\x03 \x01(\x05\x12\x19\n\x11resident_variants\x18\x04 \x03(\t\x12\x10\n\x08swap_ins\x18\x05 \x01(\x04\x12\x14\n\x0cswap_seconds\x18\x06 \x01(\x01\x12\x13\n\x0bpreemptions\x18\x07 \x01(\x04\x12&\n\x08kv_pages\x18\x08 \x01(\x0b\x32\x14.moeshare.v1.KvPages\"\xf1\x01\n\x07KvPages\x12\x12\n\npage_bytes\x18\x01 \x01(\x03\x12\r\n\x05total\x18\x02 \x01(\x05\x12\x0c\n\x04\x66ree\x18\x03 \x01(\x05\x12\x0c\n\x04idle\x18\x04 \x01(\x05\x12/\n\x06in_use\x18\x05 \x03(\x0b\x32\x1f.moeshare.v1.KvPages.InUseEntry\x12\x0c\n\x04maps\x18\x06 \x01(\x04\x12\x0e\n\x06unmaps\x18\x07 \x01(\x04\x12\x13\n\x0bmap_seconds\x18\x08 \x01(\x01\x12\x15\n\runmap_seconds\x18\t \x01(\x01\x1a,\n\nInUseEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"U\n\x12SetKvLimitsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07min_gib\x18\x02 \x01(\x01\x12\x14\n\x07max_gib\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\n\n\x08_max_gib\"\x15\n\x13SetKvLimitsResponse\" \n\x10LoadStoreRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"#\n\x11LoadStoreResponse\x12\x0e\n\x06models\x18\x01 \x03(\t\"\"\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\'\n\x13UnloadModelResponse\x12\x10\n\x08unloaded\x18\x01 \x03(\t*\x97\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x19\n\x15\x46INISH_REASON_CONTEXT\x10\x04\x32\xe5\x04\n\x08MoeShare\x12I\n\x08Generate\x12\x1c.moeshare.v1.GenerateRequest\x1a\x1d.moeshare.v1.GenerateResponse0\x01\x12G\n\x08\x43omplete\x12\x1c.moeshare.v1.GenerateRequest\x1a\x1d.moeshare.v1.CompleteResponse\x12M\n\nListModels\x12\x1e.moeshare.v1.ListModelsRequest\x1a\x1f.moeshare.v1.ListModelsResponse\x12@\n\x08GetModel\x12\x1c.moeshare.v1.GetModelRequest\x1a\x16.moeshare.v1.ModelInfo\x12\x44\n\x08GetStats\x12\x1c.moeshare.v1.GetStatsRequest\x1a\x1a.moeshare.v1.StatsResponse\x12J\n\tLoadStore\x12\x1d.moeshare.v1.LoadStoreRequest\x1a\x1e.moeshare.v1.LoadStoreResponse\x12P\n\x0bUnloadModel\x12\x1f.moeshare.v1.UnloadModelRequest\x1a .moeshare.v1.UnloadModelResponse\x12P\n\x0bSetKvLimits\x12\x1f.moeshare.v1.SetKvLimitsRequest\x1a .moeshare.v1.SetKvLimitsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_KVPAGES_INUSEENTRY']._loaded_options = None
   _globals['_KVPAGES_INUSEENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2426
-  _globals['_FINISHREASON']._serialized_end=2577
+  _globals['_FINISHREASON']._serialized_start=2448
+  _globals['_FINISHREASON']._serialized_end=2599
   _globals['_GENERATEREQUEST']._serialized_start=44
   _globals['_GENERATEREQUEST']._serialized_end=483
   _globals['_USAGE']._serialized_start=485
@@ -46,35 +46,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTMODELSREQUEST']._serialized_start=943
   _globals['_LISTMODELSREQUEST']._serialized_end=962
   _globals['_MODELINFO']._serialized_start=965
-  _globals['_MODELINFO']._serialized_end=1133
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1135
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1195
-  _globals['_GETMODELREQUEST']._serialized_start=1197
-  _globals['_GETMODELREQUEST']._serialized_end=1228
-  _globals['_GETSTATSREQUEST']._serialized_start=1230
-  _globals['_GETSTATSREQUEST']._serialized_end=1247
-  _globals['_MODELSTATS']._serialized_start=1250
-  _globals['_MODELSTATS']._serialized_end=1617
-  _globals['_STEPTOTALS']._serialized_start=1619
-  _globals['_STEPTOTALS']._serialized_end=1686
-  _globals['_STATSRESPONSE']._serialized_start=1689
-  _globals['_STATSRESPONSE']._serialized_end=1921
-  _globals['_KVPAGES']._serialized_start=1924
-  _globals['_KVPAGES']._serialized_end=2165
-  _globals['_KVPAGES_INUSEENTRY']._serialized_start=2121
-  _globals['_KVPAGES_INUSEENTRY']._serialized_end=2165
-  _globals['_SETKVLIMITSREQUEST']._serialized_start=2167
-  _globals['_SETKVLIMITSREQUEST']._serialized_end=2252
-  _globals['_SETKVLIMITSRESPONSE']._serialized_start=2254
-  _globals['_SETKVLIMITSRESPONSE']._serialized_end=2275
-  _globals['_LOADSTOREREQUEST']._serialized_start=2277
-  _globals['_LOADSTOREREQUEST']._serialized_end=2309
-  _globals['_LOADSTORERESPONSE']._serialized_start=2311
-  _globals['_LOADSTORERESPONSE']._serialized_end=2346
-  _globals['_UNLOADMODELREQUEST']._serialized_start=2348
-  _globals['_UNLOADMODELREQUEST']._serialized_end=2382
-  _globals['_UNLOADMODELRESPONSE']._serialized_start=2384
-  _globals['_UNLOADMODELRESPONSE']._serialized_end=2423
-  _globals['_MOESHARE']._serialized_start=2580
-  _globals['_MOESHARE']._serialized_end=3193
+  _globals['_MODELINFO']._serialized_end=1155
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1157
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1217
+  _globals['_GETMODELREQUEST']._serialized_start=1219
+  _globals['_GETMODELREQUEST']._serialized_end=1250
+  _globals['_GETSTATSREQUEST']._serialized_start=1252
+  _globals['_GETSTATSREQUEST']._serialized_end=1269
+  _globals['_MODELSTATS']._serialized_start=1272
+  _globals['_MODELSTATS']._serialized_end=1639
+  _globals['_STEPTOTALS']._serialized_start=1641
+  _globals['_STEPTOTALS']._serialized_end=1708
+  _globals['_STATSRESPONSE']._serialized_start=1711
+  _globals['_STATSRESPONSE']._serialized_end=1943
+  _globals['_KVPAGES']._serialized_start=1946
+  _globals['_KVPAGES']._serialized_end=2187
+  _globals['_KVPAGES_INUSEENTRY']._serialized_start=2143
+  _globals['_KVPAGES_INUSEENTRY']._serialized_end=2187
+  _globals['_SETKVLIMITSREQUEST']._serialized_start=2189
+  _globals['_SETKVLIMITSREQUEST']._serialized_end=2274
+  _globals['_SETKVLIMITSRESPONSE']._serialized_start=2276
+  _globals['_SETKVLIMITSRESPONSE']._serialized_end=2297
+  _globals['_LOADSTOREREQUEST']._serialized_start=2299
+  _globals['_LOADSTOREREQUEST']._serialized_end=2331
+  _globals['_LOADSTORERESPONSE']._serialized_start=2333
+  _globals['_LOADSTORERESPONSE']._serialized_end=2368
+  _globals['_UNLOADMODELREQUEST']._serialized_start=2370
+  _globals['_UNLOADMODELREQUEST']._serialized_end=2404
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=2406
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=2445
+  _globals['_MOESHARE']._serialized_start=2602
+  _globals['_MOESHARE']._serialized_end=3215
 # @@protoc_insertion_point(module_scope)

@@ -105,7 +105,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "store", "architecture", "context_length", "resident", "kind", "max_batched_tokens", "max_num_seqs")
+    __slots__ = ("name", "store", "architecture", "context_length", "resident", "kind", "max_batched_tokens", "max_num_seqs", "text_to_text")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STORE_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +114,7 @@ class ModelInfo(_message.Message):
     KIND_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_TO_TEXT_FIELD_NUMBER: _ClassVar[int]
     name: str
     store: str
     architecture: str
@@ -122,7 +123,8 @@ class ModelInfo(_message.Message):
     kind: str
     max_batched_tokens: int
     max_num_seqs: int
-    def __init__(self, name: _Optional[str] = ..., store: _Optional[str] = ..., architecture: _Optional[str] = ..., context_length: _Optional[int] = ..., resident: _Optional[bool] = ..., kind: _Optional[str] = ..., max_batched_tokens: _Optional[int] = ..., max_num_seqs: _Optional[int] = ...) -> None: ...
+    text_to_text: bool
+    def __init__(self, name: _Optional[str] = ..., store: _Optional[str] = ..., architecture: _Optional[str] = ..., context_length: _Optional[int] = ..., resident: _Optional[bool] = ..., kind: _Optional[str] = ..., max_batched_tokens: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., text_to_text: _Optional[bool] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

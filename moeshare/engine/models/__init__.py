@@ -116,9 +116,10 @@ def architectures() -> Iterable[str]:
 def _builtin() -> list[Architecture]:
     """The entries that ship with the engine (imported on first use: their models import this package)."""
     from moeshare.engine.models.dense import DENSE
+    from moeshare.engine.models.seq2seq import SWITCH
     from moeshare.engine.models.variants import MIXTRAL
 
-    return [MIXTRAL, DENSE]
+    return [MIXTRAL, DENSE, SWITCH]
 
 
 _loaded = False

@@ -45,6 +45,7 @@ class SwitchDims:
     tied: bool
     encoder_sparse: frozenset[int]
     decoder_sparse: frozenset[int]
+    decoder_start: int = 0  # the decoder's first input token
 
     @classmethod
     def from_config(cls, c: dict) -> SwitchDims:
@@ -68,6 +69,7 @@ class SwitchDims:
             max_distance=c.get("relative_attention_max_distance", 128),
             capacity=c.get("expert_capacity", 64),
             tied=bool(c.get("tie_word_embeddings", True)),
+            decoder_start=c.get("decoder_start_token_id") or 0,
             encoder_sparse=_sparse(enc, c.get("encoder_sparse_step", 1)),
             decoder_sparse=_sparse(dec, c.get("decoder_sparse_step", 1)),
         )
@@ -110,6 +112,8 @@ def moe_layer(stack: str, block: int) -> str:
 
 
 class MultiVariantSwitch:
+    encoder_decoder = True  # the runner encodes each prompt once, then decodes (engine/runner.py)
+
     def __init__(
         self, dims: SwitchDims, rows: int, slots: dict[str, int], dtype: torch.dtype, device: torch.device
     ) -> None:
@@ -149,6 +153,26 @@ class MultiVariantSwitch:
         self.tables = {
             layer: torch.zeros(rows, d.experts, dtype=torch.long, device=device) for layer in slots
         }
+        self.decoder_start = d.decoder_start
+
+    def row_bytes(self) -> int:
+        """One variant's non-expert weights."""
+        return sum(t[0].numel() * t.element_size() for t in self.w.values())
+
+    def expert_bytes(self) -> int:
+        """One expert (bank slot) of one layer."""
+        return 2 * self.dims.d_ff * self.dims.d_model * self.dtype.itemsize
+
+    def encoder_blocks(self, lengths: list[int], block: int) -> tuple[torch.Tensor, list[list[int]]]:
+        """Room for the encoder's own K/V of prompts of `lengths` tokens, needed only while they are encoded:
+        [N, encoder layers, 2, block, H, d_kv] and consecutive blocks for each."""
+        d = self.dims
+        counts = [-(-n // block) for n in lengths]
+        kv = torch.empty(
+            sum(counts), d.encoder_layers, 2, block, d.heads, d.d_kv, dtype=self.dtype, device=self.device
+        )
+        firsts = [sum(counts[:i]) for i in range(len(counts))]
+        return kv, [list(range(f, f + c)) for f, c in zip(firsts, counts, strict=True)]
 
     @classmethod
     def from_source(cls, source, dtype: torch.dtype, device: torch.device) -> MultiVariantSwitch:
@@ -161,20 +185,25 @@ class MultiVariantSwitch:
         names = tensor_names(dims)
         for row, v in enumerate(source.variants):
             tensors = ((ours, source.tensor(v, key)) for ours, key in names.items())
-            model.load(row, tensors, {x: source.table(v, x) for x in layers})
+            model.load(row, tensors, torch.tensor([source.table(v, x) for x in layers]))
         for x in layers:
             for s in range(slots[x]):
                 model.load_slot(x, s, source.bank_slot(x, s))
         return model
 
     def load(
-        self, row: int, tensors: Iterable[tuple[str, torch.Tensor]], tables: dict[str, list[int]]
+        self,
+        row: int,
+        tensors: Iterable[tuple[str, torch.Tensor]],
+        tables: torch.Tensor,
+        non_blocking: bool = False,
     ) -> None:
-        """One variant's non-expert weights into row `row`, and its expert -> slot table per MoE layer."""
+        """One variant's non-expert weights into row `row`, and its expert -> slot tables [MoE layers, experts]
+        (in the adapter's order of MoE layers)."""
         for k, t in tensors:
-            self.w[k][row].copy_(t)
-        for layer, table in tables.items():
-            self.tables[layer][row] = torch.tensor(table, device=self.device)
+            self.w[k][row].copy_(t, non_blocking=non_blocking)
+        for layer, table in zip(self.tables.values(), tables, strict=True):
+            layer[row].copy_(table, non_blocking=non_blocking)
 
     def load_slot(self, layer: str, slot: int, expert: dict[str, torch.Tensor]) -> None:
         for role, t in expert.items():
@@ -318,23 +347,27 @@ class MultiVariantSwitch:
         rows: torch.Tensor,
         seq_rows: torch.Tensor,
         attn: AttnBatch,
-        kv_x: torch.Tensor,
+        kv_enc: torch.Tensor,
+        store: AttnBatch,
+        kv: torch.Tensor,
     ) -> None:
-        """Whole prompts (attn: each sequence's blocks, its tokens all new) through the encoder: the encoder's K/V
-        and every decoder block's cross K/V land in kv_x. ids, rows [T]; seq_rows [nseq]."""
+        """Whole prompts through the encoder: attn, each sequence's blocks in kv_enc (its tokens all new; the
+        encoder's own K/V, [N, encoder layers, 2, B, H, d_kv], needed only now); every decoder block's cross K/V
+        land in its layer of kv at the blocks `store` names (the sequence's cross blocks). ids, rows [T];
+        seq_rows [nseq]."""
         d = self.dims
         seq_of, bias = self._batch(attn, seq_rows, "enc")
         h = self.w["shared"][rows, ids]
         for b in range(d.encoder_layers):
             p = f"enc.{b}."
             x = self._normed(h, p + "ln_self", rows)
-            h = h + self._paged_attend(x, kv_x, b, p, rows, attn, attn, causal=False, bias=bias)
+            h = h + self._paged_attend(x, kv_enc, b, p, rows, attn, attn, causal=False, bias=bias)
             h = h + self._ff_batch(self._normed(h, p + "ln_ff", rows), "enc", b, rows, seq_of)
         encoded = self._normed(h, "enc.final", rows)
         for j in range(d.decoder_layers):  # the cross-attention K/V of every decoder block, once
             k = self._linear(encoded, f"dec.{j}.ck", rows).view(-1, d.heads, d.d_kv)
             v = self._linear(encoded, f"dec.{j}.cv", rows).view(-1, d.heads, d.d_kv)
-            self._store(kv_x, d.encoder_layers + j, k, v, attn)
+            self._store(kv, j, k, v, store)
 
     def decode_paged(
         self,
@@ -343,21 +376,24 @@ class MultiVariantSwitch:
         seq_rows: torch.Tensor,
         attn: AttnBatch,
         cross: AttnBatch,
-        kv_s: torch.Tensor,
-        kv_x: torch.Tensor,
+        kv: torch.Tensor,
+        last: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """New decoder tokens of each sequence (attn: their self blocks; cross: their prompt's blocks in kv_x,
-        context the prompt's length, query_start as attn's) -> float32 logits [T, V]."""
+        """New decoder tokens of each sequence -> float32 logits [T, V] (of the tokens `last` picks, if given).
+        attn: their own blocks of kv (self-attention K/V, written here); cross: their prompt's cross blocks of
+        kv (context the prompt's length, query_start as attn's). Decoder block j keeps both in layer j."""
         d = self.dims
         seq_of, bias = self._batch(attn, seq_rows, "dec")
         h = self.w["shared"][rows, ids]
         for j in range(d.decoder_layers):
             p = f"dec.{j}."
             x = self._normed(h, p + "ln_self", rows)
-            h = h + self._paged_attend(x, kv_s, j, p, rows, attn, attn, causal=True, bias=bias)
+            h = h + self._paged_attend(x, kv, j, p, rows, attn, attn, causal=True, bias=bias)
             x = self._normed(h, p + "ln_cross", rows)
-            h = h + self._paged_attend(x, kv_x, d.encoder_layers + j, p, rows, cross, None, causal=False)
+            h = h + self._paged_attend(x, kv, j, p, rows, cross, None, causal=False)
             h = h + self._ff_batch(self._normed(h, p + "ln_ff", rows), "dec", j, rows, seq_of)
+        if last is not None:
+            h, rows = h[last], rows[last]
         h = self._normed(h, "dec.final", rows)
         if d.tied:
             h = h * d.d_model**-0.5

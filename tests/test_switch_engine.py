@@ -1,0 +1,124 @@
+"""Switch stores served by the engine (issue 18): each prompt encoded once into cross blocks of its own, the
+decoder generating over paged self blocks, variants batched over one bank; float32 on CPU, on the zoo's trained
+Switch variants, against transformers' generate."""
+
+import pytest
+import torch
+from transformers import AutoModelForSeq2SeqLM
+
+from moeshare.consolidate import Options, consolidate
+from moeshare.engine.api import Submit
+from moeshare.engine.engine import Engine, EngineConfig
+from moeshare.engine.request import FinishReason, RequestTooLarge, SamplingParams
+
+VARIANTS = ["kjv", "fortunes-en", "fortunes-de", "python"]
+# span-denoising prompts (what the zoo's Switch variants were trained on): each variant fills them its own way
+PROMPTS = {
+    "kjv": "And God said, Let there be <extra_id_0>: and there was light.",
+    "fortunes-en": "A man who has <extra_id_0> is never alone.",
+    "fortunes-de": "Wer nicht <extra_id_0>, der nicht.",
+    "python": "def main(<extra_id_0>):\n    return 0",
+}
+GREEDY = SamplingParams(max_tokens=24, temperature=0)
+
+
+def _theirs(path, ids: list[int], n: int) -> list[int]:
+    """transformers' greedy tokens: up to n, or through its eos."""
+    hf = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)[0, 1:].tolist()
+    eos = hf.config.eos_token_id
+    return out[: out.index(eos) + 1] if eos in out else out
+
+
+@pytest.fixture(scope="module")
+def store(tiny_zoo, tmp_path_factory):
+    path = tmp_path_factory.mktemp("switch") / "store"
+    consolidate([tiny_zoo / "switch" / v for v in VARIANTS], path, Options(budget="0.5", self_calib=0))
+    return path
+
+
+def _run(engine: Engine, jobs: list[tuple[str, str]], stagger: int = 0) -> list[list[int]]:
+    """Submit the jobs (each next one `stagger` steps after the one before), run to the end: their tokens."""
+    ids, tokens, reasons = [], {}, {}
+    for model, prompt in jobs:
+        ids.append(engine.submit(Submit(model, prompt, GREEDY)))
+        tokens[ids[-1]] = []
+        for _ in range(stagger):
+            for ev in engine.step():
+                tokens[ev.seq_id] += [ev.token_id] if ev.token_id >= 0 else []
+    while engine.has_work():
+        for ev in engine.step():
+            tokens[ev.seq_id] += [ev.token_id] if ev.token_id >= 0 else []
+            if ev.finished:
+                reasons[ev.seq_id] = ev.finish_reason
+    assert all(reasons[i] in (FinishReason.STOP, FinishReason.LENGTH) for i in ids), reasons
+    return [tokens[i] for i in ids]
+
+
+@pytest.mark.parametrize("variant", ["kjv", "python"])
+def test_a_served_switch_checkpoint_generates_what_transformers_does(tiny_zoo, variant):
+    path = tiny_zoo / "switch" / variant
+    engine = Engine([path])
+    [info] = engine.models()
+    assert info.architecture == "switch_transformers"
+    ids = engine.tokenizer(variant)(PROMPTS[variant], add_special_tokens=False)["input_ids"]
+    text, tokens = engine.generate(variant, PROMPTS[variant], GREEDY)
+    assert tokens == _theirs(path, ids, GREEDY.max_tokens) and text
+    stats = engine.stats()
+    assert stats.kv_blocks_used == 0 and stats.running == stats.waiting == 0
+
+
+@pytest.mark.parametrize("stagger", [0, 3])
+def test_variants_of_a_store_batched_together_get_their_tokens_alone(store, stagger):
+    alone = [_run(Engine([store]), [(v, PROMPTS[v])])[0] for v in VARIANTS]
+    engine = Engine([store])
+    assert _run(engine, [(v, PROMPTS[v]) for v in VARIANTS], stagger) == alone
+    assert engine.stats().kv_blocks_used == 0
+    assert len({tuple(t) for t in alone}) == len(VARIANTS)  # the variants differ: a mix-up would show
+
+
+def test_usage_counts_the_encoders_prompt_and_a_prompt_too_long_is_refused(store):
+    engine = Engine([store], EngineConfig(kv_blocks=24, block_size=4))
+    v = VARIANTS[0]
+    ids = engine.tokenizer(v)(PROMPTS[v], add_special_tokens=False)["input_ids"]
+    seq_id = engine.submit(Submit(v, ids, GREEDY))
+    final = None
+    while engine.has_work():
+        final = next((ev for ev in engine.step() if ev.seq_id == seq_id and ev.finished), final)
+    assert final.usage.prompt_tokens == len(ids) and final.usage.completion_tokens >= 1
+    with pytest.raises(
+        RequestTooLarge, match="KV blocks"
+    ):  # its cross blocks and the decoder's: 24 do not do
+        engine.submit(Submit(v, ids * 3, GREEDY))
+    assert engine.stats().kv_blocks_used == 0 and not engine.has_work()
+
+
+def test_preempted_switch_requests_encode_again_and_keep_their_tokens(store):
+    jobs = [(v, PROMPTS[v]) for v in VARIANTS] * 2
+    roomy = _run(Engine([store]), jobs)
+    # about two requests' cross and decoder blocks at a time: the newest is preempted as decoders grow
+    tight = Engine([store], EngineConfig(kv_blocks=36, block_size=4))
+    assert _run(tight, jobs) == roomy
+    stats = tight.stats()
+    assert stats.preemptions > 0 and stats.kv_blocks_used == 0
+
+
+def test_a_server_streams_switch_variants_and_lists_them_as_text_to_text(store, tiny_zoo):
+    from test_server import Server
+
+    from moeshare.client import Client
+
+    alone = {v: _run(Engine([store]), [(v, PROMPTS[v])])[0] for v in VARIANTS}
+    s = Server(store, f"bible={tiny_zoo / 'mixtral' / 'kjv'}")  # beside a decoder-only checkpoint
+    try:
+        with Client(s.address) as client:
+            models = {m.name: m for m in client.list_models()}
+            assert {m.text_to_text for n, m in models.items() if n in VARIANTS} == {True}
+            assert {models[v].architecture for v in VARIANTS} == {"switch_transformers"}
+            assert not models["bible"].text_to_text
+            for v in VARIANTS:
+                out = client.complete(v, PROMPTS[v], max_tokens=GREEDY.max_tokens, temperature=0.0)
+                assert out.token_ids == alone[v], v
+    finally:
+        s.stop()
