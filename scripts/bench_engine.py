@@ -10,7 +10,12 @@ model). The floor is the bytes a decode step must read (non-expert weights of th
 the experts that uniform top-2 routing touches, the KV cache) over the measured copy bandwidth.
 `dense` is a random Llama-3-8B-size model (hidden 4096, intermediate 14336, 32/8 heads, vocab 128256) with
 `--dense-layers` layers, against `transformers-dense` (generate on the same model); its floor is its
-weights and KV cache read once per step.
+weights and KV cache read once per step. `switch` and `switch-4var` are random Switch-Base-8-size models
+(d_model 768, d_ff 3072, 12/12 heads of 64, 12 encoder and 12 decoder blocks with every other feed-forward
+8 experts top-1, vocab 32128; four variants over one bank of 14 slots per sparse block), at batch 64 at most,
+against `transformers-switch` (generate on the one-variant model): the prompt is the encoder's input, the
+decode steps the decoder's; their floor is the decoder's non-expert weights (and the tied LM head) of the
+variants in the batch, the experts top-1 routing touches, and the self and cross K/V read once per step.
 """
 
 from __future__ import annotations
@@ -29,7 +34,14 @@ import torch
 from moeshare.engine.api import Submit
 from moeshare.engine.engine import Engine, EngineConfig
 from moeshare.engine.request import SamplingParams
-from moeshare.engine.synthetic import RandomDenseSource, RandomMixtralSource, llama_config, mixtral_config
+from moeshare.engine.synthetic import (
+    RandomDenseSource,
+    RandomMixtralSource,
+    RandomSwitchSource,
+    llama_config,
+    mixtral_config,
+    switch_config,
+)
 
 
 def copy_bandwidth(device: torch.device) -> float:
@@ -61,17 +73,40 @@ def step_bytes(cfg: dict, batch: int, variants: int, context: int) -> float:
     attn = (h * q + 2 * h * kv + q * h + e * h + 2 * h) * b2
     head = cfg["vocab_size"] * h * b2
     expert = 3 * h * i * b2
-    # expected distinct experts one variant's tokens touch under uniform top-k routing
-    per_variant = batch / present
-    touched = e * (1 - (1 - k / e) ** per_variant)
-    own = 2 if variants > 1 else 0
-    shared = e - own
-    # shared slots are read once whoever touches them; own slots once per variant present
-    slots = shared * (1 - (1 - k / e) ** batch) + present * own * (1 - (1 - k / e) ** per_variant)
-    if variants == 1:
-        slots = touched
+    slots = expected_slots(e, k, batch, variants)
     kv_bytes = batch * context * 2 * kv * b2
     return layers * (present * attn + slots * expert + kv_bytes) + present * head
+
+
+def expected_slots(e: int, k: int, batch: int, variants: int, own: int = 2) -> float:
+    """Distinct bank slots one MoE layer reads in a decode step of `batch` tokens spread evenly over `variants`
+    (each keeping `own` experts of its own, the rest shared) under uniform top-k routing."""
+    present = min(variants, batch)
+    per_variant = batch / present
+    if variants == 1:
+        return e * (1 - (1 - k / e) ** per_variant)
+    shared = e - own
+    # shared slots are read once whoever touches them; own slots once per variant present
+    return shared * (1 - (1 - k / e) ** batch) + present * own * (1 - (1 - k / e) ** per_variant)
+
+
+def switch_step_bytes(cfg: dict, batch: int, variants: int, context: int, prompt: int) -> float:
+    """What a decode step of a Switch model reads: the decoder's non-expert weights and tied LM head per variant
+    present, the experts of its sparse blocks top-1 routing touches, each sequence's self (context tokens)
+    and cross (prompt tokens) K/V."""
+    d, f, e, b2 = cfg["d_model"], cfg["d_ff"], cfg["num_experts"], 2
+    inner, layers, step = (
+        cfg["num_heads"] * cfg["d_kv"],
+        cfg["num_decoder_layers"],
+        cfg["decoder_sparse_step"],
+    )
+    sparse = sum(1 for j in range(layers) if step > 0 and (step == 1 or j % step == 1))
+    row = layers * (8 * inner * d + 3 * d) + (layers - sparse) * 2 * f * d + sparse * e * d
+    row += cfg["vocab_size"] * d + d + cfg["relative_attention_num_buckets"] * cfg["num_heads"]
+    present = min(variants, batch)
+    experts = sparse * expected_slots(e, 1, batch, variants) * 2 * f * d
+    kv = layers * batch * (context + prompt) * 2 * inner
+    return (present * row + experts + kv) * b2
 
 
 def dense_step_bytes(cfg: dict, batch: int, context: int) -> float:
@@ -85,9 +120,13 @@ def dense_step_bytes(cfg: dict, batch: int, context: int) -> float:
 
 
 def bench_engine(cfg: dict, variants: int, batches: list[int], prompt: int, gen: int) -> dict[int, float]:
-    dense = cfg["model_type"] == "llama"
-    source = RandomDenseSource(cfg) if dense else RandomMixtralSource(cfg, variants=variants, own=2)
-    label = "dense" if dense else f"moeshare x{variants}"
+    kind = cfg["model_type"]
+    if kind == "llama":
+        source, label = RandomDenseSource(cfg), "dense"
+    elif kind == "switch_transformers":
+        source, label = RandomSwitchSource(cfg, variants=variants, own=2), f"switch x{variants}"
+    else:
+        source, label = RandomMixtralSource(cfg, variants=variants, own=2), f"moeshare x{variants}"
     blocks = max(batches) * (prompt + gen) // 16 + 64
     engine = Engine(
         [source],
@@ -136,9 +175,20 @@ def _generate(model: torch.nn.Module, ids: torch.Tensor, n: int) -> float:
 
 
 def bench_transformers(cfg: dict, batches: list[int], prompt: int, gen: int) -> dict[int, float]:
-    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MixtralConfig,
+        MixtralForCausalLM,
+        SwitchTransformersConfig,
+        SwitchTransformersForConditionalGeneration,
+    )
 
-    kinds = {"llama": (LlamaConfig, LlamaForCausalLM), "mixtral": (MixtralConfig, MixtralForCausalLM)}
+    kinds = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "mixtral": (MixtralConfig, MixtralForCausalLM),
+        "switch_transformers": (SwitchTransformersConfig, SwitchTransformersForConditionalGeneration),
+    }
     config_cls, model_cls = kinds[cfg["model_type"]]
     with torch.device("cuda"):
         model = model_cls(
@@ -217,7 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", default="1,8,32,64,128")
     p.add_argument("--hf-batches", default="1,8,32")
     p.add_argument("--dense-layers", type=int, default=8, help="layers of the Llama-3-8B-size dense model")
-    p.add_argument("--systems", default="moeshare,moeshare-4var,transformers,dense,transformers-dense")
+    p.add_argument(
+        "--systems",
+        default="moeshare,moeshare-4var,transformers,dense,transformers-dense,switch,switch-4var,transformers-switch",
+    )
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--gen", type=int, default=128)
     p.add_argument("--quick", action="store_true")
@@ -246,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     bw = copy_bandwidth(torch.device("cuda"))
     print(f"{gpu}: copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
     dense_cfg = llama_config(layers=args.dense_layers)
+    switch_cfg = switch_config()
+    switch_batches = [b for b in batches if b <= 64]
     hf_batches = [int(x) for x in args.hf_batches.split(",")]
     runs = {
         "moeshare": lambda: bench_engine(cfg, 1, batches, args.prompt, args.gen),
@@ -253,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
         "transformers": lambda: bench_transformers(cfg, hf_batches, args.prompt, args.gen),
         "dense": lambda: bench_engine(dense_cfg, 1, batches, args.prompt, args.gen),
         "transformers-dense": lambda: bench_transformers(dense_cfg, hf_batches, args.prompt, args.gen),
+        "switch": lambda: bench_engine(switch_cfg, 1, switch_batches, args.prompt, args.gen),
+        "switch-4var": lambda: bench_engine(switch_cfg, 4, switch_batches, args.prompt, args.gen),
+        "transformers-switch": lambda: bench_transformers(switch_cfg, hf_batches, args.prompt, args.gen),
     }
     chosen = [x for x in args.systems.split(",") if x]
     if bad := [x for x in chosen if x not in runs]:
@@ -278,9 +336,11 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     for system, per_batch in results.items():
         for b, tok_s in per_batch.items():
-            variants = 4 if system == "moeshare-4var" else 1
+            variants = 4 if system.endswith("4var") else 1
             if system.endswith("dense"):
                 floor = b / (dense_step_bytes(dense_cfg, b, context) / bw)
+            elif system.endswith(("switch", "switch-4var")):
+                floor = b / (switch_step_bytes(switch_cfg, b, variants, args.gen // 2, args.prompt) / bw)
             else:
                 floor = b / (step_bytes(cfg, b, variants, context) / bw)
             records.append(
@@ -296,13 +356,16 @@ def main(argv: list[str] | None = None) -> int:
             )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_engine.json").write_text(json.dumps(records, indent=1) + "\n")
-    reference = {"dense": "dense", "transformers-dense": "dense"}  # the row each system is compared with
+    # the row each system is compared with
+    reference = {"dense": "dense", "transformers-dense": "dense", "transformers-switch": "switch"}
+    reference |= {"switch": "switch", "switch-4var": "switch"}
     lines = [
         f"# Engine decode throughput — {gpu}, {date}",
         "",
         f"`python scripts/bench_engine.py {' '.join(argv or sys.argv[1:])}`".replace(" `", "`"),
         "",
         f"{args.layers} layers at Mixtral-8x7B sizes; dense: {args.dense_layers} layers at Llama-3-8B sizes; "
+        "switch: Switch-Base-8 sizes (12 + 12 blocks; the prompt is the encoder's input); "
         f"bf16, prompt {args.prompt}, {args.gen} generated; copy bandwidth {bw / 1e9:.0f} GB/s.",
         "",
         "| system | batch | tok/s | floor tok/s | of floor | vs our engine (same model, x1) |",

@@ -8,7 +8,8 @@ partial reconfiguration (2 resident rows for 4 variants, copies on a side stream
 dense Llama and Qwen2 models the same way (float32 against transformers; bfloat16 with CUDA graphs, in one
 engine with the Mixtral store, together against alone, on one stream and on a stream per model); and models on
 streams of their own sharing a page pool with a few KV pages to spare (preempted, pages handed between them)
-against one stream with room.
+against one stream with room; Switch (encoder-decoder) checkpoints against transformers (float32) and a
+Switch store's variants together against alone (bfloat16).
 Prints a table; exit status 1 if a check fails.
 """
 
@@ -33,7 +34,9 @@ PROMPTS = ["And God said unto Moses,", "A man who has", "Wer nicht wagt,", "def 
 GREEDY = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
 
 
-def together(engine: Engine, stagger: int, jobs: list[tuple[str, str]] | None = None) -> list[list[int]]:
+def together(
+    engine: Engine, stagger: int, jobs: list[tuple[str, str]] | None = None, params: SamplingParams = GREEDY
+) -> list[list[int]]:
     handles, tokens = [], {}
 
     def collect(events: list) -> None:
@@ -41,7 +44,7 @@ def together(engine: Engine, stagger: int, jobs: list[tuple[str, str]] | None = 
             tokens.setdefault(ev.seq_id, []).extend([ev.token_id] if ev.token_id >= 0 else [])
 
     for v, p in jobs or list(zip(VARIANTS, PROMPTS, strict=True)):
-        handles.append(engine.submit(Submit(v, p, GREEDY)))
+        handles.append(engine.submit(Submit(v, p, params)))
         for _ in range(stagger):
             collect(engine.step())
     while engine.has_work():
@@ -101,6 +104,67 @@ def streams_under_pressure() -> tuple[str, bool, str]:
         same == total,
         detail,
     )
+
+
+SWITCH_PROMPTS = [  # span-denoising prompts for the zoo's Switch variants, in VARIANTS order
+    "And God said, Let there be <extra_id_0>: and there was light.",
+    "A man who has <extra_id_0> is never alone.",
+    "Wer nicht <extra_id_0>, der nicht.",
+    "def main(<extra_id_0>):\n    return 0",
+]
+
+
+def switch_checks(zoo: Path, tmp: Path, mixtral: Path) -> list[tuple[str, bool, str]]:
+    """Switch (encoder-decoder) through the engine's Triton kernels: float32 greedy tokens against transformers'
+    generate for two checkpoints; bfloat16, a consolidated store's four variants together against each alone,
+    and beside the Mixtral store `mixtral` with each instance's batches on a stream of its own."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    rows = []
+    params = SamplingParams(max_tokens=24, temperature=0)
+    for v in ("kjv", "python"):
+        path, prompt = zoo / "switch" / v, SWITCH_PROMPTS[VARIANTS.index(v)]
+        engine = Engine([path], EngineConfig(device="cuda", dtype=torch.float32))
+        ids = engine.tokenizer(v)(prompt, add_special_tokens=False)["input_ids"]
+        mine = engine.generate(v, ids, params)[1]
+        hf = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([ids], device="cuda"), max_new_tokens=24, do_sample=False)
+        ref = ref[0, 1:].tolist()
+        eos = hf.config.eos_token_id
+        ref = ref[: ref.index(eos) + 1] if eos in ref else ref
+        rows.append((f"fp32 greedy vs transformers: switch/{v}", mine == ref, f"{len(mine)} tokens"))
+    store = tmp / "switch"
+    consolidate([zoo / "switch" / v for v in VARIANTS], store, Options(budget="0.5", self_calib=0))
+
+    def check(name: str, engine: Engine, jobs: list[tuple[str, str]], alone: list[list[int]], stagger: int):
+        got = together(engine, stagger, jobs, params)
+        n = sum(len(a) for a in alone)
+        same = sum(a == b for x, y in zip(got, alone, strict=True) for a, b in zip(x, y, strict=True))
+        rows.append((f"{name}, stagger {stagger}", same == n, f"{same}/{n} tokens"))
+
+    jobs = list(zip(VARIANTS, SWITCH_PROMPTS, strict=True))
+    alone = [Engine([store], EngineConfig(device="cuda")).generate(v, p, params)[1] for v, p in jobs]
+    for stagger in (0, 3):
+        check(
+            "bf16 switch variants together vs alone",
+            Engine([store], EngineConfig(device="cuda")),
+            jobs,
+            alone,
+            stagger,
+        )
+    # the Mixtral store's variants are served under their own names too: the Switch checkpoints go by s-NAME here
+    both = Engine([], EngineConfig(device="cuda", multiplex="streams"))
+    for v in VARIANTS:
+        both.load(zoo / "switch" / v, name=f"s-{v}")
+    both.load(mixtral)
+    mixed = [(f"s-{v}", p) for v, p in jobs] + list(zip(VARIANTS, PROMPTS, strict=True))
+    ref = [
+        Engine([zoo / "switch" / v], EngineConfig(device="cuda")).generate(v, p, params)[1] for v, p in jobs
+    ]
+    ref += [Engine([mixtral], EngineConfig(device="cuda")).generate(v, p, params)[1] for v, p in mixed[4:]]
+    check("bf16 4 switch checkpoints + mixtral store on streams vs alone", both, mixed, ref, 2)
+    return rows
 
 
 def main() -> int:
@@ -190,6 +254,7 @@ def main() -> int:
                     f"{same}/{32 * len(jobs)} tokens",
                 )
             )
+        rows += switch_checks(args.zoo, Path(tmp), store)
     rows.append(streams_under_pressure())
     width = max(len(r[0]) for r in rows)
     for name, ok, detail in rows:

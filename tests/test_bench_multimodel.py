@@ -45,6 +45,7 @@ def test_the_fits_set_is_about_110_gb_and_every_system_places_every_model(sets):
     assert {s.sm_percent for s in mig.servers} == {20}
     [one] = mm.layout("moeshare", models, H200, pop).servers
     assert one.options[:2] == ("--pool", "124.820") and len(one.variants) == 8
+    assert list(one.variants[:4]) == ["v0", "v1", "v2", "v3"]  # the store (the largest) loads first
 
 
 def test_on_the_overflows_set_fixed_splits_drop_models_and_moeshare_keeps_all(sets):

@@ -122,3 +122,49 @@ def test_a_server_streams_switch_variants_and_lists_them_as_text_to_text(store, 
                 assert out.token_ids == alone[v], v
     finally:
         s.stop()
+
+
+def test_random_switch_variants_at_any_size_serve_and_batch_like_the_zoos():
+    """`--synthetic kind=switch,...` (what bench_engine's Switch rows serve at Switch-Base-8 sizes): a family
+    over one bank whose variants batched together get their tokens alone; bad specs are one line."""
+    from moeshare.engine.synthetic import from_spec
+    from moeshare.errors import MoeshareError
+
+    tiny = "kind=switch,variants=3,own=1,layers=2,d_model=64,d_ff=128,d_kv=16,heads=4,experts=4,vocab=300"
+    source = from_spec(tiny, "cpu")
+    assert source.bank_slots("decoder.1") == 3 + 3 * 1 and source.table("v2", "encoder.1") == [0, 1, 2, 5]
+    prompts = {v: list(range(5 + i, 40 + 3 * i)) for i, v in enumerate(source.variants)}
+    jobs = [(v, prompts[v]) for v in source.variants]
+    alone = [_run(Engine([from_spec(tiny, "cpu")]), [job])[0] for job in jobs]
+    assert _run(Engine([source]), jobs, stagger=2) == alone and len({tuple(t) for t in alone}) > 1
+    for bad in ("kind=switch,hidden=64", "kind=switch,d_model=0", "kind=switch,own=9"):
+        with pytest.raises(MoeshareError, match="--synthetic"):
+            from_spec(bad, "cpu")
+
+
+def test_a_preempted_request_recomputes_its_decoder_as_its_tokens_were_generated():
+    """Generate routes a decoder token alone, so expert capacity never drops it; recomputing a preempted
+    request's decoder tokens together must not either (random variants with a capacity of 2 tokens)."""
+    from moeshare.engine.synthetic import RandomSwitchSource, switch_config
+
+    config = switch_config(layers=2, d_model=64, d_ff=128, d_kv=16, heads=4, experts=4, vocab=300)
+    config["expert_capacity"] = 2
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, logprobs=True)
+    jobs = [(v, list(range(5 + i, 30 + i))) for i, v in enumerate(["v0", "v1"] * 3)]
+
+    def run(**cfg) -> tuple[list[list[tuple[int, float]]], int]:
+        source = RandomSwitchSource(config, 2, 1, device="cpu", dtype=torch.float32)
+        engine = Engine([source], EngineConfig(device="cpu", block_size=4, **cfg))
+        ids = [engine.submit(Submit(m, p, params)) for m, p in jobs]
+        tokens: dict[int, list[tuple[int, float]]] = {i: [] for i in ids}
+        while engine.has_work():
+            for ev in engine.step():
+                tokens[ev.seq_id] += [(ev.token_id, ev.logprob)] if ev.token_id >= 0 else []
+        return [tokens[i] for i in ids], engine.stats().preemptions
+
+    roomy, none = run()
+    tight, preempted = run(kv_blocks=34)
+    assert none == 0 and preempted > 0
+    for a, b in zip(tight, roomy, strict=True):  # the tokens, and their logprobs to float32 rounding
+        assert [t for t, _ in a] == [t for t, _ in b]
+        assert max(abs(x - y) for (_, x), (_, y) in zip(a, b, strict=True)) < 1e-4

@@ -122,9 +122,14 @@ def layout(
     """The servers of `system` for `models` in `usable` bytes of device memory, `slack` bytes of it per server
     beside weights and KV; `popularity`: model names, most requested first (muxserve-style drops the least
     popular that do not fit)."""
+    # into one pool the largest model loads first: each is built in device memory the pool lends while its
+    # weights move into pages, which needs the pool's unused pages to hold them twice over (memory/pages.py)
+    largest_first = sorted(models, key=lambda m: -m.weights)
     if system == "moeshare":
         spec = ServerSpec(
-            _sources(models), _names(models), ("--pool", _gib(usable - slack), "--evict-to", EVICT_TO)
+            _sources(largest_first),
+            _names(largest_first),
+            ("--pool", _gib(usable - slack), "--evict-to", EVICT_TO),
         )
         return Layout([spec], [], {})
     if system in ("static-partition", "mig-partition"):
@@ -161,7 +166,9 @@ def layout(
         # the largest model's weights and room for its KV: a switch to it evicts the others (smaller models
         # may share the pool: three 8B-size dense ones fit where the 41 GiB store does)
         pool = largest + max(2 * GIB, largest // 8)
-        spec = ServerSpec(_sources(models), _names(models), ("--pool", _gib(pool), "--evict-to", EVICT_TO))
+        spec = ServerSpec(
+            _sources(largest_first), _names(largest_first), ("--pool", _gib(pool), "--evict-to", EVICT_TO)
+        )
         return Layout([spec], [], {})
     raise ValueError(f"unknown system {system!r}; choose from {', '.join(SYSTEMS)}")
 

@@ -188,9 +188,10 @@ class Instance:
         if self.step_seconds is None or not self.on_device:
             return None
         s = self.scheduler
-        ahead = sum(len(q) - q.num_cached for q in s.waiting) + sum(
-            max(0, q.ahead - q.num_cached - 1) for q in s.running
-        )
+        # a waiting encoder-decoder request's prompt goes through the encoder with its first decoder token
+        ahead = sum(
+            len(q) - q.num_cached + (0 if q.num_cached else len(q.encoder_ids)) for q in s.waiting
+        ) + sum(max(0, q.ahead - q.num_cached - 1) for q in s.running)
         per_step = max(1, s.max_batched_tokens - len(s.running))
         return math.ceil((ahead + prompt_tokens) / per_step) * self.step_seconds
 

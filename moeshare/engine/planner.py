@@ -7,6 +7,7 @@ it), so what its arithmetic misses is weights that do not fit, never a KV pool.
 
 from __future__ import annotations
 
+import traceback
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -166,12 +167,18 @@ def build_instance(
             runner.warm_up(c.max_num_seqs, c.max_batched_tokens, fp.context)
     except torch.OutOfMemoryError as e:  # kept outside the handler, so nothing holds what was allocated
         oom = str(e).split("\n")[0]
-    except BaseException:  # a checkpoint that does not load: its KV range and pages go back too
+    except BaseException as e:  # a checkpoint that does not load: its KV range and pages go back too
         if isinstance(pool, ElasticBlockPool):
             pool.release()
         if weights is not None:
             weights.release()
-        if pages is not None:
+        if (
+            lent
+        ):  # what the model was built in goes back to the device first, so the lent pages can be made again
+            traceback.clear_frames(e.__traceback__)  # the failed build's frames hold its tensors
+            model = residency = None  # noqa: F841 (this frame's hold on them)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
             pages.take_back(lent)
         raise
     if oom:

@@ -167,7 +167,7 @@ class Runner:
         rows = self._longs([s.row for s in batch for _ in range(s.count)])
         seq_rows = self._longs([s.row for s in batch])
         ids_t, last_t = self._ids(ids, src), self._longs(last)
-        logits = model.decode_paged(ids_t, rows, seq_rows, attn, cross, self.pool.kv, last_t)
+        logits = model.decode_paged(ids_t, rows, seq_rows, attn, cross, self.pool.kv, last_t, capped=False)
         return self._sample(batch, logits, self._knobs(batch))
 
     def _back(self, batch: list[Scheduled], chosen: torch.Tensor, logprobs: torch.Tensor) -> Launched:

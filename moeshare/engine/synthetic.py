@@ -12,6 +12,7 @@ import torch
 from moeshare.checkpoint.adapters import Adapter
 from moeshare.checkpoint.llama import LlamaAdapter
 from moeshare.checkpoint.mixtral import MixtralAdapter
+from moeshare.checkpoint.switch import SwitchAdapter
 from moeshare.errors import MoeshareError
 
 
@@ -77,6 +78,48 @@ def llama_config(
     }
 
 
+def switch_config(
+    layers: int = 12,
+    d_model: int = 768,
+    d_ff: int = 3072,
+    d_kv: int = 64,
+    heads: int = 12,
+    experts: int = 8,
+    vocab: int = 32128,
+    context: int = 512,
+) -> dict:
+    """Switch-Base-8's shapes by default: 12 encoder and 12 decoder blocks, every other feed-forward sparse."""
+    return {
+        "model_type": "switch_transformers",
+        "architectures": ["SwitchTransformersForConditionalGeneration"],
+        "d_model": d_model,
+        "d_ff": d_ff,
+        "d_kv": d_kv,
+        "num_heads": heads,
+        "num_layers": layers,
+        "num_decoder_layers": layers,
+        "num_sparse_encoder_layers": layers // 2,
+        "num_sparse_decoder_layers": layers // 2,
+        "encoder_sparse_step": 2,
+        "decoder_sparse_step": 2,
+        "num_experts": experts,
+        "expert_capacity": 64,
+        "vocab_size": vocab,
+        "n_positions": context,
+        "relative_attention_num_buckets": 32,
+        "relative_attention_max_distance": 128,
+        "layer_norm_epsilon": 1e-6,
+        "dense_act_fn": "relu",
+        "feed_forward_proj": "relu",
+        "router_bias": False,
+        "tie_word_embeddings": True,
+        "is_encoder_decoder": True,
+        "decoder_start_token_id": 0,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+    }
+
+
 class RandomSource:
     """Tensors of the names the adapter knows, drawn on `device` from a seed and the name."""
 
@@ -99,7 +142,7 @@ class RandomSource:
         shape = self.adapter.expected_shape(name)
         if shape is None:
             raise KeyError(name)
-        if name.endswith("layernorm.weight") or name == "model.norm.weight":
+        if name.endswith(("layernorm.weight", "layer_norm.weight")) or name == "model.norm.weight":
             return torch.ones(shape, dtype=self.dtype, device=self.device)
         key = zlib.crc32(f"{variant}/{name}".encode()) + 1000
         return self._randn(shape, key, 0.02)
@@ -182,10 +225,50 @@ class RandomMixtralSource(RandomSource):
         return self._tables[variant]
 
 
+class RandomSwitchSource(RandomSource):
+    """The Source interface over a family of random Switch Transformers variants: as RandomMixtralSource, each
+    variant's table points `own` of its experts at slots of its own and the rest at shared slots."""
+
+    def __init__(
+        self,
+        config: dict,
+        variants: int = 1,
+        own: int = 2,
+        device: str = "cuda",
+        dtype: torch.dtype = torch.bfloat16,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(device, dtype, seed)
+        self.config = config
+        self.adapter = SwitchAdapter(config, source=None)  # type: ignore[arg-type]
+        self.architecture = "switch"
+        self.variants = [f"v{i}" for i in range(variants)]
+        e = config["num_experts"]
+        self.own = own if variants > 1 else 0
+        shared = e - self.own
+        self.slots = shared + variants * self.own
+        self._tables = {
+            v: list(range(shared)) + [shared + i * self.own + j for j in range(self.own)]
+            for i, v in enumerate(self.variants)
+        }
+
+    def bank_slots(self, layer: str) -> int:
+        return self.slots
+
+    def bank_slot(self, layer: str, slot: int) -> dict[str, torch.Tensor]:
+        d, f = self.config["d_model"], self.config["d_ff"]
+        key = (zlib.crc32(layer.encode()) % 100_000 * 1024 + slot) * 2
+        return {"wi": self._randn((f, d), key, 0.05), "wo": self._randn((d, f), key + 1, 0.02)}
+
+    def table(self, variant: str, layer: str) -> list[int]:
+        return self._tables[variant]
+
+
 FAMILY_KEYS = ("variants", "own", "seed", "only")
+SWITCH_KEYS = ("variants", "own", "seed", "layers", "d_model", "d_ff", "d_kv", "heads", "experts", "vocab")
 SPEC_KEYS = ("layers", "hidden", "intermediate", "experts", "top_k", "heads", "kv_heads", "vocab", "context")
 DENSE_KEYS = ("seed", "layers", "hidden", "intermediate", "heads", "kv_heads", "vocab", "context")
-KINDS = ("mixtral", "llama")
+KINDS = ("mixtral", "llama", "switch")
 
 
 def named_spec(text: str) -> tuple[str | None, str]:
@@ -199,16 +282,17 @@ def named_spec(text: str) -> tuple[str | None, str]:
 
 def from_spec(
     spec: str, device: str, dtype: torch.dtype | None = None
-) -> RandomMixtralSource | RandomDenseSource:
+) -> RandomMixtralSource | RandomDenseSource | RandomSwitchSource:
     """`moeshare serve --synthetic`: "variants=4,own=2,layers=8" and any mixtral_config size (Mixtral-8x7B
     layer sizes by default); seed=N picks other weights; only=I serves variant vI of the family alone.
-    "kind=llama,layers=8": one dense model, any llama_config size (Llama-3-8B's by default)."""
+    "kind=llama,layers=8": one dense model, any llama_config size (Llama-3-8B's by default).
+    "kind=switch,variants=4": a Switch Transformers family, any switch_config size (Switch-Base-8's by default)."""
     parts = [p.partition("=") for p in spec.split(",") if p]
     kinds = [value for key, _, value in parts if key == "kind"]
     kind = kinds[-1] if kinds else "mixtral"
     if kind not in KINDS:
         raise MoeshareError(f"--synthetic {spec}: kind={kind} is not one of {', '.join(KINDS)}")
-    keys = DENSE_KEYS if kind == "llama" else (*FAMILY_KEYS, *SPEC_KEYS)
+    keys = {"llama": DENSE_KEYS, "switch": SWITCH_KEYS}.get(kind, (*FAMILY_KEYS, *SPEC_KEYS))
     values: dict[str, int] = {}
     for key, sep, value in parts:
         if key == "kind":
@@ -225,6 +309,14 @@ def from_spec(
         config = llama_config(**values)
         _check_sizes(spec, config)
         return RandomDenseSource(config, device, dtype, seed)
+    if kind == "switch":
+        variants, own = values.pop("variants", 1), values.pop("own", 2)
+        config = switch_config(**values)
+        if zero := [k for k, v in values.items() if v < 1]:
+            raise MoeshareError(f"--synthetic {spec}: {zero[0]} must be at least 1")
+        if variants < 1 or not 0 <= own <= config["num_experts"]:
+            raise MoeshareError(f"--synthetic {spec}: need variants >= 1 and 0 <= own <= experts")
+        return RandomSwitchSource(config, variants, own, device, dtype, seed)
     variants, own = values.pop("variants", 1), values.pop("own", 2)
     only = values.pop("only", None)
     config = mixtral_config(**values)

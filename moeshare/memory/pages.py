@@ -181,7 +181,9 @@ class CudaBackend:
     def lend(self, nbytes: int) -> int:
         """Give up to `nbytes` of the kept physical pages (none of them mapped) back to the device for a while:
         a model is built in torch's memory before it moves into the pool, and a pool that holds nearly the whole
-        device would leave it no room. Maps meanwhile hold no more than what is left. Returns the bytes given."""
+        device would leave it no room. Maps meanwhile hold no more than what is left: the model's weights move
+        into pages while it still holds the lent memory, so this helps only where the pool's unused pages hold
+        its weights twice over (load the largest model first). Returns the bytes given."""
         given = 0
         with self._on_device():
             for size, handles in self._spare.items():

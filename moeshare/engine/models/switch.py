@@ -12,7 +12,8 @@ decoder's self-attention, none in cross-attention); with tied embeddings the dec
 d_model ** -0.5 before the LM head. Expert capacity is counted per sequence, in token order, as transformers
 does: a token past its expert's capacity gets no feed-forward output (only the residual). `decode` recomputes the
 decoder's tokens together, so capacity counts over them all, as a teacher-forced transformers forward does;
-generate with a cache routes one token at a time, where capacity never binds (the paged decoder will do that).
+generate with a cache routes one token at a time, where capacity never binds (the engine's decoder does that:
+`decode_paged(..., capped=False)`).
 """
 
 from __future__ import annotations
@@ -311,7 +312,15 @@ class MultiVariantSwitch:
         o = attn.attend(q, kv[:, layer, 0], kv[:, layer, 1], 1.0, **how)  # no 1 / sqrt(d_kv) in T5
         return self._linear(o.reshape(-1, d.heads * d.d_kv), p + c + "o", rows)
 
-    def _ff_batch(self, x: torch.Tensor, stack: str, block: int, rows: torch.Tensor, seq_of: torch.Tensor):
+    def _ff_batch(
+        self,
+        x: torch.Tensor,
+        stack: str,
+        block: int,
+        rows: torch.Tensor,
+        seq_of: torch.Tensor,
+        capped: bool = True,
+    ):
         """The block's feed-forward of a batch's tokens (normed x [T, D]); seq_of [T]: each token's sequence,
         over which capacity is counted in token order."""
         p = f"{stack}.{block}."
@@ -324,7 +333,7 @@ class MultiVariantSwitch:
         count = onehot.cumsum(0)
         first = torch.searchsorted(seq_of, seq_of)  # each token's sequence's first token (seq_of ascending)
         before = torch.where((first > 0)[:, None], count[(first - 1).clamp(min=0)], 0)
-        kept = ((count - before) * onehot).sum(-1) <= self.dims.capacity
+        kept = ((count - before) * onehot).sum(-1) <= (self.dims.capacity if capped else len(x))
         slots = self.tables[layer][rows, local]
         weights = (top * kept).to(self.dtype)
         bank = self.bank[layer]
@@ -378,10 +387,14 @@ class MultiVariantSwitch:
         cross: AttnBatch,
         kv: torch.Tensor,
         last: torch.Tensor | None = None,
+        capped: bool = True,
     ) -> torch.Tensor:
         """New decoder tokens of each sequence -> float32 logits [T, V] (of the tokens `last` picks, if given).
         attn: their own blocks of kv (self-attention K/V, written here); cross: their prompt's cross blocks of
-        kv (context the prompt's length, query_start as attn's). Decoder block j keeps both in layer j."""
+        kv (context the prompt's length, query_start as attn's). Decoder block j keeps both in layer j.
+        `capped`: expert capacity counts over each sequence's new tokens, as a teacher-forced forward does;
+        without, no decoder token is dropped, as generate routes them one at a time (the engine: a sequence's
+        tokens recomputed together after a preemption then route as they did one by one)."""
         d = self.dims
         seq_of, bias = self._batch(attn, seq_rows, "dec")
         h = self.w["shared"][rows, ids]
@@ -391,7 +404,7 @@ class MultiVariantSwitch:
             h = h + self._paged_attend(x, kv, j, p, rows, attn, attn, causal=True, bias=bias)
             x = self._normed(h, p + "ln_cross", rows)
             h = h + self._paged_attend(x, kv, j, p, rows, cross, None, causal=False)
-            h = h + self._ff_batch(self._normed(h, p + "ln_ff", rows), "dec", j, rows, seq_of)
+            h = h + self._ff_batch(self._normed(h, p + "ln_ff", rows), "dec", j, rows, seq_of, capped)
         if last is not None:
             h, rows = h[last], rows[last]
         h = self._normed(h, "dec.final", rows)
