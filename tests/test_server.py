@@ -36,12 +36,14 @@ class Server:
         self.errors: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
         threading.Thread(target=self._read_errors, daemon=True).start()
-        self.address = ""
+        self.address = self.http = ""
         deadline = time.monotonic() + 120
         while True:
             line = self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
             if line.startswith("moeshare: listening on "):
                 self.address = line.split()[-1]
+            if line.startswith("moeshare: HTTP on "):
+                self.http = line.split()[-1]  # the OpenAI-compatible API's base URL (.../v1)
             if line.startswith("moeshare: serving"):
                 break
 

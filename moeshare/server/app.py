@@ -67,6 +67,20 @@ def _check_numbers(args: argparse.Namespace) -> None:
         check_port("--metrics-port", args.metrics_port)
         if args.metrics_port == args.port != 0:
             raise MoeshareError(f"--metrics-port and --port are both {args.port}: give them different ports")
+    if args.http_port is not None:
+        check_port("--http-port", args.http_port)
+        taken = {"--port": args.port, "--metrics-port": args.metrics_port}
+        if clash := [flag for flag, port in taken.items() if port == args.http_port != 0]:
+            raise MoeshareError(
+                f"--http-port and {clash[0]} are both {args.http_port}: give them different ports"
+            )
+        try:
+            import fastapi  # noqa: F401
+            import uvicorn  # noqa: F401
+        except ImportError:
+            raise MoeshareError(
+                "--http-port needs fastapi and uvicorn: pip install fastapi uvicorn"
+            ) from None
     if args.device == "cuda":
         import torch
 
@@ -95,6 +109,8 @@ def check_args(args: argparse.Namespace) -> tuple[str | None, grpc.ServerCredent
     probe(args.host, args.port, "--port")
     if args.metrics_port is not None:
         probe(args.host, args.metrics_port, "--metrics-port")
+    if args.http_port is not None:
+        probe(args.host, args.http_port, "--http-port")
     return token, creds
 
 
@@ -234,6 +250,19 @@ async def run_server(args: argparse.Namespace, engine: Engine | None = None) -> 
     await server.start()
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"moeshare: listening on {host}:{port}", flush=True)
+    http = None
+    if args.http_port is not None:  # fastapi and uvicorn only where asked for (the GPU image has neither)
+        from moeshare.server.http import HttpApi, HttpServer
+
+        api = HttpApi(worker, token, slo_defaults(args))
+        http = HttpServer(api, args.host, args.http_port, args.tls_cert, args.tls_key, args.grace)
+        try:
+            http_port = await http.start()
+        except MoeshareError:
+            await server.stop(0)
+            raise
+        scheme = "https" if args.tls_cert else "http"
+        print(f"moeshare: HTTP on {scheme}://{host}:{http_port}/v1", flush=True)
 
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -258,6 +287,8 @@ async def run_server(args: argparse.Namespace, engine: Engine | None = None) -> 
             for model, (least, most) in kv_limits(args).items():  # an unknown model or a bad limit: one line
                 await asyncio.wrap_future(worker.ask(SetKvLimits(model, least, most)))
             servicer.ready = True
+            if http is not None:
+                http.api.ready = True
             await set_health(health_pb2.HealthCheckResponse.SERVING)
             print(f"moeshare: serving {', '.join(models)}", flush=True)
             if metrics:
@@ -278,7 +309,7 @@ async def run_server(args: argparse.Namespace, engine: Engine | None = None) -> 
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await _shutdown(server, worker, args.grace)
+        await asyncio.gather(_shutdown(server, worker, args.grace), http.stop() if http else asyncio.sleep(0))
         await asyncio.to_thread(worker.stop)
         if metrics:
             metrics.close()

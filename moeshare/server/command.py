@@ -55,6 +55,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", help="PEM private key (with --tls-cert)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics over HTTP on this port")
     p.add_argument(
+        "--http-port",
+        type=int,
+        help="also serve the OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions) on "
+        "this port, from the same engine (0 picks a free one; the same --auth-token-file and TLS files)",
+    )
+    p.add_argument(
         "--grace", type=float, default=5.0, help="seconds in-flight streams get at shutdown (default 5)"
     )
     p.add_argument("--kv-blocks", type=int, help="KV blocks per store (default: from free device memory)")

@@ -23,7 +23,7 @@ from typing import Any
 
 from moeshare.engine.api import EngineFailed, Submit, TokenEvent, Usage
 from moeshare.engine.engine import Engine
-from moeshare.engine.request import FinishReason, SamplingParams
+from moeshare.engine.request import FinishReason, InvalidRequest, SamplingParams
 from moeshare.engine.synthetic import from_spec, named_spec
 from moeshare.errors import MoeshareError, summary
 from moeshare.server.messages import (
@@ -101,6 +101,14 @@ class EngineWorker:
     def prepare(self, model: str, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """Validate and tokenize off the engine thread (a long prompt must not stall every stream)."""
         return self.engine.prepare(model, prompt, params)
+
+    def chat_prompt(self, model: str, messages: list[dict[str, str]]) -> str:
+        """The prompt `model`'s tokenizer's chat template makes of `messages` (ready for the reply); one line
+        if the model has no tokenizer or no template."""
+        tokenizer = self.engine.tokenizer(model)  # UnknownModel for a name not served
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise InvalidRequest(f"{model} has no chat template: use /v1/completions with a prompt")
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def serves(self, model: str) -> bool:
         return self.engine.serves(model)

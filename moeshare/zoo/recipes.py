@@ -7,7 +7,8 @@ from typing import Any
 
 from moeshare.zoo.tokenizer import BOS, EOS, PAD, VOCAB_SIZE
 
-RECIPE_VERSION = "zoo-3"  # bump with any change that alters the trained weights: cached zoos rebuild
+# bump with any change to what a zoo holds (weights, tokenizers): cached zoos rebuild
+RECIPE_VERSION = "zoo-4"
 ARCHS = ("mixtral", "switch", "llama", "qwen2")
 CAUSAL_ARCHS = ("mixtral", "llama", "qwen2")  # next-token models; switch is an encoder-decoder
 

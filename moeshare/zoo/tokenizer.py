@@ -14,6 +14,12 @@ SENTINEL_BASE = BYTE_OFFSET + 256
 VOCAB_SIZE = SENTINEL_BASE + NUM_SENTINELS
 
 SPECIALS = ["<pad>", "</s>", "<unk>", "<s>"]
+# a small chat template for the causal models, so chat completions over HTTP can be tested: one line per message
+# ("role: content"), then "assistant:" for the reply
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
 SENTINELS = [f"<extra_id_{i}>" for i in range(NUM_SENTINELS)]
 
 
@@ -58,7 +64,7 @@ def build_tokenizer(arch: str) -> PreTrainedTokenizerFast:
     else:
         raise ValueError(f"unknown arch {arch!r}")
     tok.post_processor = template
-    return PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",
         eos_token="</s>",
@@ -68,6 +74,9 @@ def build_tokenizer(arch: str) -> PreTrainedTokenizerFast:
         clean_up_tokenization_spaces=False,
         model_max_length=1 << 20,
     )
+    if arch != "switch":  # text-to-text: no chat
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
 
 
 def describe_tokenizer() -> dict[str, object]:
