@@ -207,3 +207,35 @@ def test_concurrent_streams_of_several_models_get_their_solo_text(served):
             await aclient.close()
 
     assert asyncio.run(together()) == alone * 2
+
+
+def test_a_full_queue_is_429_and_the_request_that_waits_is_served(tiny_zoo):
+    import threading
+
+    s = Server(tiny_zoo / "mixtral" / "kjv", "--http-port", "0", "--max-num-seqs", "1", "--max-queue", "1")
+    try:
+        client = _openai(s)
+        running = client.completions.create(
+            model="kjv", prompt="And", max_tokens=900, temperature=0, stream=True
+        )
+        next(iter(running))  # it holds the one sequence slot
+        waited: list[str] = []
+        second = threading.Thread(
+            target=lambda: waited.append(
+                client.completions.create(model="kjv", prompt="And", max_tokens=2, temperature=0)
+                .choices[0]
+                .text
+            )
+        )
+        second.start()
+        with Client(s.address) as grpc_client:  # the second one waits in the engine's queue
+            deadline = time.monotonic() + 10
+            while sum(m.queue_depth for m in grpc_client.stats().models) < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+        with pytest.raises(openai.RateLimitError, match="queue is full"):
+            client.completions.create(model="kjv", prompt="And", max_tokens=2)
+        running.close()  # gone: the waiting one gets the slot
+        second.join(timeout=60)
+        assert len(waited) == 1
+    finally:
+        s.stop()
