@@ -239,3 +239,31 @@ def test_a_full_queue_is_429_and_the_request_that_waits_is_served(tiny_zoo):
         assert len(waited) == 1
     finally:
         s.stop()
+
+
+def test_tls_files_serve_https_too(tiny_zoo, tmp_path):
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command to make a certificate with")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    s = Server(tiny_zoo / "mixtral" / "kjv", "--http-port", "0", "--tls-cert", cert, "--tls-key", key)
+    try:
+        assert s.http.startswith("https://127.0.0.1:")
+        url = urlsplit(s.http)
+        conn = http.client.HTTPSConnection(
+            url.hostname, url.port, context=ssl.create_default_context(cafile=cert)
+        )
+        conn.request("GET", "/v1/models")
+        r = conn.getresponse()
+        assert r.status == 200 and [m["id"] for m in json.loads(r.read())["data"]] == ["kjv"]
+        conn.close()
+    finally:
+        s.stop()
