@@ -134,6 +134,20 @@ def test_errors_have_openais_shape_and_status(served):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="kjv", prompt="x", max_tokens=0)
     assert e.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as e:  # the extensions are checked as the rest
+        client.completions.create(model="kjv", prompt="x", extra_body={"ttft_target": -1})
+    assert e.value.body["param"] == "ttft_target"
+    targets = {
+        "ttft_target": 30.0,
+        "tpot_target": 5.0,
+        "priority": 2,
+    }  # latency targets and priority, as gRPC's
+    assert (
+        client.completions.create(
+            model="kjv", prompt="x", max_tokens=2, extra_body=targets
+        ).usage.completion_tokens
+        == 2
+    )
     with pytest.raises(openai.BadRequestError, match="tokens"):  # a prompt longer than the context
         client.completions.create(model="kjv", prompt="a" * 5000, max_tokens=4)
     status, body = _raw(s, "POST", "/v1/completions", b"{not json")
