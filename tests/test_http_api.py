@@ -104,6 +104,12 @@ def test_chat_goes_through_the_template_streamed_or_not(served):
     )
     pieces = [c.choices[0].delta.content or "" for c in stream]
     assert "".join(pieces) == want.choices[0].text
+    scored = client.chat.completions.create(
+        model="llama-kjv", messages=CHAT, max_tokens=4, temperature=0, logprobs=True
+    )
+    tokens = scored.choices[0].logprobs.content
+    assert len(tokens) == 4 and "".join(t.token for t in tokens) == scored.choices[0].message.content
+    assert all(t.logprob <= 0 for t in tokens)
 
 
 def test_a_switch_model_is_text_to_text_over_http_and_has_no_chat(served):

@@ -181,6 +181,18 @@ def _usage(ev: TokenEvent) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def _logprobs(events: list[TokenEvent], chat: bool) -> dict:
+    """The sampled tokens' logprobs in OpenAI's shapes (the text each token added; no alternatives)."""
+    if chat:
+        return {
+            "content": [
+                {"token": ev.text, "logprob": ev.logprob, "bytes": list(ev.text.encode()), "top_logprobs": []}
+                for ev in events
+            ]
+        }
+    return {"tokens": [ev.text for ev in events], "token_logprobs": [ev.logprob for ev in events]}
+
+
 def _sse(body: dict | str) -> bytes:
     return f"data: {body if isinstance(body, str) else json.dumps(body)}\n\n".encode()
 
@@ -297,22 +309,20 @@ class HttpApi:
         events = self._events(body, prompt, params)
         first = await self._first(events)
         if not body.stream:
-            pieces, logprobs, last = [], [], first
+            pieces, scored, last = [], [], first
             async for ev in _chain(first, events):
                 pieces.append(ev.text)
                 if ev.token_id >= 0:
-                    logprobs.append(ev.logprob)
+                    scored.append(ev)
                 last = ev
             text = "".join(pieces)
             choice: dict[str, Any] = {"index": 0, "finish_reason": FINISH.get(last.finish_reason, "stop")}
             if chat:
                 choice["message"] = {"role": "assistant", "content": text}
-                choice["logprobs"] = (
-                    {"content": [{"logprob": x} for x in logprobs]} if params.logprobs else None
-                )
+                choice["logprobs"] = _logprobs(scored, chat) if params.logprobs else None
             else:
                 choice["text"] = text
-                choice["logprobs"] = {"token_logprobs": logprobs} if params.logprobs else None
+                choice["logprobs"] = _logprobs(scored, chat) if params.logprobs else None
             reply = {"id": rid, "object": kind, "created": created, "model": body.model, "choices": [choice]}
             return JSONResponse(reply | {"usage": _usage(last)})
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -341,9 +351,7 @@ class HttpApi:
                 else:
                     choice = {"index": 0, "text": ev.text, "finish_reason": finish}
                 if params.logprobs and ev.token_id >= 0:
-                    choice["logprobs"] = (
-                        {"content": [{"logprob": ev.logprob}]} if chat else {"token_logprobs": [ev.logprob]}
-                    )
+                    choice["logprobs"] = _logprobs([ev], chat)
                 if ev.text or ev.finished:
                     yield _sse(head | {"choices": [choice]} | ({"usage": None} if include_usage else {}))
             if include_usage:
