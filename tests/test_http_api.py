@@ -180,6 +180,23 @@ def test_a_client_that_goes_away_mid_stream_frees_its_kv(served):
         assert _wait_kv_free(grpc_client, seconds=0.5) == 0
 
 
+def test_a_client_that_goes_away_before_a_whole_reply_frees_its_kv_too(served):
+    s, _ = served
+    body = {"model": "kjv", "prompt": PROMPTS["kjv"], "max_tokens": 2000, "temperature": 0}
+    url = urlsplit(s.http)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    conn.request(
+        "POST", "/v1/completions", body=json.dumps(body), headers={"content-type": "application/json"}
+    )
+    with Client(s.address) as grpc_client:
+        deadline = time.monotonic() + 10
+        while grpc_client.stats().kv_blocks_used == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert grpc_client.stats().kv_blocks_used > 0  # it runs
+        conn.close()  # gone before its reply, with about a thousand tokens to come
+        assert _wait_kv_free(grpc_client, seconds=0.5) == 0
+
+
 def test_the_bearer_token_guards_the_api(tiny_zoo, tmp_path):
     token = tmp_path / "token"
     token.write_text("s3cret\n")

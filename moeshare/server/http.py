@@ -17,6 +17,7 @@ priority, refuse_if_late), as on gRPC. FastAPI and uvicorn are imported only whe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import math
@@ -27,7 +28,7 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from moeshare.engine.api import Submit, TokenEvent
@@ -283,13 +284,13 @@ class HttpApi:
         data = [{"id": m.name, "object": "model", "created": 0, "owned_by": "moeshare"} for m in infos]
         return JSONResponse({"object": "list", "data": data})
 
-    async def completions(self, body: CompletionRequest) -> Any:
+    async def completions(self, body: CompletionRequest, request: Request) -> Any:
         self._check_ready()
         body.check_extra()
         params = body.sampling(body.max_tokens, bool(body.logprobs))
-        return await self._respond(body, body.prompt, params, chat=False)
+        return await self._respond(body, body.prompt, params, False, request)
 
-    async def chat(self, body: ChatRequest) -> Any:
+    async def chat(self, body: ChatRequest, request: Request) -> Any:
         self._check_ready()
         body.check_extra()
         messages = [{"role": m.role, "content": m.content} for m in body.messages]
@@ -298,10 +299,10 @@ class HttpApi:
         except Exception as e:
             raise _api_error(e) from None
         params = body.sampling(body.max_completion_tokens or body.max_tokens, body.logprobs)
-        return await self._respond(body, prompt, params, chat=True)
+        return await self._respond(body, prompt, params, True, request)
 
     async def _respond(
-        self, body: _Common, prompt: str | list[int], params: SamplingParams, chat: bool
+        self, body: _Common, prompt: str | list[int], params: SamplingParams, chat: bool, request: Request
     ) -> Any:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -309,12 +310,30 @@ class HttpApi:
         events = self._events(body, prompt, params)
         first = await self._first(events)
         if not body.stream:
-            pieces, scored, last = [], [], first
-            async for ev in _chain(first, events):
-                pieces.append(ev.text)
-                if ev.token_id >= 0:
-                    scored.append(ev)
-                last = ev
+            pieces, scored = [], []
+
+            async def collect() -> TokenEvent:
+                last = first
+                async for ev in _chain(first, events):
+                    pieces.append(ev.text)
+                    if ev.token_id >= 0:
+                        scored.append(ev)
+                    last = ev
+                return last
+
+            # a client that goes away before the whole reply is ready frees its KV too (the stream's
+            # generator cancels the request when the collecting task is cancelled)
+            done = asyncio.ensure_future(collect())
+            gone = asyncio.ensure_future(_disconnected(request))
+            await asyncio.wait([done, gone], return_when=asyncio.FIRST_COMPLETED)
+            gone.cancel()
+            if not done.done():
+                done.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await done
+                await events.aclose()
+                return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
+            last = done.result()
             text = "".join(pieces)
             choice: dict[str, Any] = {"index": 0, "finish_reason": FINISH.get(last.finish_reason, "stop")}
             if chat:
@@ -359,6 +378,12 @@ class HttpApi:
             yield _sse("[DONE]")
 
         return StreamingResponse(stream(), media_type="text/event-stream")
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has gone (its request body was read already, so only a disconnect comes)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _chain(first: TokenEvent, rest: AsyncIterator[TokenEvent]) -> AsyncIterator[TokenEvent]:
