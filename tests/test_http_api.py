@@ -246,34 +246,50 @@ def test_concurrent_streams_of_several_models_get_their_solo_text(served):
     assert asyncio.run(together()) == alone * 2
 
 
-def test_a_full_queue_is_429_and_the_request_that_waits_is_served(tiny_zoo):
-    import threading
+def test_a_full_queue_is_429_at_once_and_the_rest_are_served(tiny_zoo):
+    import asyncio
+    import urllib.request
 
-    s = Server(tiny_zoo / "mixtral" / "kjv", "--http-port", "0", "--max-num-seqs", "1", "--max-queue", "1")
+    s = Server(
+        tiny_zoo / "mixtral" / "kjv",
+        "--http-port",
+        "0",
+        "--max-num-seqs",
+        "1",
+        "--max-queue",
+        "1",
+        "--metrics-port",
+        "0",
+    )
+
+    async def burst() -> list:
+        aclient = openai.AsyncOpenAI(base_url=s.http, api_key="none", max_retries=0, timeout=60)
+        try:
+            calls = [
+                aclient.completions.create(model="kjv", prompt="And", max_tokens=100, temperature=0)
+                for _ in range(6)
+            ]
+            return await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            await aclient.close()
+
     try:
-        client = _openai(s)
-        running = client.completions.create(
-            model="kjv", prompt="And", max_tokens=900, temperature=0, stream=True
-        )
-        next(iter(running))  # it holds the one sequence slot
-        waited: list[str] = []
-        second = threading.Thread(
-            target=lambda: waited.append(
-                client.completions.create(model="kjv", prompt="And", max_tokens=2, temperature=0)
-                .choices[0]
-                .text
-            )
-        )
-        second.start()
-        with Client(s.address) as grpc_client:  # the second one waits in the engine's queue
-            deadline = time.monotonic() + 10
-            while sum(m.queue_depth for m in grpc_client.stats().models) < 1 and time.monotonic() < deadline:
-                time.sleep(0.02)
-        with pytest.raises(openai.RateLimitError, match="queue is full"):
-            client.completions.create(model="kjv", prompt="And", max_tokens=2)
-        running.close()  # gone: the waiting one gets the slot
-        second.join(timeout=60)
-        assert len(waited) == 1
+        results = asyncio.run(burst())  # six at once: one runs, one may wait, the rest find the queue full
+        refused = [r for r in results if isinstance(r, openai.RateLimitError)]
+        served = [r for r in results if not isinstance(r, Exception)]
+        assert refused and served and len(refused) + len(served) == 6, results
+        assert all("queue is full" in str(r) for r in refused)
+        assert all(r.usage.completion_tokens == 100 for r in served)
+        with pytest.raises(openai.NotFoundError):
+            _openai(s).completions.create(model="made-up", prompt="And", max_tokens=2)
+        url = next(x.split()[-1] for x in s.errors if x.startswith("moeshare: metrics on "))
+        metrics = urllib.request.urlopen(url, timeout=10).read().decode()
+        for line in (
+            f'moeshare_http_requests_total{{model="kjv",status="200"}} {float(len(served))}',
+            f'moeshare_http_requests_total{{model="kjv",status="429"}} {float(len(refused))}',
+            'moeshare_http_requests_total{model="unknown",status="404"} 1.0',
+        ):
+            assert line in metrics, line
     finally:
         s.stop()
 

@@ -254,7 +254,7 @@ async def run_server(args: argparse.Namespace, engine: Engine | None = None) -> 
     if args.http_port is not None:  # fastapi and uvicorn only where asked for (the GPU image has neither)
         from moeshare.server.http import HttpApi, HttpServer
 
-        api = HttpApi(worker, token, slo_defaults(args))
+        api = HttpApi(worker, token, slo_defaults(args), metrics)
         http = HttpServer(api, args.host, args.http_port, args.tls_cert, args.tls_key, args.grace)
         try:
             http_port = await http.start()

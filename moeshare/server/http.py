@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import math
@@ -43,6 +44,7 @@ from moeshare.engine.request import (
 )
 from moeshare.errors import MoeshareError
 from moeshare.server.messages import ListModels, Ticket
+from moeshare.server.metrics import Metrics
 from moeshare.server.worker import EngineWorker, QueueFull
 
 DEFAULT_MAX_TOKENS = 64  # as the gRPC API's default
@@ -202,9 +204,13 @@ class HttpApi:
     """The FastAPI app over an EngineWorker; `ready` as the gRPC servicer's (set once the models are loaded)."""
 
     def __init__(
-        self, worker: EngineWorker, token: str | None = None, slo: dict[str, Targets] | None = None
+        self,
+        worker: EngineWorker,
+        token: str | None = None,
+        slo: dict[str, Targets] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
-        self.worker, self.token, self.slo = worker, token, slo or {}
+        self.worker, self.token, self.slo, self.metrics = worker, token, slo or {}, metrics
         self.ready = False
         app = FastAPI(title="moeshare", docs_url=None, redoc_url=None, openapi_url=None)
         app.add_exception_handler(ApiError, lambda _r, e: e.response())  # type: ignore[arg-type]
@@ -212,11 +218,30 @@ class HttpApi:
         app.middleware("http")(self._auth)
         app.get("/health")(self.health)
         app.get("/v1/models")(self.models)
-        app.post("/v1/completions")(self.completions)
-        app.post("/v1/chat/completions")(self.chat)
+        app.post("/v1/completions")(self._counted(self.completions))
+        app.post("/v1/chat/completions")(self._counted(self.chat))
         self.app = app
 
     # ---- plumbing ------------------------------------------------------------------------------------------
+
+    def _count(self, model: str, status: int) -> None:
+        if self.metrics is not None:  # a client's made-up names must not grow the metrics forever
+            self.metrics.count_http(model if self.worker.serves(model) else "unknown", status)
+
+    def _counted(self, endpoint):
+        """The endpoint, its answers counted by model and status (a stream as 200 once it started)."""
+
+        @functools.wraps(endpoint)
+        async def counted(body, request: Request):
+            try:
+                reply = await endpoint(body, request)
+            except ApiError as e:
+                self._count(body.model, e.status)
+                raise
+            self._count(body.model, getattr(reply, "status_code", 200))
+            return reply
+
+        return counted
 
     async def _auth(self, request: Request, call_next):
         if self.token is not None and request.url.path.startswith("/v1/"):

@@ -20,6 +20,12 @@ class Metrics:
         self.requests = Counter(
             "moeshare_requests", "Requests by model and gRPC status code", ["model", "code"], registry=r
         )
+        self.http_requests = Counter(
+            "moeshare_http_requests",
+            "Requests of the OpenAI-compatible HTTP API by model and HTTP status",
+            ["model", "status"],
+            registry=r,
+        )
         self.ttft = Histogram(
             "moeshare_ttft_seconds", "Time to first token", ["model"], buckets=LATENCY_BUCKETS, registry=r
         )
@@ -95,6 +101,9 @@ class Metrics:
 
     def count(self, model: str, code: str) -> None:
         self.requests.labels(model or "-", code).inc()
+
+    def count_http(self, model: str, status: int) -> None:
+        self.http_requests.labels(model or "-", str(status)).inc()
 
     def update(self, engine_stats: EngineStats, queue_depth: int) -> None:
         """Latest engine counters for the gauges (set by the server's refresh task)."""
