@@ -86,19 +86,8 @@ class AttnBatch:
             for pos in range(start, start + n):
                 block_of.append(table[pos // block_size])
                 offset_of.append(pos % block_size)
-        width = max(len(t) for t in tables)
-        padded = [t + [0] * (width - len(t)) for t in tables]
-        query_start = [0]
-        for n in counts:
-            query_start.append(query_start[-1] + n)
-
-        def tensor(x: list, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-            return torch.tensor(x, dtype=dtype, device=device)
-
-        return cls(
-            tensor(block_of),
-            tensor(offset_of),
-            tensor(padded, torch.int32),
-            tensor([s + n for s, n in zip(starts, counts, strict=True)], torch.int32),
-            tensor(query_start, torch.int32),
-        )
+        contexts = [s + n for s, n in zip(starts, counts, strict=True)]
+        batch = cls.over(tables, contexts, counts, block_size, device)
+        batch.block_of = torch.tensor(block_of, dtype=torch.int64, device=device)
+        batch.offset_of = torch.tensor(offset_of, dtype=torch.int64, device=device)
+        return batch

@@ -151,7 +151,9 @@ class Runner:
         fresh = [s for s in batch if s.start == 0 and s.seq.encoder_ids]
         if fresh:
             lengths = [len(s.seq.encoder_ids) for s in fresh]
-            kv_enc, tables = model.encoder_blocks(lengths, bs)  # the encoder's own K/V: this step only
+            kv_enc, tables = model.kv_blocks(
+                lengths, bs, model.dims.encoder_layers
+            )  # the encoder's own K/V: this step only
             attn = AttnBatch.build(tables, [0] * len(fresh), lengths, bs, dev)
             store = AttnBatch.build([s.seq.cross_table for s in fresh], [0] * len(fresh), lengths, bs, dev)
             ids = self._longs([t for s in fresh for t in s.seq.encoder_ids])

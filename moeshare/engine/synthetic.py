@@ -120,6 +120,17 @@ def switch_config(
     }
 
 
+def family_tables(variants: int, experts: int, own: int) -> tuple[int, int, dict[str, list[int]]]:
+    """A random family's bank: (experts each variant keeps of its own, bank slots, variant v<i> -> its expert
+    table). Slots [0, shared) are everyone's; then each variant's own block (none with one variant)."""
+    own = own if variants > 1 else 0
+    shared = experts - own
+    tables = {
+        f"v{i}": list(range(shared)) + [shared + i * own + j for j in range(own)] for i in range(variants)
+    }
+    return own, shared + variants * own, tables
+
+
 class RandomSource:
     """Tensors of the names the adapter knows, drawn on `device` from a seed and the name."""
 
@@ -194,16 +205,9 @@ class RandomMixtralSource(RandomSource):
         self.config = config
         self.adapter = MixtralAdapter(config, source=None)  # type: ignore[arg-type]
         self.architecture = "mixtral"
-        family = [f"v{i}" for i in range(variants)]
         e = config["num_local_experts"]
-        self.own = own if variants > 1 else 0
-        shared = e - self.own
-        # slots [0, shared) are everyone's; then each variant's own block
-        self.slots = shared + variants * self.own
-        self._tables = {
-            v: list(range(shared)) + [shared + i * self.own + j for j in range(self.own)]
-            for i, v in enumerate(family)
-        }
+        self.own, self.slots, self._tables = family_tables(variants, e, own)
+        family = list(self._tables)
         self.variants = family
         self._slot_of: list[int] | None = None  # this source's slot -> the family's slot
         if only is not None:
@@ -242,15 +246,8 @@ class RandomSwitchSource(RandomSource):
         self.config = config
         self.adapter = SwitchAdapter(config, source=None)  # type: ignore[arg-type]
         self.architecture = "switch"
-        self.variants = [f"v{i}" for i in range(variants)]
-        e = config["num_experts"]
-        self.own = own if variants > 1 else 0
-        shared = e - self.own
-        self.slots = shared + variants * self.own
-        self._tables = {
-            v: list(range(shared)) + [shared + i * self.own + j for j in range(self.own)]
-            for i, v in enumerate(self.variants)
-        }
+        self.own, self.slots, self._tables = family_tables(variants, config["num_experts"], own)
+        self.variants = list(self._tables)
 
     def bank_slots(self, layer: str) -> int:
         return self.slots

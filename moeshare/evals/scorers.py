@@ -74,16 +74,6 @@ class SwitchScorer:
         self.start = config.get("decoder_start_token_id") or 0
         self.eos, self.pad = config.get("eos_token_id", 1), config.get("pad_token_id") or 0
 
-    def _blocks(self, lengths: list[int], layers: int) -> tuple[torch.Tensor, list[list[int]]]:
-        """A KV pool [N, layers, 2, B, H, d_kv] with consecutive blocks for sequences of `lengths` tokens."""
-        d, m = self.model.dims, self.model
-        counts = [-(-n // self.block) for n in lengths]
-        kv = torch.zeros(
-            sum(counts) + 1, layers, 2, self.block, d.heads, d.d_kv, dtype=m.dtype, device=m.device
-        )
-        firsts = [sum(counts[:i]) for i in range(len(counts))]
-        return kv, [list(range(f, f + c)) for f, c in zip(firsts, counts, strict=True)]
-
     def _encode(
         self, rows_ids: list[list[int]], decoder_lengths: list[int]
     ) -> tuple[torch.Tensor, list[list[int]], list[list[int]], torch.Tensor]:
@@ -91,8 +81,8 @@ class SwitchScorer:
         blocks for `decoder_lengths` decoder tokens, the row of each sequence)."""
         m, d = self.model, self.model.dims
         lengths = [len(x) for x in rows_ids]
-        kv_enc, enc_tables = self._blocks(lengths, d.encoder_layers)
-        kv, tables = self._blocks(lengths + decoder_lengths, d.decoder_layers)
+        kv_enc, enc_tables = m.kv_blocks(lengths, self.block, d.encoder_layers)
+        kv, tables = m.kv_blocks(lengths + decoder_lengths, self.block, d.decoder_layers)
         cross, own = tables[: len(lengths)], tables[len(lengths) :]
         attn = AttnBatch.build(enc_tables, [0] * len(lengths), lengths, self.block, m.device)
         store = AttnBatch.build(cross, [0] * len(lengths), lengths, self.block, m.device)

@@ -164,14 +164,14 @@ class MultiVariantSwitch:
         """One expert (bank slot) of one layer."""
         return 2 * self.dims.d_ff * self.dims.d_model * self.dtype.itemsize
 
-    def encoder_blocks(self, lengths: list[int], block: int) -> tuple[torch.Tensor, list[list[int]]]:
-        """Room for the encoder's own K/V of prompts of `lengths` tokens, needed only while they are encoded:
-        [N, encoder layers, 2, block, H, d_kv] and consecutive blocks for each."""
+    def kv_blocks(self, lengths: list[int], block: int, layers: int) -> tuple[torch.Tensor, list[list[int]]]:
+        """A KV pool of its own, [N, layers, 2, block, H, d_kv] (zeros, one block to spare), and consecutive
+        blocks in it for sequences of `lengths` tokens: the encoder's own K/V while prompts are encoded, or a
+        scorer's whole cache."""
         d = self.dims
         counts = [-(-n // block) for n in lengths]
-        kv = torch.empty(
-            sum(counts), d.encoder_layers, 2, block, d.heads, d.d_kv, dtype=self.dtype, device=self.device
-        )
+        shape = (sum(counts) + 1, layers, 2, block, d.heads, d.d_kv)
+        kv = torch.zeros(shape, dtype=self.dtype, device=self.device)
         firsts = [sum(counts[:i]) for i in range(len(counts))]
         return kv, [list(range(f, f + c)) for f, c in zip(firsts, counts, strict=True)]
 
