@@ -25,6 +25,7 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -32,7 +33,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from moeshare.engine.api import Submit, TokenEvent
+from moeshare.engine.api import TokenEvent
 from moeshare.engine.request import (
     FinishReason,
     InvalidRequest,
@@ -43,11 +44,11 @@ from moeshare.engine.request import (
     UnknownModel,
 )
 from moeshare.errors import MoeshareError
-from moeshare.server.messages import ListModels, Ticket
+from moeshare.server.messages import ListModels
 from moeshare.server.metrics import Metrics
-from moeshare.server.worker import EngineWorker, QueueFull
+from moeshare.server.servicer import DEFAULT_MAX_TOKENS, LOADING  # the gRPC API's, the same here
+from moeshare.server.worker import EngineWorker, QueueFull, request_events
 
-DEFAULT_MAX_TOKENS = 64  # as the gRPC API's default
 FINISH = {
     FinishReason.STOP: "stop",
     FinishReason.LENGTH: "length",
@@ -262,32 +263,26 @@ class HttpApi:
 
     def _check_ready(self) -> None:
         if not self.ready:
-            raise ApiError(503, "loading, retry shortly", kind="server_error")
+            raise ApiError(503, LOADING, kind="server_error")
 
     async def _events(
         self, body: _Common, prompt: str | list[int], params: SamplingParams
     ) -> AsyncIterator[TokenEvent]:
-        """Submit and yield the request's token events; cancels the request if the caller goes away."""
+        """Submit and yield the request's token events, errors as ApiError; cancels the request if the caller
+        goes away (worker.request_events)."""
+
+        def targets() -> Targets:
+            t = body.targets(self.slo.get(body.model, Targets()))
+            t.validate()
+            return t
+
+        events = request_events(self.worker, body.model, prompt, params, "", targets)
         try:
-            ids = await asyncio.to_thread(self.worker.prepare, body.model, prompt, params)
-            targets = body.targets(self.slo.get(body.model, Targets()))
-            targets.validate()
-            ticket = Ticket(body.model, "", asyncio.get_running_loop(), asyncio.Queue())
-            future = self.worker.submit(Submit(body.model, ids, params, "", targets), ticket)
-            await asyncio.wrap_future(future)
+            async with aclosing(events):
+                async for ev in events:
+                    yield ev
         except Exception as e:
             raise _api_error(e) from None
-        done = False
-        try:
-            while not done:
-                ev = await ticket.events.get()
-                done = ev.finished
-                if ev.finish_reason is FinishReason.ERROR:
-                    raise ApiError(500, ev.error, kind="server_error")
-                yield ev
-        finally:
-            if not done:  # the client went away or the server is stopping: the KV goes back now
-                self.worker.cancel(ticket)
 
     async def _first(self, events: AsyncIterator[TokenEvent]) -> TokenEvent:
         """The first event, so that a refusal is an HTTP error before any byte of a stream is sent."""

@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 
 import grpc
 
-from moeshare.engine.api import EngineFailed, ModelInfo, StepTotals, Submit, TokenEvent, Usage
+from moeshare.engine.api import EngineFailed, ModelInfo, StepTotals, TokenEvent, Usage
 from moeshare.engine.request import (
     FinishReason,
     InvalidRequest,
@@ -26,10 +26,10 @@ from moeshare.engine.request import (
 from moeshare.errors import MoeshareError, summary
 from moeshare.memory.pages import PageStats
 from moeshare.server.auth import LOAD_OFF, PATH_CHARS, confine, outside
-from moeshare.server.messages import ListModels, Load, Operation, SetKvLimits, TakeSnapshot, Ticket, Unload
+from moeshare.server.messages import ListModels, Load, Operation, SetKvLimits, TakeSnapshot, Unload
 from moeshare.server.metrics import Metrics
 from moeshare.server.snapshot import Snapshot
-from moeshare.server.worker import EngineWorker, QueueFull
+from moeshare.server.worker import EngineWorker, QueueFull, RequestFailed, request_events
 from moeshare.v1 import moeshare_pb2 as pb
 from moeshare.v1 import moeshare_pb2_grpc
 
@@ -54,6 +54,7 @@ ERRORS: list[tuple[type[Exception], grpc.StatusCode]] = [
     (LateRequest, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (EngineFailed, grpc.StatusCode.INTERNAL),
+    (RequestFailed, grpc.StatusCode.INTERNAL),
     (MoeshareError, grpc.StatusCode.FAILED_PRECONDITION),
 ]
 
@@ -186,22 +187,17 @@ class MoeShareServicer(moeshare_pb2_grpc.MoeShareServicer):
         """Submit and yield the request's token events; cancels the request if the caller goes away."""
         self._check_ready()
         params = sampling_params(request)
-        ids = await asyncio.to_thread(self.worker.prepare, request.model, _prompt(request), params)
-        ticket = Ticket(request.model, request.request_id, asyncio.get_running_loop(), asyncio.Queue())
-        targets = self._targets(request)
-        future = self.worker.submit(Submit(request.model, ids, params, request.request_id, targets), ticket)
-        done = False
-        try:
-            await asyncio.wrap_future(future)
-            while not done:
-                ev = await ticket.events.get()
-                done = ev.finished
-                if ev.finish_reason is FinishReason.ERROR:
-                    raise _Aborted(grpc.StatusCode.INTERNAL, ev.error)
+        events = request_events(
+            self.worker,
+            request.model,
+            _prompt(request),
+            params,
+            request.request_id,
+            lambda: self._targets(request),
+        )
+        async with aclosing(events):
+            async for ev in events:
                 yield ev
-        finally:
-            if not done:  # deadline passed, client went away, or server shutting down: free the KV now
-                self.worker.cancel(ticket)
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext

@@ -11,19 +11,20 @@ never a silent wedge.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 from moeshare.engine.api import EngineFailed, Submit, TokenEvent, Usage
 from moeshare.engine.engine import Engine
-from moeshare.engine.request import FinishReason, InvalidRequest, SamplingParams
+from moeshare.engine.request import FinishReason, InvalidRequest, SamplingParams, Targets
 from moeshare.engine.synthetic import from_spec, named_spec
 from moeshare.errors import MoeshareError, summary
 from moeshare.server.messages import (
@@ -61,6 +62,39 @@ def named_path(given: str) -> tuple[str | None, str]:
 # model, ttft, tpot, end-to-end seconds, whether it met its latency targets (None: it had none)
 FinishHook = Callable[[str, float, float | None, float, bool | None], None]
 FatalHook = Callable[[str], None]  # called on the engine thread as it dies, with what went wrong
+
+
+class RequestFailed(MoeshareError):
+    """The step that held a request failed: it ended with FinishReason.ERROR (the engine serves on)."""
+
+
+async def request_events(
+    worker: EngineWorker,
+    model: str,
+    prompt: str | list[int],
+    params: SamplingParams,
+    request_id: str,
+    targets: Callable[[], Targets],
+) -> AsyncIterator[TokenEvent]:
+    """What a front end (gRPC or HTTP) streams for one request: tokenize off the event loop, submit (`targets`
+    is asked once the prompt is known good), yield its token events to the last; a final ERROR event raises
+    RequestFailed. A caller that stops reading (deadline, disconnect, shutdown) cancels the request: its KV
+    goes back at once."""
+    ids = await asyncio.to_thread(worker.prepare, model, prompt, params)
+    ticket = Ticket(model, request_id, asyncio.get_running_loop(), asyncio.Queue())
+    future = worker.submit(Submit(model, ids, params, request_id, targets()), ticket)
+    done = False
+    try:
+        await asyncio.wrap_future(future)
+        while not done:
+            ev = await ticket.events.get()
+            done = ev.finished
+            if ev.finish_reason is FinishReason.ERROR:
+                raise RequestFailed(ev.error)
+            yield ev
+    finally:
+        if not done:
+            worker.cancel(ticket)
 
 
 class EngineWorker:
