@@ -76,6 +76,16 @@ def test_completions_give_the_grpc_apis_tokens_streamed_or_not(served):
             )
             assert "".join(c.choices[0].text for c in chunks if c.choices) == want.text
             assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 16
+    # a stop string ends the text before it, as on gRPC
+    full = client.completions.create(
+        model="kjv", prompt=PROMPTS["kjv"], max_tokens=16, temperature=0
+    ).choices[0]
+    stop = full.text[4:6]
+    cut = client.completions.create(
+        model="kjv", prompt=PROMPTS["kjv"], max_tokens=16, temperature=0, stop=[stop]
+    )
+    assert len(stop) == 2 and cut.choices[0].text == full.text[: full.text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
     # token ids as the prompt, and the sampled tokens' logprobs
     got = client.completions.create(model="kjv", prompt=[40, 41, 42], max_tokens=4, temperature=0, logprobs=1)
     assert len(got.choices[0].logprobs.token_logprobs) == 4
