@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -116,7 +117,8 @@ SWITCH_PROMPTS = [  # span-denoising prompts for the zoo's Switch variants, in V
 
 def switch_checks(zoo: Path, tmp: Path, mixtral: Path) -> list[tuple[str, bool, str]]:
     """Switch (encoder-decoder) through the engine's Triton kernels: float32 greedy tokens against transformers'
-    generate for two checkpoints; bfloat16, a consolidated store's four variants together against each alone,
+    generate for two checkpoints; bfloat16, decode steps replayed from captured graphs against eager ones, a
+    consolidated store's four variants together against each alone,
     and beside the Mixtral store `mixtral` with each instance's batches on a stream of its own."""
     from transformers import AutoModelForSeq2SeqLM
 
@@ -145,6 +147,11 @@ def switch_checks(zoo: Path, tmp: Path, mixtral: Path) -> list[tuple[str, bool, 
 
     jobs = list(zip(VARIANTS, SWITCH_PROMPTS, strict=True))
     alone = [Engine([store], EngineConfig(device="cuda")).generate(v, p, params)[1] for v, p in jobs]
+    eager = Engine([store], EngineConfig(device="cuda", cuda_graphs=False))
+    plain = [eager.generate(v, p, params)[1] for v, p in jobs]
+    same = sum(a == b for x, y in zip(plain, alone, strict=True) for a, b in zip(x, y, strict=True))
+    n = sum(len(a) for a in alone)
+    rows.append(("bf16 switch decode: captured graphs vs eager", same == n, f"{same}/{n} tokens"))
     for stagger in (0, 3):
         check(
             "bf16 switch variants together vs alone",
@@ -172,11 +179,18 @@ def main() -> int:
 
     p = argparse.ArgumentParser()
     p.add_argument("--zoo", type=Path, required=True)
+    p.add_argument("--only", choices=["all", "switch"], default="all", help="switch: the Switch checks alone")
     args = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
-    rows = []
+    rows = Rows()
     checked = [("mixtral", v, p) for v, p in zip(VARIANTS, PROMPTS, strict=True)]
     checked += [(arch, v, PROMPTS[VARIANTS.index(v)]) for arch, v in DENSE]
+    if args.only == "switch":
+        with tempfile.TemporaryDirectory() as tmp:
+            store = Path(tmp) / "store"
+            consolidate([args.zoo / "mixtral" / v for v in VARIANTS], store, Options(budget="1.0"))
+            rows += switch_checks(args.zoo, Path(tmp), store)
+        return rows.table()
     for arch, v, prompt in checked:
         path = args.zoo / arch / v
         engine = Engine([path], EngineConfig(device="cuda", dtype=torch.float32))
@@ -256,10 +270,33 @@ def main() -> int:
             )
         rows += switch_checks(args.zoo, Path(tmp), store)
     rows.append(streams_under_pressure())
-    width = max(len(r[0]) for r in rows)
-    for name, ok, detail in rows:
-        print(f"{name:<{width}}  {'ok  ' if ok else 'FAIL'}  {detail}")
-    return 0 if all(r[1] for r in rows) else 1
+    return rows.table()
+
+
+class Rows(list):
+    """The checks' rows, each also shown as it comes (with the seconds since the start) on stderr."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.start = time.perf_counter()
+
+    def append(self, row: tuple[str, bool, str]) -> None:
+        super().append(row)
+        took = time.perf_counter() - self.start
+        print(
+            f"[{took:6.0f} s] {'ok  ' if row[1] else 'FAIL'} {row[0]}: {row[2]}", file=sys.stderr, flush=True
+        )
+
+    def __iadd__(self, rows):
+        for row in rows:
+            self.append(row)
+        return self
+
+    def table(self) -> int:
+        width = max(len(r[0]) for r in self)
+        for name, ok, detail in self:
+            print(f"{name:<{width}}  {'ok  ' if ok else 'FAIL'}  {detail}")
+        return 0 if all(r[1] for r in self) else 1
 
 
 if __name__ == "__main__":

@@ -168,3 +168,14 @@ def test_a_preempted_request_recomputes_its_decoder_as_its_tokens_were_generated
     for a, b in zip(tight, roomy, strict=True):  # the tokens, and their logprobs to float32 rounding
         assert [t for t, _ in a] == [t for t, _ in b]
         assert max(abs(x - y) for (_, x), (_, y) in zip(a, b, strict=True)) < 1e-4
+
+
+def test_the_warm_up_of_a_switch_instance_touches_only_the_scratch_block(store):
+    """What a GPU instance runs before serving (each prompt length that tiles the kernels differently, through
+    the encoder and the eager decoder): every sequence reads and writes the scratch block, so requests served
+    after it get the tokens they get without it, and no block is taken."""
+    alone = [_run(Engine([store]), [(v, PROMPTS[v])])[0] for v in VARIANTS]
+    engine = Engine([store], EngineConfig(block_size=4))
+    instance = engine.instance(VARIANTS[0])
+    assert instance.runner.warm_up(4, 200, 130) > 4 and engine.stats().kv_blocks_used == 0
+    assert _run(engine, [(v, PROMPTS[v]) for v in VARIANTS], 2) == alone

@@ -5,6 +5,9 @@ sequences replays the smallest captured size >= n, padding rows pointing at the 
 has a graph per sampling mode (greedy, plain, filtered), so a batch that needs no top-k / top-p cut never sorts
 the vocabulary. A step's input ids are the host's plus, for decodes whose token the previous step sampled,
 that token read on the device (LastTokens), and each replay leaves its own tokens there for the next.
+
+An encoder-decoder model (Switch) replays its decoder step the same way, each sequence's cross-attention over its
+prompt's cross blocks (fixed after the encoder pass, which runs outside the graph) as a second table.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from moeshare.memory.blocks import BlockPool
 
 SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 # rows of the packed int64 input: one host-to-device copy per step
-IDS, SRC, POS, ROWS, BLOCK, OFFSET, CTX, TOP_K, SEED, STEP = range(10)
+IDS, SRC, POS, ROWS, BLOCK, OFFSET, CTX, TOP_K, SEED, STEP, CROSS = range(11)  # CROSS: prompt length
 
 
 class LastTokens:
@@ -29,6 +32,46 @@ class LastTokens:
     def __init__(self, rows: int, device: torch.device) -> None:
         self.ids = torch.zeros(rows + 1, dtype=torch.int64, device=device)  # [rows + 1]
         self.none = rows
+
+
+class _Tables:
+    """A step's block tables on the device [n, width] int32, written from pinned staging (two sets taken in turn,
+    as DecodeGraphs' inputs) with only what changed: entries past a table's end are never read (the context
+    length bounds them), and a row holding the same table (a list the scheduler only appends to, or replaces)
+    gets only the entries appended since that staging set last held it."""
+
+    def __init__(self, n: int, width: int, device: torch.device) -> None:
+        self.device = torch.zeros(n, width, dtype=torch.int32, device=device)
+        self._staging = [torch.zeros(n, width, dtype=torch.int32, pin_memory=True) for _ in range(2)]
+        # per staging set and row: the list last written there and how many entries (holding the list keeps
+        # its id from being reused)
+        self._written: list[list[tuple[list | None, int]]] = [[(None, 0)] * n for _ in range(2)]
+        self._shown = np.zeros((n, width), dtype=np.int32)  # what `device` holds
+
+    def pad(self, start: int, end: int, block: int) -> None:
+        self.device[start:end] = block
+        self._shown[start:end] = block
+
+    def write(self, turn: int, tables: list[list[int]]) -> None:
+        table_t = self._staging[turn]
+        table, written = table_t.numpy(), self._written[turn]
+        for i, t in enumerate(tables):
+            was, k = written[i]
+            if was is not t:
+                k = 0
+            if k != len(t):
+                table[i, k : len(t)] = t[k:]
+                written[i] = (t, len(t))
+        # copy the rows whose entries in use differ from the device's (one contiguous range; none in most
+        # decode steps: a table grows once per block of tokens)
+        lens = [len(t) for t in tables]
+        n, w = len(lens), max(lens)
+        in_use = np.arange(w) < np.asarray(lens)[:, None]
+        changed = np.flatnonzero(((table[:n, :w] != self._shown[:n, :w]) & in_use).any(axis=1))
+        if changed.size:
+            lo, hi = int(changed[0]), int(changed[-1]) + 1
+            self.device[lo:hi].copy_(table_t[lo:hi], non_blocking=True)
+            self._shown[lo:hi] = table[lo:hi]
 
 
 class DecodeGraphs:
@@ -47,10 +90,13 @@ class DecodeGraphs:
         dev = device
         n = self.sizes[-1]
         self.width = pool.blocks_for(max_context)
-        self.ints = torch.zeros(10, n, dtype=torch.int64, device=dev)
+        self.ints = torch.zeros(11, n, dtype=torch.int64, device=dev)
         self.floats = torch.ones(2, n, dtype=torch.float32, device=dev)  # temperature, top_p
-        self.block_tables = torch.zeros(n, self.width, dtype=torch.int32, device=dev)
+        self.tables = _Tables(n, self.width, dev)
         self.context_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        # an encoder-decoder's cross blocks (a prompt is at most max_context tokens) and prompt lengths
+        self.cross = _Tables(n, self.width, dev) if getattr(model, "encoder_decoder", False) else None
+        self.cross_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.query_start = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}
         self.out: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -59,27 +105,26 @@ class DecodeGraphs:
         # steps ago, and the host has waited for that step's tokens since, so its copy is done
         self._staging = [
             (
-                torch.zeros(10, n, dtype=torch.int64, pin_memory=True),
+                torch.zeros(11, n, dtype=torch.int64, pin_memory=True),
                 torch.ones(2, n, dtype=torch.float32, pin_memory=True),
-                torch.zeros(n, self.width, dtype=torch.int32, pin_memory=True),
             )
             for _ in range(2)
         ]
         self._turn = 0
-        # per staging set and row: the block table list last written there and how many entries (holding the
-        # list keeps its id from being reused)
-        self._written: list[list[tuple[list | None, int]]] = [[(None, 0)] * n for _ in range(2)]
-        self._shown = np.zeros((n, self.width), dtype=np.int32)  # what block_tables holds on the device
 
     def _step(self, b: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
         i = self.ints[:, :b]
         self.context_lens[:b].copy_(i[CTX])
-        attn = AttnBatch(
-            i[BLOCK], i[OFFSET], self.block_tables[:b], self.context_lens[:b], self.query_start[: b + 1]
-        )
+        starts = self.query_start[: b + 1]
+        attn = AttnBatch(i[BLOCK], i[OFFSET], self.tables.device[:b], self.context_lens[:b], starts)
         ids = i[IDS] + self.last.ids[i[SRC]]
-        hidden = self.model.forward(ids, i[POS], i[ROWS], attn, self.pool.kv)
-        logits = self.model.head(hidden, i[ROWS])
+        if self.cross is None:
+            hidden = self.model.forward(ids, i[POS], i[ROWS], attn, self.pool.kv)
+            logits = self.model.head(hidden, i[ROWS])
+        else:  # the decoder's step: one token per sequence, so no expert capacity binds
+            self.cross_lens[:b].copy_(i[CROSS])
+            cross = AttnBatch(i[BLOCK], i[OFFSET], self.cross.device[:b], self.cross_lens[:b], starts)
+            logits = self.model.decode_paged(ids, i[ROWS], i[ROWS], attn, cross, self.pool.kv, capped=False)
         params = SamplingBatch(self.floats[0, :b], self.floats[1, :b], i[TOP_K], i[SEED], i[STEP])
         chosen, logprobs = sample(logits, params, mode)
         self.last.ids[:b].copy_(chosen)
@@ -109,20 +154,11 @@ class DecodeGraphs:
         self.ints[SRC, start:end] = self.last.none
         self.ints[BLOCK, start:end] = self.pool.scratch_block
         self.ints[CTX, start:end] = 1
+        self.ints[CROSS, start:end] = 1
         self.floats[:, start:end] = 1.0
-        self.block_tables[start:end] = self.pool.scratch_block
-        self._shown[start:end] = self.pool.scratch_block
-
-    def _copy_changed_rows(self, table: np.ndarray, table_t: torch.Tensor, lens: list[int]) -> None:
-        """Copy the rows of the block tables whose entries in use differ from the device's (one contiguous
-        range; none in most decode steps: a table grows once per block of tokens)."""
-        n, w = len(lens), max(lens)
-        in_use = np.arange(w) < np.asarray(lens)[:, None]
-        changed = np.flatnonzero(((table[:n, :w] != self._shown[:n, :w]) & in_use).any(axis=1))
-        if changed.size:
-            lo, hi = int(changed[0]), int(changed[-1]) + 1
-            self.block_tables[lo:hi].copy_(table_t[lo:hi], non_blocking=True)
-            self._shown[lo:hi] = table[lo:hi]
+        for tables in (self.tables, self.cross):
+            if tables is not None:
+                tables.pad(start, end, self.pool.scratch_block)
 
     def fits(self, n: int) -> bool:
         return n <= self.sizes[-1]
@@ -136,15 +172,17 @@ class DecodeGraphs:
         rows: list[int],
         tables: list[list[int]],
         sampling: tuple[list, list, list, list, list],
+        cross: tuple[list[list[int]], list[int]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decode token per sequence -> (chosen token ids [n], their logprobs [n]); src: see LastTokens."""
+        """One decode token per sequence -> (chosen token ids [n], their logprobs [n]); src: see LastTokens;
+        cross: an encoder-decoder's cross blocks and prompt length of each sequence."""
         n = len(ids)
         b = next(s for s in self.sizes if s >= n)
         bs = self.pool.block_size
         temperature, top_p, top_k, seeds, steps = sampling
         turn, self._turn = self._turn, self._turn ^ 1
-        ints_t, floats_t, table_t = self._staging[turn]
-        ints, floats, table = ints_t.numpy(), floats_t.numpy(), table_t.numpy()
+        ints_t, floats_t = self._staging[turn]
+        ints, floats = ints_t.numpy(), floats_t.numpy()
         for row, values in ((IDS, ids), (SRC, src), (POS, positions), (ROWS, rows), (TOP_K, top_k)):
             ints[row, :n] = values
         ints[SEED, :n], ints[STEP, :n] = seeds, steps
@@ -153,20 +191,14 @@ class DecodeGraphs:
         np.remainder(pos, bs, out=ints[OFFSET, :n])
         np.add(pos, 1, out=ints[CTX, :n])
         floats[0, :n], floats[1, :n] = temperature, top_p
-        # entries past a table's end are never read (context_lens bounds them); a row holding the same table
-        # (a list the scheduler only appends to, or replaces) gets only the entries appended since
-        written = self._written[turn]
-        for i, t in enumerate(tables):
-            was, k = written[i]
-            if was is not t:
-                k = 0
-            if k != len(t):
-                table[i, k : len(t)] = t[k:]
-                written[i] = (t, len(t))
+        if cross is not None:
+            ints[CROSS, :n] = cross[1]
         # whole buffers (contiguous) from pinned memory: queued behind the step in flight, not waited for
         self.ints.copy_(ints_t, non_blocking=True)
         self.floats.copy_(floats_t, non_blocking=True)
-        self._copy_changed_rows(table, table_t, [len(t) for t in tables])
+        self.tables.write(turn, tables)
+        if cross is not None:
+            self.cross.write(turn, cross[0])
         self._pad(n, b)
         mode = mode_for(temperature, top_p, top_k)
         self.graphs[b, mode].replay()

@@ -158,12 +158,11 @@ def build_instance(
             lent = 0
         last = LastTokens(c.max_num_seqs, device)
         graphs = None
-        plain = not placement.offload and not getattr(model, "encoder_decoder", False)  # graphs and warm-up
-        if device.type == "cuda" and c.cuda_graphs and plain:
+        if device.type == "cuda" and c.cuda_graphs and not placement.offload:
             graphs = DecodeGraphs(model, pool, device, c.max_num_seqs, fp.context, last)
             graphs.capture()
         runner = Runner(model, pool, device, last, graphs)
-        if device.type == "cuda" and plain:  # Triton compiles now, not under traffic
+        if device.type == "cuda" and not placement.offload:  # Triton compiles now, not under traffic
             runner.warm_up(c.max_num_seqs, c.max_batched_tokens, fp.context)
     except torch.OutOfMemoryError as e:  # kept outside the handler, so nothing holds what was allocated
         oom = str(e).split("\n")[0]

@@ -146,7 +146,8 @@ class Runner:
 
     def _launch_encoder_decoder(self, batch: list[Scheduled], prev: Launched | None) -> Launched:
         """A step of an encoder-decoder model (Switch): the prompts starting now through the encoder (their
-        cross K/V into their cross blocks), then every sequence's new decoder tokens. No captured graph yet."""
+        cross K/V into their cross blocks), then every sequence's new decoder tokens: a captured graph when each
+        has one (the common step)."""
         model, bs, dev = self.model, self.pool.block_size, self.device
         fresh = [s for s in batch if s.start == 0 and s.seq.encoder_ids]
         if fresh:
@@ -162,10 +163,18 @@ class Runner:
                 ids, rows, self._longs([s.row for s in fresh]), attn, kv_enc, store, self.pool.kv
             )
         ids, src, last = self._inputs(batch, prev)
+        prompts = [len(s.seq.encoder_ids) for s in batch]
+        crosses = [s.seq.cross_table for s in batch]
+        graph = self.graphs is not None and len(ids) == len(batch) and self.graphs.fits(len(batch))
+        if graph and max(map(len, crosses)) <= self.graphs.width:  # a prompt within the captured context
+            positions, rows = [s.start for s in batch], [s.row for s in batch]
+            tables = [s.seq.block_table for s in batch]
+            knobs = self._knobs(batch)
+            chosen, logprobs = self.graphs.run(ids, src, positions, rows, tables, knobs, (crosses, prompts))
+            return self._back(batch, chosen, logprobs)
         counts = [s.count for s in batch]
         attn = AttnBatch.build([s.seq.block_table for s in batch], [s.start for s in batch], counts, bs, dev)
-        prompts = [len(s.seq.encoder_ids) for s in batch]
-        cross = AttnBatch.over([s.seq.cross_table for s in batch], prompts, counts, bs, dev)
+        cross = AttnBatch.over(crosses, prompts, counts, bs, dev)
         rows = self._longs([s.row for s in batch for _ in range(s.count)])
         seq_rows = self._longs([s.row for s in batch])
         ids_t, last_t = self._ids(ids, src), self._longs(last)
@@ -194,6 +203,8 @@ class Runner:
         decodes over short and long contexts (the key splits). Every row reads and writes the pool's scratch
         block only. Returns the steps run."""
         scratch, size = self.pool.scratch_block, self.pool.block_size
+        if getattr(self.model, "encoder_decoder", False):
+            return self._warm_up_encoder(max_seqs, max_tokens, context)
         long = max(1, min(context, 4096) - 1)
         steps = 0
         for n in [1] + [b + 1 for b in (16, 32, 64, 128, 256) if b < max_seqs]:
@@ -221,6 +232,30 @@ class Runner:
                     for mode in MODES:
                         sample(logits, SamplingBatch(ones, ones, zeros, zeros, zeros), mode)
                     steps += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return steps
+
+    def _warm_up_encoder(self, max_seqs: int, max_tokens: int, context: int) -> int:
+        """An encoder-decoder's warm-up: prompts of the lengths that tile the MoE kernels differently through
+        the encoder (their cross K/V into the scratch block), and the eager decoder step beside them."""
+        scratch, size, model = self.pool.scratch_block, self.pool.block_size, self.model
+        steps = 0
+        for n in [1] + [b + 1 for b in (16, 32, 64, 128) if b < max_seqs]:
+            for length in sorted({1, 2, 63, 64, 191, 383, context - 1}):
+                if not 0 < length < context or n * length > max_tokens:
+                    continue
+                lengths = [length] * n
+                kv_enc, tables = model.kv_blocks(lengths, size, model.dims.encoder_layers)
+                attn = AttnBatch.build(tables, [0] * n, lengths, size, self.device)
+                cross_tables = [[scratch] * self.pool.blocks_for(length)] * n
+                store = AttnBatch.build(cross_tables, [0] * n, lengths, size, self.device)
+                rows, seq_rows = self._longs([0] * (n * length)), self._longs([0] * n)
+                model.encode_paged(rows, rows, seq_rows, attn, kv_enc, store, self.pool.kv)
+                own = AttnBatch.build([[scratch]] * n, [0] * n, [1] * n, size, self.device)
+                cross = AttnBatch.over(cross_tables, lengths, [1] * n, size, self.device)
+                model.decode_paged(seq_rows, seq_rows, seq_rows, own, cross, self.pool.kv, capped=False)
+                steps += 1
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return steps

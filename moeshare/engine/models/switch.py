@@ -313,42 +313,39 @@ class MultiVariantSwitch:
         return self._linear(o.reshape(-1, d.heads * d.d_kv), p + c + "o", rows)
 
     def _ff_batch(
-        self,
-        x: torch.Tensor,
-        stack: str,
-        block: int,
-        rows: torch.Tensor,
-        seq_of: torch.Tensor,
-        capped: bool = True,
-    ):
+        self, x: torch.Tensor, stack: str, block: int, rows: torch.Tensor, seq_of: torch.Tensor | None
+    ) -> torch.Tensor:
         """The block's feed-forward of a batch's tokens (normed x [T, D]); seq_of [T]: each token's sequence,
-        over which capacity is counted in token order."""
+        over which capacity is counted in token order (None: no capacity, every token keeps its expert)."""
         p = f"{stack}.{block}."
         if block not in (self.dims.encoder_sparse if stack == "enc" else self.dims.decoder_sparse):
             return self._linear(torch.relu(self._linear(x, p + "wi", rows)), p + "wo", rows)
         layer = moe_layer(stack, block)
         probs = ops.grouped_linear(x.float(), self.w[p + "router"].float(), rows).softmax(-1)
         top, local = probs.max(-1)
-        onehot = torch.nn.functional.one_hot(local, self.dims.experts)
-        count = onehot.cumsum(0)
-        first = torch.searchsorted(seq_of, seq_of)  # each token's sequence's first token (seq_of ascending)
-        before = torch.where((first > 0)[:, None], count[(first - 1).clamp(min=0)], 0)
-        kept = ((count - before) * onehot).sum(-1) <= (self.dims.capacity if capped else len(x))
+        if seq_of is not None:
+            onehot = torch.nn.functional.one_hot(local, self.dims.experts)
+            count = onehot.cumsum(0)
+            first = torch.searchsorted(
+                seq_of, seq_of
+            )  # each token's sequence's first token (seq_of ascending)
+            before = torch.where((first > 0)[:, None], count[(first - 1).clamp(min=0)], 0)
+            top = top * (((count - before) * onehot).sum(-1) <= self.dims.capacity)  # past capacity: weight 0
         slots = self.tables[layer][rows, local]
-        weights = (top * kept).to(self.dtype)
         bank = self.bank[layer]
-        return ops.fused_moe_relu(x, bank["wi"], bank["wo"], slots[:, None], weights[:, None])
+        return ops.fused_moe_relu(x, bank["wi"], bank["wo"], slots[:, None], top.to(self.dtype)[:, None])
 
-    def _batch(
-        self, attn: AttnBatch, seq_rows: torch.Tensor, stack: str
-    ) -> tuple[torch.Tensor, PositionBias]:
-        """Each new token's sequence [T], and the stack's position bias with each sequence's variant's table."""
-        counts = attn.query_start.diff().long()
-        seq_of = torch.repeat_interleave(torch.arange(len(seq_rows), device=counts.device), counts)
+    def _paged_bias(self, seq_rows: torch.Tensor, stack: str) -> PositionBias:
+        """The stack's position bias with each sequence's variant's table."""
         bidirectional = stack == "enc"  # the decoder's self-attention: past keys only
-        return seq_of, PositionBias(
-            self.w[f"{stack}.bias"], bidirectional, self.dims.max_distance, rows=seq_rows
-        )
+        table = self.w[f"{stack}.bias"]
+        return PositionBias(table, bidirectional, self.dims.max_distance, rows=seq_rows)
+
+    @staticmethod
+    def _seq_of(attn: AttnBatch) -> torch.Tensor:
+        """Each new token's sequence [T]."""
+        counts = attn.query_start.diff().long()
+        return torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
 
     def encode_paged(
         self,
@@ -365,7 +362,7 @@ class MultiVariantSwitch:
         land in its layer of kv at the blocks `store` names (the sequence's cross blocks). ids, rows [T];
         seq_rows [nseq]."""
         d = self.dims
-        seq_of, bias = self._batch(attn, seq_rows, "enc")
+        seq_of, bias = self._seq_of(attn), self._paged_bias(seq_rows, "enc")
         h = self.w["shared"][rows, ids]
         for b in range(d.encoder_layers):
             p = f"enc.{b}."
@@ -396,7 +393,7 @@ class MultiVariantSwitch:
         without, no decoder token is dropped, as generate routes them one at a time (the engine: a sequence's
         tokens recomputed together after a preemption then route as they did one by one)."""
         d = self.dims
-        seq_of, bias = self._batch(attn, seq_rows, "dec")
+        seq_of, bias = self._seq_of(attn) if capped else None, self._paged_bias(seq_rows, "dec")
         h = self.w["shared"][rows, ids]
         for j in range(d.decoder_layers):
             p = f"dec.{j}."
@@ -404,7 +401,7 @@ class MultiVariantSwitch:
             h = h + self._paged_attend(x, kv, j, p, rows, attn, attn, causal=True, bias=bias)
             x = self._normed(h, p + "ln_cross", rows)
             h = h + self._paged_attend(x, kv, j, p, rows, cross, None, causal=False)
-            h = h + self._ff_batch(self._normed(h, p + "ln_ff", rows), "dec", j, rows, seq_of, capped)
+            h = h + self._ff_batch(self._normed(h, p + "ln_ff", rows), "dec", j, rows, seq_of)
         if last is not None:
             h, rows = h[last], rows[last]
         h = self._normed(h, "dec.final", rows)
