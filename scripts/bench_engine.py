@@ -301,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     dense_cfg = llama_config(layers=args.dense_layers)
     switch_cfg = switch_config()
     switch_batches = [b for b in batches if b <= 64]
+    # a Switch prompt is the encoder's input: at most its context (n_positions, 512) less one
+    switch_prompt = min(args.prompt, int(switch_cfg.get("n_positions") or 512) - 1)
     hf_batches = [int(x) for x in args.hf_batches.split(",")]
     runs = {
         "moeshare": lambda: bench_engine(cfg, 1, batches, args.prompt, args.gen),
@@ -308,9 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         "transformers": lambda: bench_transformers(cfg, hf_batches, args.prompt, args.gen),
         "dense": lambda: bench_engine(dense_cfg, 1, batches, args.prompt, args.gen),
         "transformers-dense": lambda: bench_transformers(dense_cfg, hf_batches, args.prompt, args.gen),
-        "switch": lambda: bench_engine(switch_cfg, 1, switch_batches, args.prompt, args.gen),
-        "switch-4var": lambda: bench_engine(switch_cfg, 4, switch_batches, args.prompt, args.gen),
-        "transformers-switch": lambda: bench_transformers(switch_cfg, hf_batches, args.prompt, args.gen),
+        "switch": lambda: bench_engine(switch_cfg, 1, switch_batches, switch_prompt, args.gen),
+        "switch-4var": lambda: bench_engine(switch_cfg, 4, switch_batches, switch_prompt, args.gen),
+        "transformers-switch": lambda: bench_transformers(switch_cfg, hf_batches, switch_prompt, args.gen),
     }
     chosen = [x for x in args.systems.split(",") if x]
     if bad := [x for x in chosen if x not in runs]:
@@ -340,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             if system.endswith("dense"):
                 floor = b / (dense_step_bytes(dense_cfg, b, context) / bw)
             elif system.endswith(("switch", "switch-4var")):
-                floor = b / (switch_step_bytes(switch_cfg, b, variants, args.gen // 2, args.prompt) / bw)
+                floor = b / (switch_step_bytes(switch_cfg, b, variants, args.gen // 2, switch_prompt) / bw)
             else:
                 floor = b / (step_bytes(cfg, b, variants, context) / bw)
             records.append(
