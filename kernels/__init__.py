@@ -75,6 +75,24 @@ def paged_attention(
     return paged_attention_ref(*args, causal=causal, bias=bias)
 
 
+def warm_up_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    scale: float,
+    max_seqs: int,
+    block: int,
+    *,
+    causal: bool = True,
+    bias: PositionBias | None = None,
+) -> int:
+    """Compile every variant of the attention kernels paged_attention may pick for calls like this one, up to
+    max_seqs sequences (each reading key block `block`); nothing to do for the reference. Returns launches."""
+    if not _triton(q):
+        return 0
+    return _attn.warm_up(q, k_cache, v_cache, scale, max_seqs, block, causal=causal, bias=bias)
+
+
 def add_rms_norm(
     h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, rows: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,8 +16,9 @@ of parts whose partial softmax states are merged by a second kernel (flash decod
 from __future__ import annotations
 
 import functools
+import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -124,9 +125,9 @@ def _t5_bias(n, pos, head, row_ok, bias_ptr, stride_bb, stride_bh, inv_log_ratio
     return tl.load(ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
 
 
-# num_seqs changes every step: not specialized on (see grouped_gemm.py's note); BLOCK_S and SPLITS take
-# powers of two only, so the kernels compile for a handful of values.
-@triton.jit(do_not_specialize=["num_seqs"])
+# num_seqs and the block tables' width change every step: not specialized on (see grouped_gemm.py's note);
+# BLOCK_S and SPLITS take powers of two only, so the kernels compile for a handful of values (warm_up).
+@triton.jit(do_not_specialize=["num_seqs", "stride_bts"])
 def _paged_attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
     block_tables_ptr, context_lens_ptr, query_start_ptr, num_seqs, num_kv_heads, qk_scale,
@@ -251,6 +252,44 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
 
+def _pick(
+    num_tokens: int,
+    num_seqs: int,
+    width: int,
+    page: int,
+    num_kv_heads: int,
+    group_pad: int,
+    device: torch.device,
+    num_splits: int | None = None,
+    config: AttnConfig | None = None,
+) -> tuple[AttnConfig, int, int]:
+    """A call's tiles, programs per kv head for its query chunks, and key splits (width: its block tables')."""
+    cfg = config or attn_config(num_tokens <= 2 * num_seqs, num_seqs, device)
+    block_q = max(cfg.block_m, group_pad) // group_pad
+    # bounds sum_b cdiv(q_len_b, block_q) over any split of T tokens into nseq sequences; nseq for decode
+    chunks = (num_tokens + num_seqs * (block_q - 1)) // block_q
+    if num_splits is None:
+        max_tiles = triton.cdiv(width * page, cfg.block_n)
+        most = tuned(device).max_splits
+        num_splits = max(1, min(most, _num_sms(device) // (chunks * num_kv_heads), max_tiles // 2))
+        num_splits = 1 << (num_splits.bit_length() - 1)  # a power of two: fewer compiled variants
+    return cfg, chunks, num_splits
+
+
+def variants(max_seqs: int, num_kv_heads: int, device: torch.device) -> list[tuple[int, bool, int]]:
+    """What warm_up compiles: (sequences, decode tiles, key splits) for each BLOCK_S bucket's fewest sequences
+    (where most splits fit) and the decode tiles' switch at MANY, each with every power-of-two split up to the
+    most a call of that many sequences can pick."""
+    most, sms = tuned(device).max_splits, _num_sms(device)
+    out = []
+    for n in sorted({1, 17, 33, MANY - 1, MANY, 65, 129, 257}):
+        if n <= max_seqs:
+            for decode in (True, False):
+                top = max(1, min(most, sms // (n * num_kv_heads)))
+                out += [(n, decode, 1 << i) for i in range(top.bit_length())]
+    return out
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -280,17 +319,13 @@ def paged_attention(
         return out
     group = num_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
-    cfg = config or attn_config(num_tokens <= 2 * num_seqs, num_seqs, q.device)
+    width = block_tables.shape[1]
+    cfg, chunks, num_splits = _pick(
+        num_tokens, num_seqs, width, page, num_kv_heads, group_pad, q.device, num_splits, config
+    )
     block_m = max(cfg.block_m, group_pad)
     block_q, block_n = block_m // group_pad, cfg.block_n
     block_d = max(16, triton.next_power_of_2(head_dim))
-    # bounds sum_b cdiv(q_len_b, block_q) over any split of T tokens into nseq sequences; nseq for decode
-    chunks = (num_tokens + num_seqs * (block_q - 1)) // block_q
-    if num_splits is None:
-        max_tiles = triton.cdiv(block_tables.shape[1] * page, block_n)
-        most = tuned(q.device).max_splits
-        num_splits = max(1, min(most, _num_sms(q.device) // (chunks * num_kv_heads), max_tiles // 2))
-        num_splits = 1 << (num_splits.bit_length() - 1)  # a power of two: fewer compiled variants
     part_m = part_l = part_acc = out  # unused when there is one split
     if num_splits > 1:
         rows = chunks * num_kv_heads * num_splits * block_m
@@ -327,3 +362,35 @@ def paged_attention(
             **common, HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS=num_splits,
         )  # fmt: skip
     return out
+
+
+def warm_up(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    scale: float,
+    max_seqs: int,
+    block: int,
+    *,
+    causal: bool = True,
+    bias: PositionBias | None = None,
+) -> int:
+    """Compile now every variant of the kernels that paged_attention can pick for up to max_seqs sequences
+    with q's heads, dtype and strides over these caches (decode and prefill tiles, each BLOCK_S bucket, each
+    number of key splits the GPU's size allows it), so none compiles under traffic, stalling every running
+    request for a second or two. Every sequence reads key block `block` only. Returns the launches."""
+    dev, (heads, dim), page = q.device, q.shape[1:], k_cache.shape[1]
+    launches = 0
+    for n, decode, splits in variants(max_seqs, k_cache.shape[2], dev):
+        lens = [1] * n if decode else [n + 2] + [1] * (n - 1)  # prefill tiles: more tokens than 2 n
+        starts = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=dev)
+        width = triton.cdiv(lens[0], page) + 1
+        tables = torch.full((n, width), block, dtype=torch.int32, device=dev)
+        contexts = torch.full((n,), width * page, dtype=torch.int32, device=dev)
+        x = torch.empty_strided((sum(lens), heads, dim), q.stride(), dtype=q.dtype, device=dev).zero_()
+        per_seq = bias if bias is None or bias.rows is None else replace(bias, rows=bias.rows.new_zeros(n))
+        paged_attention(
+            x, k_cache, v_cache, tables, contexts, starts, scale, splits, causal=causal, bias=per_seq
+        )
+        launches += 1
+    return launches

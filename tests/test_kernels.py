@@ -259,6 +259,32 @@ def _rotary_case(num_tokens: int, heads: int, kv_heads: int, head_dim: int, dtyp
 
 
 @check
+def attention_warm_up_compiles_every_variant_a_call_can_pick() -> None:
+    """What a call picks (tiles by decode or prefill and sequence count, BLOCK_S, key splits) for any tokens,
+    sequences and table width is among what warm_up launched; the warm-up only reads the caches."""
+    import triton
+
+    k, _, attn = _modules()
+    dev, kv_heads, page, most = torch.device("cpu"), 2, 4, 40
+    warmed = {
+        (attn.attn_config(decode, n, dev), max(16, triton.next_power_of_2(n)), splits)
+        for n, decode, splits in attn.variants(most, kv_heads, dev)
+    }
+    g = torch.Generator().manual_seed(3)
+    for _ in range(400):
+        seqs = int(torch.randint(1, most + 1, (1,), generator=g))
+        tokens = seqs + int(torch.randint(0, 3 * seqs + 40, (1,), generator=g))
+        width = int(torch.randint(1, 300, (1,), generator=g))
+        cfg, _, splits = attn._pick(tokens, seqs, width, page, kv_heads, 4, dev)
+        assert (cfg, max(16, triton.next_power_of_2(seqs)), splits) in warmed, (tokens, seqs, width)
+    q, kc, vc, *_ = _attention_case([1, 2], [5, 9], torch.float32, seed=5)
+    before = kc.clone()
+    bias = k.PositionBias(torch.randn(3, 32, 8), True, 128, rows=torch.tensor([0, 2]))
+    launches = k.warm_up_attention(q, kc, vc, 0.25, 18, 1, causal=False, bias=bias)
+    assert launches == len(attn.variants(18, kc.shape[2], dev)) > 2 and torch.equal(kc, before)
+
+
+@check
 def add_rms_norm_with_and_without_residual_over_variant_rows() -> None:
     k, _, _ = _modules()
 

@@ -2,11 +2,52 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from moeshare.engine import ops
+
+
+class AttentionCalls:
+    """The kinds of attention call a model makes (heads, strides, dtype, caches, options), one example of each,
+    recorded while `record` is active: what a warm-up compiles the kernels for (ops.warm_up_attention)."""
+
+    active: AttentionCalls | None = None
+
+    def __init__(self) -> None:
+        self.calls: dict[tuple, tuple] = {}
+
+    def add(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float, how: dict):
+        bias = how.get("bias")
+        kind = None if bias is None else (bias.bidirectional, bias.rows is None, bias.table.shape)
+        key = (
+            q.shape[1:],
+            q.stride(),
+            q.dtype,
+            k_cache.shape,
+            k_cache.stride(),
+            how.get("causal", True),
+            kind,
+        )
+        self.calls.setdefault(key, (q, k_cache, v_cache, scale, how))
+
+    @contextmanager
+    def record(self) -> Iterator[AttentionCalls]:
+        AttentionCalls.active = self
+        try:
+            yield self
+        finally:
+            AttentionCalls.active = None
+
+    def warm_up(self, max_seqs: int, block: int) -> int:
+        """Compile every kernel variant each recorded kind of call can pick (block: the pool's scratch block)."""
+        return sum(
+            ops.warm_up_attention(q, k, v, scale, max_seqs, block, **how)
+            for q, k, v, scale, how in self.calls.values()
+        )
 
 
 @dataclass
@@ -21,6 +62,8 @@ class AttnBatch:
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float, **how
     ) -> torch.Tensor:
         """`how`: the kernel's causal / bias options (an encoder's, or cross-attention)."""
+        if AttentionCalls.active is not None:
+            AttentionCalls.active.add(q, k_cache, v_cache, scale, how)
         return ops.paged_attention(
             q, k_cache, v_cache, self.block_tables, self.context_lens, self.query_start, scale, **how
         )

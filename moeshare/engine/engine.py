@@ -28,6 +28,7 @@ from moeshare.engine.request import (
     UnknownModel,
     clip,
 )
+from moeshare.engine.stalls import timed_step, watch_compiles
 from moeshare.errors import MoeshareError
 from moeshare.memory.elastic import ElasticBlockPool
 from moeshare.memory.pages import PageManager
@@ -54,6 +55,8 @@ class Engine:
         self._by_seq: dict[int, Instance] = {}
         self._outbox: list[TokenEvent] = []  # final events of requests ended between steps (an unload)
         self._steps = 0
+        if self.device.type == "cuda":
+            watch_compiles()
         self.pages = None
         if self.config.pool_bytes is not None:  # its pages are made now, outside torch's allocator
             self.pages = PageManager.for_device(
@@ -262,8 +265,15 @@ class Engine:
     def step(self) -> list[TokenEvent]:
         """One batch for each instance the policy picks. A batch that fails ends its own requests with
         FinishReason.ERROR and the engine serves on; raises EngineFailed only if the device is broken."""
+        parts: dict[str, float] = {}  # where a slow step's time went (stalls.py)
+        with timed_step(parts):
+            return self._step(parts)
+
+    def _step(self, parts: dict[str, float]) -> list[TokenEvent]:
         events, self._outbox = self._outbox, []
+        start = time.perf_counter()
         self._manage_memory()
+        parts["memory"] = time.perf_counter() - start
         picked = self.policy.pick(self._instances)
         # multiplex "streams": no instance waits for another's batch; each queues its next one as soon as the
         # one before its last is done, so a model with short steps takes more of them
@@ -271,8 +281,10 @@ class Engine:
         launches = sum(i.launches for i in self._instances)
         progress = launches + sum(i.collected for i in self._instances)
         for instance in picked:
+            start = time.perf_counter()
             with instance.on_stream():
                 events += instance.step(wait)
+            parts[next(iter(instance.names))] = time.perf_counter() - start
         for instance in self._instances:  # a batch queued by the last step is read back whatever runs now
             if instance not in picked:
                 instance.skipped()

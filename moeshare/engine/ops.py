@@ -10,6 +10,7 @@ from moeshare.kernels import (
     rotary,
     rotary_store,
     silu_mul,
+    warm_up_attention,
 )
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "rotary",
     "rotary_store",
     "silu_mul",
+    "warm_up_attention",
 ]

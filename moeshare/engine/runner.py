@@ -13,7 +13,7 @@ from itertools import accumulate
 
 import torch
 
-from moeshare.engine.attention import AttnBatch
+from moeshare.engine.attention import AttentionCalls, AttnBatch
 from moeshare.engine.graphs import DecodeGraphs, LastTokens
 from moeshare.engine.models import Model
 from moeshare.engine.sampling import MODES, SamplingBatch, mode_for, sample
@@ -200,11 +200,22 @@ class Runner:
         makes Triton compile a kernel again, so it compiles now and not in the middle of traffic, where each
         compile stalls every running request for up to a second: a sequence count in each bucket the
         attention kernel specializes on, token counts across the MoE kernels' tile choices (odd and even),
-        decodes over short and long contexts (the key splits). Every row reads and writes the pool's scratch
-        block only. Returns the steps run."""
+        decodes over short and long contexts; then each kind of attention call those made, at every tile,
+        BLOCK_S bucket and number of key splits the kernel may pick for it. Every row reads and writes the
+        pool's scratch block only. Returns the steps run."""
+        calls = AttentionCalls()
+        with calls.record():
+            if getattr(self.model, "encoder_decoder", False):
+                steps = self._warm_up_encoder(max_seqs, max_tokens, context)
+            else:
+                steps = self._warm_up_steps(max_seqs, max_tokens, context, row)
+        steps += calls.warm_up(max_seqs, self.pool.scratch_block)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return steps
+
+    def _warm_up_steps(self, max_seqs: int, max_tokens: int, context: int, row: int) -> int:
         scratch, size = self.pool.scratch_block, self.pool.block_size
-        if getattr(self.model, "encoder_decoder", False):
-            return self._warm_up_encoder(max_seqs, max_tokens, context)
         long = max(1, min(context, 4096) - 1)
         steps = 0
         for n in [1] + [b + 1 for b in (16, 32, 64, 128, 256) if b < max_seqs]:
@@ -232,8 +243,6 @@ class Runner:
                     for mode in MODES:
                         sample(logits, SamplingBatch(ones, ones, zeros, zeros, zeros), mode)
                     steps += 1
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
         return steps
 
     def _warm_up_encoder(self, max_seqs: int, max_tokens: int, context: int) -> int:
@@ -256,8 +265,6 @@ class Runner:
                 cross = AttnBatch.over(cross_tables, lengths, [1] * n, size, self.device)
                 model.decode_paged(seq_rows, seq_rows, seq_rows, own, cross, self.pool.kv, capped=False)
                 steps += 1
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
         return steps
 
     @torch.inference_mode()
