@@ -2,6 +2,8 @@
 decoder generating over paged self blocks, variants batched over one bank; float32 on CPU, on the zoo's trained
 Switch variants, against transformers' generate."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers import AutoModelForSeq2SeqLM
@@ -179,3 +181,30 @@ def test_the_warm_up_of_a_switch_instance_touches_only_the_scratch_block(store):
     instance = engine.instance(VARIANTS[0])
     assert instance.runner.warm_up(4, 200, 130) > 4 and engine.stats().kv_blocks_used == 0
     assert _run(engine, [(v, PROMPTS[v]) for v in VARIANTS], 2) == alone
+
+
+def test_switch_sampling_seeds_stop_strings_and_max_tokens_behave_as_for_mixtral(store):
+    """A seed makes a sampled completion repeatable (alone or in a batch), other seeds differ; a stop string
+    ends the text before it; max_tokens caps the decoder's output."""
+    v, engine = "fortunes-en", Engine([store])
+    sampled = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.95, seed=7, ignore_eos=True)
+    first = engine.generate(v, PROMPTS[v], sampled)
+    again = _run_with(engine, [(v, PROMPTS[v], sampled), ("kjv", PROMPTS["kjv"], sampled)])[0]
+    assert first[1] == again and len(first[1]) == 20
+    others = {tuple(engine.generate(v, PROMPTS[v], replace(sampled, seed=s))[1]) for s in range(8, 12)}
+    assert len(others | {tuple(first[1])}) > 1
+    assert len(engine.generate(v, PROMPTS[v], replace(sampled, max_tokens=5))[1]) == 5
+    greedy_text, greedy = engine.generate(v, PROMPTS[v], replace(GREEDY, ignore_eos=True))
+    cut = greedy_text[3:6]  # a piece of what greedy decoding writes: the text stops right before it
+    stopped, _ = engine.generate(v, PROMPTS[v], replace(GREEDY, ignore_eos=True, stop=(cut,)))
+    assert stopped == greedy_text[: greedy_text.index(cut)] and len(greedy) == GREEDY.max_tokens
+    assert engine.stats().kv_blocks_used == 0
+
+
+def _run_with(engine: Engine, jobs: list[tuple[str, str, SamplingParams]]) -> list[list[int]]:
+    ids = [engine.submit(Submit(m, p, params)) for m, p, params in jobs]
+    tokens = {i: [] for i in ids}
+    while engine.has_work():
+        for ev in engine.step():
+            tokens[ev.seq_id] += [ev.token_id] if ev.token_id >= 0 else []
+    return [tokens[i] for i in ids]
