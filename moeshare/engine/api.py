@@ -20,6 +20,10 @@ class EngineFailed(MoeshareError):
     """The engine cannot go on (a device error that every later step would hit too)."""
 
 
+class EngineUnavailable(MoeshareError):
+    """The engine holding a request went away, or none holding its model is up now (UNAVAILABLE): retry."""
+
+
 @dataclass(frozen=True)
 class Submit:
     """One request: a model's name, its prompt (text or token ids) and how to sample."""

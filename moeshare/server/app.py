@@ -81,6 +81,19 @@ def _check_numbers(args: argparse.Namespace) -> None:
             raise MoeshareError(
                 "--http-port needs fastapi and uvicorn: pip install fastapi uvicorn"
             ) from None
+    cluster = args.gpus is not None or args.ray_address is not None
+    if args.gpus is not None and args.gpus < 1:
+        raise MoeshareError(f"--gpus must be at least 1, got {args.gpus}")
+    for flag, value in (("--replan-every", args.replan_every), ("--gpu-capacity", args.gpu_capacity)):
+        if value is not None and not (cluster and math.isfinite(value) and value > 0):
+            raise MoeshareError(f"{flag} needs --gpus and a number > 0, got {value}")
+    if cluster:
+        if args.pool is not None:
+            raise MoeshareError("--pool is per engine and not supported with --gpus yet: leave it out")
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise MoeshareError("--gpus needs Ray: pip install 'moeshare[ray]'") from None
     if args.device == "cuda":
         import torch
 
@@ -222,12 +235,23 @@ async def run_server(args: argparse.Namespace, engine: Engine | None = None) -> 
     def on_fatal(message: str) -> None:  # on the engine thread
         loop.call_soon_threadsafe(lambda: failed.done() or failed.set_result(message))
 
-    engine = engine or Engine([], _engine_config(args))
-    if args.memory_limit is not None:  # a limit that cannot hold what is asked for is one line before binding
-        targets = [(path, name) for name, path in map(named_path, args.paths)]
-        synthetic = [named_spec(text) for text in args.synthetic]
-        engine.check_fits(targets + [(from_spec(spec, "meta"), name) for name, spec in synthetic])
-    worker = EngineWorker(engine, args.max_queue, metrics.observe if metrics else None, on_fatal)
+    observe = metrics.observe if metrics else None
+    if args.gpus is not None or args.ray_address is not None:  # engines in Ray actors, one per GPU
+        from moeshare.cluster.front import ClusterWorker
+
+        engines = args.gpus or 1
+        config = _engine_config(args)
+        worker: EngineWorker | ClusterWorker = ClusterWorker(
+            config, engines, args.ray_address, args.max_queue, observe, on_fatal, args.gpu_capacity,
+            args.replan_every,
+        )  # fmt: skip
+    else:
+        engine = engine or Engine([], _engine_config(args))
+        if args.memory_limit is not None:  # a limit that cannot hold what is asked for is one line first
+            targets = [(path, name) for name, path in map(named_path, args.paths)]
+            synthetic = [named_spec(text) for text in args.synthetic]
+            engine.check_fits(targets + [(from_spec(spec, "meta"), name) for name, spec in synthetic])
+        worker = EngineWorker(engine, args.max_queue, observe, on_fatal)
     servicer = MoeShareServicer(worker, metrics, allowed_load_dirs, slo_defaults(args))
     server = grpc.aio.server(interceptors=[BearerAuth(access)], options=SERVER_OPTIONS)
     moeshare_pb2_grpc.add_MoeShareServicer_to_server(servicer, server)

@@ -63,6 +63,27 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--grace", type=float, default=5.0, help="seconds in-flight streams get at shutdown (default 5)"
     )
+    p.add_argument(
+        "--gpus",
+        type=int,
+        help="run one engine per GPU (with --device cpu: per CPU worker) as Ray actors, the models placed "
+        "across them; starts a local Ray cluster unless --ray-address is given (needs moeshare[ray])",
+    )
+    p.add_argument("--ray-address", help="join this Ray cluster for --gpus (e.g. ray://HOST:10001 or auto)")
+    p.add_argument(
+        "--replan-every",
+        type=float,
+        metavar="S",
+        help="with --gpus: place the models again every S seconds from the load each received, moving "
+        "what moved without failing requests (default: never)",
+    )
+    p.add_argument(
+        "--gpu-capacity",
+        type=float,
+        metavar="RPS",
+        help="with --gpus: requests/s of one model one GPU carries; a model with more gets more replicas at "
+        "the next re-plan (default: one replica each)",
+    )
     p.add_argument("--kv-blocks", type=int, help="KV blocks per store (default: from free device memory)")
     p.add_argument(
         "--pool",

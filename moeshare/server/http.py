@@ -33,7 +33,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from moeshare.engine.api import TokenEvent
+from moeshare.engine.api import EngineUnavailable, TokenEvent
 from moeshare.engine.request import (
     FinishReason,
     InvalidRequest,
@@ -104,6 +104,8 @@ def _api_error(e: Exception) -> ApiError:
         return ApiError(429, str(e), kind="rate_limit_error")
     if isinstance(e, (InvalidRequest, RequestTooLarge)):
         return ApiError(400, str(e))
+    if isinstance(e, EngineUnavailable):
+        return ApiError(503, str(e), kind="server_error")
     if isinstance(e, MoeshareError):
         return ApiError(500, str(e), kind="server_error")
     return ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")

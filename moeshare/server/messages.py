@@ -21,7 +21,7 @@ class Ticket:
     model: str
     request_id: str
     loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue[TokenEvent]
+    events: asyncio.Queue[TokenEvent | Exception]  # an exception: the request's remote engine was lost
     seq_id: int | None = None
 
 

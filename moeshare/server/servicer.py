@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 
 import grpc
 
-from moeshare.engine.api import EngineFailed, ModelInfo, StepTotals, TokenEvent, Usage
+from moeshare.engine.api import EngineFailed, EngineUnavailable, ModelInfo, StepTotals, TokenEvent, Usage
 from moeshare.engine.request import (
     FinishReason,
     InvalidRequest,
@@ -53,6 +53,7 @@ ERRORS: list[tuple[type[Exception], grpc.StatusCode]] = [
     (RequestTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (LateRequest, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (EngineUnavailable, grpc.StatusCode.UNAVAILABLE),
     (EngineFailed, grpc.StatusCode.INTERNAL),
     (RequestFailed, grpc.StatusCode.INTERNAL),
     (MoeshareError, grpc.StatusCode.FAILED_PRECONDITION),

@@ -88,6 +88,9 @@ async def request_events(
         await asyncio.wrap_future(future)
         while not done:
             ev = await ticket.events.get()
+            if isinstance(ev, BaseException):  # a front end over remote engines lost the request's engine
+                done = True
+                raise ev
             done = ev.finished
             if ev.finish_reason is FinishReason.ERROR:
                 raise RequestFailed(ev.error)

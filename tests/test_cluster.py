@@ -1,0 +1,161 @@
+"""Several engines on Ray (issue 20): placement as a pure function, and real local Ray clusters of two CPU engine
+actors serving a Mixtral store and two dense zoo models, through a real gRPC server and in-process."""
+
+import asyncio
+import time
+
+import pytest
+
+from moeshare.cluster.placement import Demand, PlacementError, moves, place
+from moeshare.engine.api import EngineUnavailable
+from moeshare.engine.engine import Engine, EngineConfig
+from moeshare.engine.request import SamplingParams, Targets
+from moeshare.server.messages import ListModels, Load, TakeSnapshot
+from moeshare.server.worker import request_events
+
+GIB = 2**30
+VARIANTS = ["kjv", "fortunes-en", "fortunes-de", "python"]
+PROMPTS = {"kjv": "And God said", "fortunes-en": "A man", "fortunes-de": "Wer", "python": "def main"}
+DENSE = {"llama-kjv": ("llama", "kjv"), "qwen-py": ("qwen2", "python")}
+
+
+# ---- placement -----------------------------------------------------------------------------------------------
+
+
+def test_heaviest_first_onto_the_least_loaded_gpu_and_never_over_memory():
+    models = [Demand("a", 30 * GIB, 1.0), Demand("b", 30 * GIB, 5.0), Demand("c", 10 * GIB, 3.0)]
+    plan = place(models, [40 * GIB, 40 * GIB])
+    assert plan.replicas == {"b": (0,), "c": (1,), "a": (1,)}  # b first; c beside nothing; a where room is
+    assert all(u <= 40 * GIB for u in plan.used_bytes) and plan.load == (5.0, 4.0)
+    assert plan.decisions[0].startswith("b (30.0 GiB, load 5) -> GPU 0")
+    with pytest.raises(PlacementError, match=r"^d needs 35.0 GiB and no GPU has that much left \(GPU 0 10.0"):
+        place([*models, Demand("d", 35 * GIB)], [40 * GIB, 40 * GIB])
+
+
+def test_a_hot_model_gets_replicas_and_a_re_plan_keeps_what_barely_moved():
+    plan = place([Demand("hot", 10 * GIB, 9.0), Demand("cold", 10 * GIB, 1.0)], [40 * GIB] * 3, capacity=4.0)
+    assert plan.replicas["hot"] == (0, 1, 2) and len(plan.replicas["cold"]) == 1  # ceil(9 / 4) replicas
+    # sticky: a model stays where it is unless moving gains more than a quarter of its load
+    now = {"x": (1,), "y": (0,)}
+    same = place([Demand("x", GIB, 1.0), Demand("y", GIB, 1.0)], [4 * GIB] * 2, current=now)
+    assert moves(now, same) == ([], [])
+    later = place([Demand("x", GIB, 1.0), Demand("y", GIB, 1.0)], [4 * GIB] * 2, current=now, alive=[0])
+    assert later.replicas == {"x": (0,), "y": (0,)} and moves(now, later) == ([("x", 0)], [("x", 1)])
+    with pytest.raises(PlacementError, match="no GPU is left"):
+        place([Demand("x", GIB)], [GIB], alive=[])
+
+
+# ---- real Ray clusters -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def store(tiny_zoo, tmp_path_factory):
+    from moeshare.consolidate import Options, consolidate
+
+    out = tmp_path_factory.mktemp("cluster") / "mixtral"
+    consolidate([tiny_zoo / "mixtral" / v for v in VARIANTS], out, Options(budget="0.5"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def alone(store, tiny_zoo):
+    """Each model's greedy tokens from one in-process engine (what the single-process server serves)."""
+    params = SamplingParams(max_tokens=16, temperature=0)
+    out = {v: Engine([store]).generate(v, PROMPTS[v], params)[1] for v in VARIANTS}
+    for name, (arch, v) in DENSE.items():
+        out[name] = Engine([tiny_zoo / arch / v]).generate(v, PROMPTS[v], params)[1]
+    return out
+
+
+def test_a_server_on_two_engines_serves_every_model_as_one_engine_does(store, tiny_zoo, alone):
+    from test_server import Server
+
+    from moeshare.client import Client
+
+    dense = [f"{name}={tiny_zoo / arch / v}" for name, (arch, v) in DENSE.items()]
+    s = Server(store, *dense, "--gpus", "2", "--device", "cpu")
+    try:
+        with Client(s.address) as client:
+            assert {m.name for m in client.list_models()} == set(VARIANTS) | set(DENSE)
+            for model, tokens in alone.items():
+                prompt = PROMPTS[DENSE[model][1]] if model in DENSE else PROMPTS[model]
+                out = client.complete(model, prompt, max_tokens=16, temperature=0.0)
+                assert out.token_ids == tokens, model
+            # a stream cancelled after its first tokens frees its KV on the engine that held it
+            call = client.generate_stream(
+                "kjv", PROMPTS["kjv"], max_tokens=200, temperature=0.0, ignore_eos=True
+            )
+            next(call), next(call)
+            call.cancel()
+            deadline = time.monotonic() + 20
+            while client.stats().kv_blocks_used and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert client.stats().kv_blocks_used == 0
+        placed = [line for line in s.errors if "placement:" in line]
+        assert len(placed) == 3 and {line.split("-> GPU ")[-1] for line in placed} == {"0", "1"}, placed
+    finally:
+        s.stop()
+
+
+def test_re_placement_drains_and_a_dead_engine_fails_its_requests_as_unavailable(store, tiny_zoo, alone):
+    import ray  # a dev dependency: moeshare[ray]
+
+    from moeshare.cluster.front import ClusterWorker
+
+    # 1 GiB per engine: room for every zoo model, not for a Llama-3-8B-size one
+    worker = ClusterWorker(EngineConfig(device="cpu", memory_limit_bytes=GIB), 2)
+
+    async def tokens(model: str, max_tokens: int = 16) -> list[int]:
+        prompt = PROMPTS[DENSE[model][1]] if model in DENSE else PROMPTS[model]
+        p = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=max_tokens > 16)
+        return [
+            ev.token_id
+            async for ev in request_events(worker, model, prompt, p, "r", Targets)
+            if ev.token_id >= 0
+        ]
+
+    async def run() -> None:
+        dense = tuple(f"{n}={tiny_zoo / a / v}" for n, (a, v) in DENSE.items())
+        names = await asyncio.wrap_future(worker.ask(Load((str(store), *dense), ())))
+        assert set(names) == set(VARIANTS) | set(DENSE)
+        where = worker.placement()
+        assert {g for gs in where.values() for g in gs} == {0, 1}
+        assert {m.name for m in await asyncio.wrap_future(worker.ask(ListModels()))} == set(names)
+        with pytest.raises(
+            PlacementError, match=r"^big:kind=llama,layers=32 needs \d+\.\d GiB and no GPU has that much left"
+        ):
+            await asyncio.wrap_future(worker.ask(Load((), ("big:kind=llama,layers=32",))))
+        assert worker.placement() == where  # nothing changed
+        for model in alone:
+            assert await tokens(model) == alone[model], model
+        # qwen-py turns hot: a re-plan keeps it where it is and moves llama-kjv to the store's engine, while a
+        # llama-kjv request runs on the old one to its last token (drained, then unloaded)
+        for _ in range(8):
+            await tokens("qwen-py")
+        running = asyncio.ensure_future(tokens("llama-kjv", 300))
+        await asyncio.sleep(0.3)
+        assert await asyncio.to_thread(worker.replan) == ["llama-kjv: +GPU 0", "llama-kjv: -GPU 1"]
+        assert running.done() and len(running.result()) == 300
+        assert worker.placement()["llama-kjv"] == [0] and worker.placement()["qwen-py"] == [1]
+        assert await tokens("llama-kjv") == alone["llama-kjv"]
+        victim = where["kjv"][0]
+        long = asyncio.ensure_future(tokens("kjv", 400))
+        await asyncio.sleep(0.5)
+        ray.kill(worker._actors[victim])
+        with pytest.raises(EngineUnavailable, match=f"the engine on GPU {victim} went away"):
+            await long
+        deadline = time.monotonic() + 60
+        moved = {m: [1 - victim] for m in where}
+        while worker.placement() != moved and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert worker.placement() == moved
+        for model in alone:  # every model from the engine left, with the same tokens
+            assert await tokens(model) == alone[model], model
+        snap = await asyncio.wrap_future(worker.ask(TakeSnapshot()))
+        assert snap.engine.kv_blocks_used == 0 and any("went away" in d for d in worker.decisions)
+
+    worker.start()
+    try:
+        asyncio.run(run())
+    finally:
+        worker.stop()
