@@ -77,6 +77,9 @@ def test_a_server_on_two_engines_serves_every_model_as_one_engine_does(store, ti
     try:
         with Client(s.address) as client:
             assert {m.name for m in client.list_models()} == set(VARIANTS) | set(DENSE)
+            stats = client.stats()  # where each model is, and why
+            assert {m.name: len(m.engines) for m in stats.models} == dict.fromkeys([*VARIANTS, *DENSE], 1)
+            assert {m.engines[0] for m in stats.models} == {0, 1} and len(stats.placement) == 3
             for model, tokens in alone.items():
                 prompt = PROMPTS[DENSE[model][1]] if model in DENSE else PROMPTS[model]
                 out = client.complete(model, prompt, max_tokens=16, temperature=0.0)

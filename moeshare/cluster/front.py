@@ -43,6 +43,7 @@ from moeshare.server.worker import FatalHook, FinishHook, named_path
 log = logging.getLogger(__name__)
 
 EXPECTED_KV_BLOCKS = 2048  # KV a model is placed with when --kv-blocks does not say (32k tokens of 16)
+MAX_DECISIONS = 64  # the newest placement decisions GetStats shows
 DRAIN_S = 30.0  # how long a moved replica may finish its requests before it is unloaded anyway
 
 
@@ -276,7 +277,12 @@ class ClusterWorker:
                     seen.setdefault(info.name, info)
             return list(seen.values())
         if isinstance(op, TakeSnapshot):
-            return merge_snapshots(self._each("ask", op))
+            snap = merge_snapshots(self._each("ask", op))
+            where = self.placement()
+            for m in snap.models:
+                m.engines = sorted(where.get(m.name, []))
+            snap.placement = self.decisions[-MAX_DECISIONS:]
+            return snap
         if isinstance(op, CancelAll):
             self._each("ask", op)
             return None

@@ -289,6 +289,7 @@ class MoeShareServicer(moeshare_pb2_grpc.MoeShareServicer):
                     slo_met=m.slo_met,
                     decode_steps=_step_totals(m.decode_steps),
                     all_steps=_step_totals(m.all_steps),
+                    engines=m.engines,
                 )
                 for m in snap.models
             ],
@@ -299,6 +300,7 @@ class MoeShareServicer(moeshare_pb2_grpc.MoeShareServicer):
             swap_seconds=s.swap_seconds,
             preemptions=s.preemptions,
             kv_pages=_kv_pages(s.pages) if s.pages is not None else None,
+            placement=snap.placement,
         )
 
     # ---- admin -------------------------------------------------------------------------------------------

@@ -37,12 +37,14 @@ class ModelSnapshot:
     slo_met: int = 0
     decode_steps: StepTotals = field(default_factory=StepTotals)
     all_steps: StepTotals = field(default_factory=StepTotals)
+    engines: list[int] = field(default_factory=list)  # with several engines: those holding the model
 
 
 @dataclass
 class Snapshot:
     models: list[ModelSnapshot]
     engine: EngineStats
+    placement: list[str] = field(default_factory=list)  # with several engines: placement decisions so far
 
 
 def percentile(samples: deque[float] | list[float], q: float) -> float:

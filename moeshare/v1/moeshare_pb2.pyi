@@ -143,7 +143,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelStats(_message.Message):
-    __slots__ = ("name", "queue_depth", "running", "tokens_per_second", "ttft_p50_seconds", "ttft_p99_seconds", "tpot_p50_seconds", "tpot_p99_seconds", "requests_total", "resident", "slo_requests", "slo_met", "decode_steps", "all_steps")
+    __slots__ = ("name", "queue_depth", "running", "tokens_per_second", "ttft_p50_seconds", "ttft_p99_seconds", "tpot_p50_seconds", "tpot_p99_seconds", "requests_total", "resident", "slo_requests", "slo_met", "decode_steps", "all_steps", "engines")
     NAME_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +158,7 @@ class ModelStats(_message.Message):
     SLO_MET_FIELD_NUMBER: _ClassVar[int]
     DECODE_STEPS_FIELD_NUMBER: _ClassVar[int]
     ALL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    ENGINES_FIELD_NUMBER: _ClassVar[int]
     name: str
     queue_depth: int
     running: int
@@ -172,7 +173,8 @@ class ModelStats(_message.Message):
     slo_met: int
     decode_steps: StepTotals
     all_steps: StepTotals
-    def __init__(self, name: _Optional[str] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., ttft_p50_seconds: _Optional[float] = ..., ttft_p99_seconds: _Optional[float] = ..., tpot_p50_seconds: _Optional[float] = ..., tpot_p99_seconds: _Optional[float] = ..., requests_total: _Optional[int] = ..., resident: _Optional[bool] = ..., slo_requests: _Optional[int] = ..., slo_met: _Optional[int] = ..., decode_steps: _Optional[_Union[StepTotals, _Mapping]] = ..., all_steps: _Optional[_Union[StepTotals, _Mapping]] = ...) -> None: ...
+    engines: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., ttft_p50_seconds: _Optional[float] = ..., ttft_p99_seconds: _Optional[float] = ..., tpot_p50_seconds: _Optional[float] = ..., tpot_p99_seconds: _Optional[float] = ..., requests_total: _Optional[int] = ..., resident: _Optional[bool] = ..., slo_requests: _Optional[int] = ..., slo_met: _Optional[int] = ..., decode_steps: _Optional[_Union[StepTotals, _Mapping]] = ..., all_steps: _Optional[_Union[StepTotals, _Mapping]] = ..., engines: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepTotals(_message.Message):
     __slots__ = ("steps", "seconds", "floor_seconds")
@@ -185,7 +187,7 @@ class StepTotals(_message.Message):
     def __init__(self, steps: _Optional[int] = ..., seconds: _Optional[float] = ..., floor_seconds: _Optional[float] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("models", "kv_blocks_used", "kv_blocks_free", "resident_variants", "swap_ins", "swap_seconds", "preemptions", "kv_pages")
+    __slots__ = ("models", "kv_blocks_used", "kv_blocks_free", "resident_variants", "swap_ins", "swap_seconds", "preemptions", "kv_pages", "placement")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_FREE_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +196,7 @@ class StatsResponse(_message.Message):
     SWAP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     KV_PAGES_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelStats]
     kv_blocks_used: int
     kv_blocks_free: int
@@ -202,7 +205,8 @@ class StatsResponse(_message.Message):
     swap_seconds: float
     preemptions: int
     kv_pages: KvPages
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelStats, _Mapping]]] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., resident_variants: _Optional[_Iterable[str]] = ..., swap_ins: _Optional[int] = ..., swap_seconds: _Optional[float] = ..., preemptions: _Optional[int] = ..., kv_pages: _Optional[_Union[KvPages, _Mapping]] = ...) -> None: ...
+    placement: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelStats, _Mapping]]] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., resident_variants: _Optional[_Iterable[str]] = ..., swap_ins: _Optional[int] = ..., swap_seconds: _Optional[float] = ..., preemptions: _Optional[int] = ..., kv_pages: _Optional[_Union[KvPages, _Mapping]] = ..., placement: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class KvPages(_message.Message):
     __slots__ = ("page_bytes", "total", "free", "idle", "in_use", "maps", "unmaps", "map_seconds", "unmap_seconds")
