@@ -155,6 +155,12 @@ def moeshare_layout(ws: Workspace, limits: ServeLimits, budget: str) -> list[Ser
     return [_one_store(ws.consolidated(budget), ws.variants, limits)]
 
 
+def moeshare_ray_layout(ws: Workspace, limits: ServeLimits, budget: str) -> list[ServerSpec]:
+    """`moeshare` with its engine in a Ray actor (`--gpus 1`): the same store and limits, every request and
+    token crossing from the front end to the engine actor and back; what the multi-GPU path costs on one."""
+    return [_one_store(ws.consolidated(budget), ws.variants, limits, "--gpus", "1")]
+
+
 def reconfig_bs1_layout(ws: Workspace, limits: ServeLimits, budget: str) -> list[ServerSpec]:
     """The published system approximated with our parts: the same-index-pick bank at `budget` (every
     expert stays resident; with synthetic variants, the family's bank), one variant's non-expert tensors
@@ -219,6 +225,7 @@ SYSTEMS = {
     s.name: s
     for s in (
         System("moeshare", moeshare_layout),
+        System("moeshare-ray", moeshare_ray_layout),
         System("reconfig-bs1", reconfig_bs1_layout),
         System("swap", swap_layout),
         System("partition", partition_layout),
