@@ -58,17 +58,25 @@ def _run(engine: Engine, jobs: list[tuple[str, str]], stagger: int = 0) -> list[
     return [tokens[i] for i in ids]
 
 
-@pytest.mark.parametrize("variant", ["kjv", "python"])
-def test_a_served_switch_checkpoint_generates_what_transformers_does(tiny_zoo, variant):
-    path = tiny_zoo / "switch" / variant
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_served_switch_checkpoint_and_store_generate_what_transformers_does(
+    tiny_zoo, store, tmp_path, variant
+):
+    """32 greedy tokens (or through eos) of every variant: its checkpoint served against transformers on it,
+    and the consolidated store's variant served against transformers on the store's export of it."""
+    from moeshare.consolidate.export import export_variant
+
+    path, params = tiny_zoo / "switch" / variant, replace(GREEDY, max_tokens=32)
     engine = Engine([path])
     [info] = engine.models()
     assert info.architecture == "switch_transformers"
     ids = engine.tokenizer(variant)(PROMPTS[variant], add_special_tokens=False)["input_ids"]
-    text, tokens = engine.generate(variant, PROMPTS[variant], GREEDY)
-    assert tokens == _theirs(path, ids, GREEDY.max_tokens) and text
+    text, tokens = engine.generate(variant, PROMPTS[variant], params)
+    assert tokens == _theirs(path, ids, params.max_tokens) and text
     stats = engine.stats()
     assert stats.kv_blocks_used == 0 and stats.running == stats.waiting == 0
+    exported = export_variant(store, variant, tmp_path / variant)
+    assert Engine([store]).generate(variant, ids, params)[1] == _theirs(exported, ids, params.max_tokens)
 
 
 @pytest.mark.parametrize("stagger", [0, 3])
