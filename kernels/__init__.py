@@ -15,6 +15,7 @@ from .greedy_ref import greedy_pick_ref
 from .grouped_gemm_ref import fused_moe_ref, fused_moe_relu_ref, grouped_linear_ref
 from .norm_rope_ref import add_rms_norm_ref, rotary_ref, rotary_store_ref
 from .paged_attention_ref import PositionBias, paged_attention_ref, relative_buckets
+from .router_ref import route_ref
 
 try:
     from . import activation as _act
@@ -22,8 +23,9 @@ try:
     from . import grouped_gemm as _gemm
     from . import norm_rope as _norm_rope
     from . import paged_attention as _attn
+    from . import router as _router
 except ImportError:  # no Triton on this platform: the references serve everything
-    _gemm = _attn = _norm_rope = _act = _greedy = None
+    _gemm = _attn = _norm_rope = _act = _greedy = _router = None
 
 _FORCE_TRITON = os.environ.get("MOESHARE_TRITON_INTERPRET_TEST") == "1"
 
@@ -134,6 +136,15 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return _act.silu_mul(gate_up) if _triton(gate_up) else silu_mul_ref(gate_up)
 
 
+def route(
+    logits: torch.Tensor, rows: torch.Tensor, table: torch.Tensor, top_k: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoE routing — router logits [T, E], rows [T], table [R, E] -> (bank slots [T, k], weights [T, k] in
+    `dtype`): softmax, top-k, renormalized, each local expert through its row's table."""
+    args = (logits, rows, table, top_k, dtype)
+    return _router.route(*args) if _triton(logits) else route_ref(*args)
+
+
 def greedy_pick(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy sampling — logits [B, V] in any float dtype -> (argmax [B] int64, its log-probability [B] fp32)."""
     return _greedy.greedy_pick(logits) if _triton(logits) else greedy_pick_ref(logits)
@@ -149,6 +160,8 @@ __all__ = [
     "fused_moe_relu_ref",
     "greedy_pick",
     "greedy_pick_ref",
+    "route",
+    "route_ref",
     "grouped_linear",
     "grouped_linear_ref",
     "paged_attention",

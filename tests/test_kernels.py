@@ -285,6 +285,38 @@ def attention_warm_up_compiles_every_variant_a_call_can_pick() -> None:
 
 
 @check
+def route_picks_the_references_experts_slots_and_weights() -> None:
+    """Softmax, top-k renormalized and mapped through each row's table, for float32 and bfloat16 logits and
+    more tokens than a program takes; among tied experts the lowest first (token 0 ties two at the top)."""
+    k, _, _ = _modules()
+    g = torch.Generator().manual_seed(11)
+    cases = ((37, 8, 2, torch.float32), (5, 4, 1, torch.bfloat16), (2, 8, 2, torch.bfloat16))
+    for tokens, experts, top_k, dtype in cases:
+        logits = torch.randn(tokens, experts, generator=g).to(dtype)
+        logits[0, 1] = logits[0, experts - 1] = logits[0].max() + 1
+        rows = torch.randint(0, 3, (tokens,), generator=g)
+        table = torch.stack([torch.randperm(20, generator=g)[:experts] for _ in range(3)])  # [R, E] slots
+        slots, weights = k.route(logits, rows, table, top_k, dtype)
+        ref_slots, ref_weights = k.route_ref(logits, rows, table, top_k, dtype)
+        assert torch.equal(slots[1:], ref_slots[1:]), (
+            tokens,
+            experts,
+            top_k,
+        )  # torch's order among ties varies
+        assert slots[0].tolist() == [table[rows[0], 1], table[rows[0], experts - 1]][:top_k]
+        assert weights.dtype == dtype  # within one rounding of the dtype (the sums' order differs)
+        ulp = 2**-8 if dtype == torch.bfloat16 else 1e-6
+        torch.testing.assert_close(weights.float(), ref_weights.float(), atol=ulp, rtol=0)
+    strided = torch.randn(3, 8, generator=g)
+    table = (torch.arange(48).view(3, 2, 8) * 3)[:, 1]  # a layer's view of [R, L, E] tables
+    rows = torch.tensor([2, 0, 1])
+    assert torch.equal(
+        k.route(strided, rows, table, 2, torch.float32)[0],
+        k.route_ref(strided, rows, table, 2, torch.float32)[0],
+    )
+
+
+@check
 def add_rms_norm_with_and_without_residual_over_variant_rows() -> None:
     k, _, _ = _modules()
 

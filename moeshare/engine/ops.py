@@ -9,6 +9,7 @@ from moeshare.kernels import (
     paged_attention,
     rotary,
     rotary_store,
+    route,
     silu_mul,
     warm_up_attention,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "grouped_linear",
     "paged_attention",
     "rotary",
+    "route",
     "rotary_store",
     "silu_mul",
     "warm_up_attention",

@@ -10,7 +10,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from moeshare.engine import ops
 from moeshare.engine.attention import AttnBatch
@@ -192,10 +191,8 @@ class MultiVariantMixtral:
     def _moe(self, layer: int, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         d = self.dims
         logits = ops.grouped_linear(x, self.w[f"{layer}.router"], rows)  # [T, E]
-        probs = F.softmax(logits.float(), dim=-1)
-        top, local = probs.topk(d.top_k, dim=-1)  # [T, k]
-        top = top / top.sum(dim=-1, keepdim=True)
-        slots = self.tables[rows, layer].gather(1, local)  # each variant's local expert -> its bank slot
+        # softmax, top-k renormalized, each variant's local expert -> its bank slot: [T, k] each
+        slots, top = ops.route(logits, rows, self.tables[:, layer], d.top_k, x.dtype)
         bank = self.bank[layer]
         if layer in self.offload:  # copy in the slots this step routes to, into the same places
             assert self.staging is not None
@@ -203,7 +200,7 @@ class MultiVariantMixtral:
                 for role, t in bank.items():
                     self.staging[role][s].copy_(t[s], non_blocking=True)
             bank = self.staging
-        return ops.fused_moe(x, bank["w13"], bank["w2"], slots, top.to(x.dtype))
+        return ops.fused_moe(x, bank["w13"], bank["w2"], slots, top)
 
     def head(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """hidden [B, H] (the last position of each sequence) -> [B, V] in the model's dtype (for sampling)."""
