@@ -190,8 +190,9 @@ def check_norm_rope(copy: float) -> list[Row]:
 
 
 def check_decode_fused(copy: float) -> list[Row]:
-    """The greedy pick, silu * up and rotary + KV store at Llama-3-8B sizes. silu_mul and rotary_store must be
-    the unfused ops bit for bit, the greedy pick torch's argmax; each prints the unfused ops' time beside it."""
+    """The greedy pick, silu * up and rotary + KV store at Llama-3-8B sizes, and Mixtral's routing. silu_mul and
+    rotary_store must be the unfused ops bit for bit, the greedy pick torch's argmax, the routing's slots
+    torch's; each prints the unfused ops' time beside it."""
     rows = []
     for b in (1, 128):
         logits = randn(b, LLAMA3_VOCAB, scale=3)
@@ -211,6 +212,17 @@ def check_decode_fused(copy: float) -> list[Row]:
         rows.append(row("silu_mul", t, partial(K.silu_mul, gate_up), ref, 3 * t * INTER * 2, copy))
     inv_freq = 1.0 / (5e5 ** (torch.arange(0, HEAD_DIM, 2, dtype=torch.float32, device=DEV) / HEAD_DIM))
     rows += [rotary_store_row(t, inv_freq, copy) for t in (1, 128)]
+    for t in (1, 128):  # Mixtral's routing: 8 experts, top 2, four variants' tables
+        logits = randn(t, 8, scale=2)
+        token_rows = torch.randint(0, 4, (t,), device=DEV)
+        table = torch.randint(0, 16, (4, 8), device=DEV)
+        ref = K.route_ref(logits, token_rows, table, 2, torch.bfloat16)
+        if not torch.equal(K.route(logits, token_rows, table, 2, torch.bfloat16)[0], ref[0]):
+            print(f"  route T={t}: the slots differ from torch's softmax + topk + gather", flush=True)
+        unfused = graph_time_us(partial(K.route_ref, logits, token_rows, table, 2, torch.bfloat16))
+        print(f"  route T={t}: unfused softmax + topk + renormalize + gather {unfused:.1f} us", flush=True)
+        run = partial(K.route, logits, token_rows, table, 2, torch.bfloat16)
+        rows.append(row("route", t, lambda run=run: run()[1], ref[1], logits.nbytes, copy))
     return rows
 
 
