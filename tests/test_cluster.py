@@ -41,6 +41,8 @@ def test_a_hot_model_gets_replicas_and_a_re_plan_keeps_what_barely_moved():
     assert moves(now, same) == ([], [])
     later = place([Demand("x", GIB, 1.0), Demand("y", GIB, 1.0)], [4 * GIB] * 2, current=now, alive=[0])
     assert later.replicas == {"x": (0,), "y": (0,)} and moves(now, later) == ([("x", 0)], [("x", 1)])
+    idle = place([Demand("x", GIB, 0.0), Demand("y", 3 * GIB, 0.0)], [4 * GIB] * 2, current=now)
+    assert moves(now, idle) == ([], [])  # no load: nothing moves to even out memory
     with pytest.raises(PlacementError, match="no GPU is left"):
         place([Demand("x", GIB)], [GIB], alive=[])
 

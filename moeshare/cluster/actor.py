@@ -22,7 +22,9 @@ class EngineHost:
     def __init__(self, config: EngineConfig, index: int, max_queue: int) -> None:
         self.index = index
         self.engine = Engine([], config)
-        self.worker = EngineWorker(self.engine, max_queue)
+        # an engine thread that dies takes the actor with it: the front end sees the actor gone and places
+        # its models again, where a live actor with a dead engine would fail every request forever
+        self.worker = EngineWorker(self.engine, max_queue, on_fatal=lambda _: os._exit(1))
         self.worker.start()
 
     def pid(self) -> int:

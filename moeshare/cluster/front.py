@@ -16,7 +16,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -25,7 +25,7 @@ from moeshare.cluster.actor import remote_class
 from moeshare.cluster.placement import Demand, PlacementError, Plan, moves, place
 from moeshare.engine.api import EngineFailed, EngineStats, EngineUnavailable, ModelInfo, Submit
 from moeshare.engine.config import EngineConfig
-from moeshare.engine.request import SamplingParams, UnknownModel, clip
+from moeshare.engine.request import FinishReason, SamplingParams, UnknownModel, clip
 from moeshare.errors import MoeshareError
 from moeshare.server.messages import (
     CancelAll,
@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 
 EXPECTED_KV_BLOCKS = 2048  # KV a model is placed with when --kv-blocks does not say (32k tokens of 16)
 MAX_DECISIONS = 64  # the newest placement decisions GetStats shows
-DRAIN_S = 30.0  # how long a moved replica may finish its requests before it is unloaded anyway
+DRAIN_S = 30.0
+START_S = 300.0  # how long the engine actors may take to start (each imports torch, then waits for a GPU)  # how long a moved replica may finish its requests before it is unloaded anyway
 
 
 @dataclass
@@ -63,9 +64,18 @@ class _Source:
         return (self.load.paths or self.load.synthetic)[0]
 
 
-def demand_bytes(load: Load, config: EngineConfig) -> int:
-    """Device bytes a store or checkpoint is placed with: weights, work space and the expected KV (planned
-    on the host, without a device: the front end never touches a GPU)."""
+def engine_config(config: EngineConfig) -> EngineConfig:
+    """What each engine actor runs with: the server's config, with the KV every model is placed with."""
+    return replace(config, kv_blocks=config.kv_blocks or EXPECTED_KV_BLOCKS)
+
+
+def demand_bytes(load: Load, config: EngineConfig, memory: int) -> int:
+    """Device bytes a store or checkpoint is placed with on an engine of `memory` bytes: weights (MoE layers
+    that do not fit wait in host memory, as one engine's memory limit has them), work space and its KV.
+    Planned on the host without touching a GPU: on CUDA with the largest step budgets an engine derives and
+    the caching allocator's slack."""
+    from moeshare.engine.budget import SEQS_RANGE, TOKENS_RANGE
+    from moeshare.engine.placement import CUDA_ALLOCATOR_SLACK
     from moeshare.engine.planner import open_source, plan
     from moeshare.engine.synthetic import from_spec, named_spec
 
@@ -73,10 +83,16 @@ def demand_bytes(load: Load, config: EngineConfig) -> int:
         target: Any = named_path(load.paths[0])[1]
     else:
         target = from_spec(named_spec(load.synthetic[0])[1], "meta")
-    cpu = replace(
-        config, device="cpu", dtype=config.torch_dtype, kv_blocks=config.kv_blocks or EXPECTED_KV_BLOCKS
-    )
-    return plan(open_source(target), cpu, None, target).placement.total
+    c = engine_config(config)
+    slack = 0
+    if c.torch_device.type == "cuda":
+        seqs, tokens = c.max_num_seqs or SEQS_RANGE[1], c.max_batched_tokens or TOKENS_RANGE[1]
+        c, slack = replace(c, max_num_seqs=seqs, max_batched_tokens=tokens), CUDA_ALLOCATOR_SLACK
+    host, source = replace(c, device="cpu", dtype=c.torch_dtype), open_source(target)
+    try:
+        return plan(source, host, max(0, memory - slack), target).placement.total + slack
+    except MoeshareError:  # too large for any engine even with its MoE layers in host memory: its whole
+        return plan(source, host, None, target).placement.total + slack  # size, which placement refuses
 
 
 class ClusterWorker:
@@ -97,16 +113,17 @@ class ClusterWorker:
         self.max_queue, self.on_finish, self.on_fatal = max_queue, on_finish, on_fatal
         self.capacity, self.replan_s = capacity, replan_s
         self.failure: str | None = None
-        self.decisions: list[str] = []  # every placement decision, newest last
+        self.decisions: deque[str] = deque(maxlen=1000)  # placement decisions, newest last
         self._actors: list[Any] = []
         self._memory: list[int] = []
         self._dead: dict[int, str] = {}
         self._sources: list[_Source] = []
-        self._inflight: Counter[int] = Counter()  # requests in flight per engine
+        self._inflight: Counter[int] = Counter()  # requests (and prompts being prepared) per engine
         self._by_engine_model: Counter[tuple[int, str]] = Counter()
         self._requests: Counter[str] = Counter()  # requests per model since the last re-plan
         self._tasks: dict[int, asyncio.Task] = {}
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # the tables above
+        self._placing = threading.Lock()  # one load, unload, re-plan or re-placement at a time
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="moeshare-cluster")
         self._stopping = threading.Event()
         self._replanner: threading.Thread | None = None
@@ -122,16 +139,24 @@ class ClusterWorker:
             if self.address:
                 ray.init(address=self.address, log_to_driver=False)
             else:  # a local cluster: one CPU per engine, the GPUs it finds
-                ray.init(num_cpus=self.engines + 1, include_dashboard=False, log_to_driver=False,
-                         object_store_memory=256 << 20)  # fmt: skip
+                ray.init(address="local", num_cpus=self.engines + 1, include_dashboard=False,
+                         log_to_driver=False, object_store_memory=256 << 20)  # fmt: skip
             self._started_ray = True
         if cuda and ray.cluster_resources().get("GPU", 0) < self.engines:
             have = int(ray.cluster_resources().get("GPU", 0))
             raise MoeshareError(f"--gpus {self.engines}: the Ray cluster has {have} GPU(s)")
         actor = remote_class(1 if cuda else 0)
-        config = replace(self.config, device="cuda" if cuda else self.config.device)
-        self._actors = [actor.remote(config, i, self.max_queue) for i in range(self.engines)]
-        self._memory = ray.get([a.memory.remote() for a in self._actors])
+        self._actors = [
+            actor.remote(engine_config(self.config), i, self.max_queue) for i in range(self.engines)
+        ]
+        try:
+            self._memory = ray.get([a.memory.remote() for a in self._actors], timeout=START_S)
+        except ray.exceptions.GetTimeoutError:
+            kind = "GPUs" if cuda else "CPUs"
+            raise MoeshareError(
+                f"--gpus {self.engines}: the engines did not start within {START_S:.0f} s (does the Ray cluster "
+                f"have {self.engines} free {kind}?)"
+            ) from None
         if self.replan_s:
             self._replanner = threading.Thread(target=self._replan_loop, name="moeshare-replan", daemon=True)
             self._replanner.start()
@@ -144,13 +169,13 @@ class ClusterWorker:
         import ray
 
         self._stopping.set()
-        for i, a in enumerate(self._actors):
-            if i not in self._dead:
-                try:
-                    ray.get(a.stop.remote(), timeout=30)
-                except Exception:  # it is going away either way
-                    pass
-                ray.kill(a)
+        live = [a for i, a in enumerate(self._actors) if i not in self._dead]
+        try:  # every engine ends its requests and its thread, side by side
+            ray.get([a.stop.remote() for a in live], timeout=30)
+        except Exception:  # they are going away either way
+            pass
+        for a in live:
+            ray.kill(a)
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self._started_ray:
             ray.shutdown()
@@ -165,13 +190,41 @@ class ClusterWorker:
         return []
 
     def _pick(self, model: str) -> int:
-        live = self._live(model)
-        if not live:
-            if self.serves(model):
-                raise EngineUnavailable(f"no engine holding {clip(model)} is up; retry shortly")
-            served = ", ".join(sorted(m for s in self._sources for m in s.models)) or "none"
-            raise UnknownModel(f"unknown model {clip(model)}; served models: {served}")
-        return min(live, key=lambda g: (self._inflight[g], g))
+        """The engine of `model` with the fewest requests in flight, counted as one more now (in the same hold
+        of the lock, so a drain that waits for none cannot miss it); `_done` when it ends."""
+        with self._lock:
+            live = self._live(model)
+            if not live:
+                if self.serves(model):
+                    raise EngineUnavailable(f"no engine holding {clip(model)} is up; retry shortly")
+                served = ", ".join(sorted(m for s in self._sources for m in s.models)) or "none"
+                raise UnknownModel(f"unknown model {clip(model)}; served models: {served}")
+            g = min(live, key=lambda g: (self._inflight[g], g))
+            self._inflight[g] += 1
+            self._by_engine_model[g, model] += 1
+            return g
+
+    def _done(self, g: int, model: str) -> None:
+        with self._lock:
+            self._inflight[g] -= 1
+            self._by_engine_model[g, model] -= 1
+
+    def _error(self, g: int, e: Exception) -> Exception:
+        """What a Ray error from engine g is to the caller: the engine's own exception (its one line, not Ray's
+        traceback), or EngineUnavailable when the engine is gone (noted, and its models placed again)."""
+        import ray
+
+        if isinstance(e, ray.exceptions.RayTaskError):
+            cause = e.cause
+            if isinstance(cause, EngineFailed):  # its engine thread died: that engine is of no more use
+                return EngineUnavailable(
+                    f"the engine on GPU {g} went away ({self._lost(g, str(cause))}); retry"
+                )
+            return cause if isinstance(cause, Exception) else EngineUnavailable(str(e).splitlines()[-1])
+        if isinstance(e, ray.exceptions.RayActorError):
+            why = self._lost(g, str(e).splitlines()[0][:200])
+            return EngineUnavailable(f"the engine on GPU {g} went away ({why}); retry the request")
+        return EngineUnavailable(f"the engine on GPU {g} did not answer ({type(e).__name__}: {e}); retry")
 
     def _call(self, model: str, method: str, *args) -> Any:
         import ray
@@ -179,8 +232,10 @@ class ClusterWorker:
         g = self._pick(model)
         try:
             return ray.get(getattr(self._actors[g], method).remote(*args))
-        except ray.exceptions.RayTaskError as e:
-            raise e.as_instanceof_cause() from None
+        except Exception as e:
+            raise self._error(g, e) from None
+        finally:
+            self._done(g, model)
 
     def prepare(self, model: str, prompt: str | list[int], params: SamplingParams) -> list[int]:
         return self._call(model, "prepare", model, prompt, params)
@@ -193,17 +248,24 @@ class ClusterWorker:
             return any(model in s.models for s in self._sources)
 
     def submit(self, request: Submit, ticket: Ticket) -> Future[int]:
+        """Send a request to an engine of its model (call it on the ticket's event loop, as request_events
+        does); the future is the engine's handle, or its validation error."""
         if self.failure is not None:
             raise EngineFailed(self.failure)
         g = self._pick(request.model)
-        future: Future[int] = Future()
         with self._lock:
-            self._inflight[g] += 1
-            self._by_engine_model[g, request.model] += 1
             self._requests[request.model] += 1
+        future: Future[int] = Future()
         task = ticket.loop.create_task(self._stream(g, request, ticket, future))
         self._tasks[id(ticket)] = task
-        task.add_done_callback(lambda _: self._tasks.pop(id(ticket), None))
+
+        def ended(_: asyncio.Task) -> None:  # also when it was cancelled before it ran
+            self._tasks.pop(id(ticket), None)
+            self._done(g, request.model)
+            if not future.done():
+                future.cancel()
+
+        task.add_done_callback(ended)
         return future
 
     def cancel(self, ticket: Ticket) -> None:
@@ -214,38 +276,30 @@ class ClusterWorker:
     async def _stream(self, g: int, request: Submit, ticket: Ticket, future: Future[int]) -> None:
         import ray
 
-        stream = self._actors[g].generate.options(num_returns="streaming").remote(request)
+        stream = None
         try:
+            stream = self._actors[g].generate.options(num_returns="streaming").remote(request)
             async for ref in stream:
                 item = await ref
                 if not future.done():
                     future.set_result(item)
                     continue
                 ticket.events.put_nowait(item)
-                if item.finished and item.usage is not None and item.usage.first_token is not None:
+                ended = item.finish_reason not in (FinishReason.ERROR, FinishReason.CANCELLED)
+                if item.finished and ended and item.usage is not None and item.usage.first_token is not None:
                     if self.on_finish:
                         u = item.usage
                         self.on_finish(item.model, u.ttft, u.tpot, u.total, u.met_targets)
         except asyncio.CancelledError:
-            ray.cancel(stream)  # the remote generator's finally cancels the request: its KV goes back
+            if stream is not None:
+                ray.cancel(stream)  # the remote generator's finally cancels the request: its KV goes back
             raise
-        except ray.exceptions.RayTaskError as e:
-            cause = e.as_instanceof_cause()
+        except Exception as e:  # the engine's error, or the engine gone: the caller hears of it either way
+            error = self._error(g, e)
             if not future.done():
-                future.set_exception(cause)
+                future.set_exception(error)
             else:
-                ticket.events.put_nowait(cause)
-        except ray.exceptions.RayActorError as e:
-            why = self._lost(g, str(e).splitlines()[0][:200])
-            lost = EngineUnavailable(f"the engine on GPU {g} went away ({why}); retry the request")
-            if not future.done():
-                future.set_exception(lost)
-            else:
-                ticket.events.put_nowait(lost)
-        finally:
-            with self._lock:
-                self._inflight[g] -= 1
-                self._by_engine_model[g, request.model] -= 1
+                ticket.events.put_nowait(error)
 
     # ---- operations ---------------------------------------------------------------------------------------
 
@@ -254,37 +308,52 @@ class ClusterWorker:
             raise EngineFailed(self.failure)
         return self._pool.submit(self._answer, operation)
 
-    def _each(self, method: str, *args, engines: list[int] | None = None) -> list[Any]:
+    def _each(
+        self, method: str, *args, engines: list[int] | None = None, skip_lost: bool = False
+    ) -> list[Any]:
+        """Call `method` on these engines (default: all up) side by side; their answers in order. An engine
+        found gone is noted (and its models placed again); with skip_lost it is left out, else the call
+        raises EngineUnavailable."""
         import ray
 
         chosen = [
             g for g in (engines if engines is not None else range(len(self._actors))) if g not in self._dead
         ]
-        try:
-            return ray.get([getattr(self._actors[g], method).remote(*args) for g in chosen])
-        except ray.exceptions.RayTaskError as e:
-            raise e.as_instanceof_cause() from None
+        refs = [getattr(self._actors[g], method).remote(*args) for g in chosen]
+        out, failed = [], None
+        for g, ref in zip(chosen, refs, strict=True):
+            try:
+                out.append(ray.get(ref))
+            except Exception as e:
+                error = self._error(g, e)
+                if not (skip_lost and isinstance(error, EngineUnavailable)):
+                    failed = failed or error
+        if failed is not None:
+            raise failed
+        return out
 
     def _answer(self, op: Operation) -> Any:
         if isinstance(op, Load):
-            return self._load(op)
+            with self._placing:
+                return self._load(op)
         if isinstance(op, Unload):
-            return self._unload(op.model)
+            with self._placing:
+                return self._unload(op.model)
         if isinstance(op, ListModels):
             seen: dict[str, ModelInfo] = {}
-            for infos in self._each("ask", op):
+            for infos in self._each("ask", op, skip_lost=True):
                 for info in infos:
                     seen.setdefault(info.name, info)
             return list(seen.values())
         if isinstance(op, TakeSnapshot):
-            snap = merge_snapshots(self._each("ask", op))
+            snap = merge_snapshots(self._each("ask", op, skip_lost=True))
             where = self.placement()
             for m in snap.models:
                 m.engines = sorted(where.get(m.name, []))
-            snap.placement = self.decisions[-MAX_DECISIONS:]
+            snap.placement = list(self.decisions)[-MAX_DECISIONS:]
             return snap
         if isinstance(op, CancelAll):
-            self._each("ask", op)
+            self._each("ask", op, skip_lost=True)
             return None
         if isinstance(op, SetKvLimits):
             live = self._live(op.model)
@@ -294,15 +363,24 @@ class ClusterWorker:
         raise TypeError(f"unknown operation {type(op).__name__}")
 
     def _load(self, op: Load) -> list[str]:
+        """Place and load each store or checkpoint (under _placing); a model name already served is refused
+        and what was loaded for it unloaded again."""
         parts = [Load((p,), ()) for p in op.paths] + [Load((), (s,)) for s in op.synthetic]
-        new = [_Source(p, demand_bytes(p, self.config)) for p in parts]
+        most = max(self._memory)
+        new = [_Source(p, demand_bytes(p, self.config, most)) for p in parts]
         with self._lock:
             plan = self._plan_new(new)
         names: list[str] = []
         for s in new:
-            gpus = plan.replicas[s.label]
-            loaded = self._each("ask", s.load, engines=list(gpus))
-            s.models, s.replicas = tuple(loaded[0]), list(gpus)
+            gpus = list(plan.replicas[s.label])
+            loaded = self._each("ask", s.load, engines=gpus)
+            models = tuple(loaded[0])
+            if clash := [m for m in models if self.serves(m)]:
+                self._each("ask", Unload(models[0]), engines=gpus, skip_lost=True)
+                raise MoeshareError(
+                    f"{clip(clash[0])} is already served: unload it first or load it by another name"
+                )
+            s.models, s.replicas = models, gpus
             with self._lock:
                 self._sources.append(s)
             names += s.models
@@ -330,7 +408,7 @@ class ClusterWorker:
             source = next((s for s in self._sources if model in s.models), None)
         if source is None:
             raise UnknownModel(f"unknown model {clip(model)}")
-        self._each("ask", Unload(model), engines=source.replicas)
+        self._each("ask", Unload(model), engines=source.replicas, skip_lost=True)
         with self._lock:
             self._sources.remove(source)
         return list(source.models)
@@ -338,11 +416,16 @@ class ClusterWorker:
     # ---- faults and re-placement ----------------------------------------------------------------------------
 
     def _lost(self, g: int, why: str) -> str:
-        """Engine g died: its sources are placed again on the engines left (once, in the background)."""
+        """Engine g is gone: its sources are placed again on the engines left (once, in the background)."""
+        import ray
+
         with self._lock:
             if g in self._dead:
                 return self._dead[g]
             self._dead[g] = why
+        if self._stopping.is_set():
+            return why
+        ray.kill(self._actors[g])  # if it is only unreachable, it must not keep its GPU's memory
         self._decide([f"GPU {g}'s engine went away ({why})"])
         if len(self._dead) == len(self._actors):
             self.failure = "every engine went away; the server is going down"
@@ -353,17 +436,22 @@ class ClusterWorker:
         return why
 
     def _replace_lost(self, g: int) -> None:
-        with self._lock:
-            orphans = [s for s in self._sources if g in s.replicas]
-            for s in orphans:
-                s.replicas.remove(g)
-            homeless = [s for s in orphans if not s.replicas]
-            plan = self._plan_new(homeless) if homeless else None
-        for s in homeless:
-            gpus = list(plan.replicas[s.label])
-            self._each("ask", s.load, engines=gpus)
-            with self._lock:
-                s.replicas = gpus
+        with self._placing:
+            try:
+                with self._lock:
+                    orphans = [s for s in self._sources if g in s.replicas]
+                    for s in orphans:
+                        s.replicas.remove(g)
+                        s.draining.discard(g)
+                    homeless = [s for s in orphans if not s.replicas]
+                    plan = self._plan_new(homeless) if homeless else None
+                for s in homeless:
+                    gpus = list(plan.replicas[s.label])
+                    self._each("ask", s.load, engines=gpus)
+                    with self._lock:
+                        s.replicas = gpus
+            except Exception as e:  # its models stay without an engine; said where operators look
+                self._decide([f"the models of GPU {g}'s engine could not be placed again ({e})"])
 
     def _replan_loop(self) -> None:
         while not self._stopping.wait(self.replan_s):
@@ -374,40 +462,55 @@ class ClusterWorker:
 
     def replan(self) -> list[str]:
         """Place every source again from the requests each received since the last re-plan and move what
-        moved (load on the new engine, route there, drain and unload the old one). Returns what it did."""
-        with self._lock:
-            counts, self._requests = self._requests, Counter()
-            sources = {s.label: s for s in self._sources}
-            seconds = self.replan_s or 1.0
-            demands = [
-                Demand(k, s.bytes, sum(counts[m] for m in s.models) / seconds) for k, s in sources.items()
-            ]
-            current = {k: list(s.replicas) for k, s in sources.items()}
-        alive = [g for g in range(len(self._actors)) if g not in self._dead]
-        plan = place(demands, self._memory, self.capacity, current, alive)
-        add, remove = moves(current, plan)
-        done = []
-        for key, g in add:
-            s = sources[key]
-            self._each("ask", s.load, engines=[g])
+        moved (load on the new engine, route there, drain and unload the old one). A move whose new copy does
+        not fit beside the old one now is left for a later re-plan. Returns what it did."""
+        with self._placing:
             with self._lock:
-                s.replicas.append(g)
-            done.append(f"{s.models[0]}: +GPU {g}")
-        for key, g in remove:
-            s = sources[key]
+                counts = Counter(self._requests)
+                sources = {s.label: s for s in self._sources}
+                seconds = self.replan_s or 1.0
+                demands = [
+                    Demand(k, s.bytes, sum(counts[m] for m in s.models) / seconds) for k, s in sources.items()
+                ]
+                current = {k: list(s.replicas) for k, s in sources.items()}
+            alive = [g for g in range(len(self._actors)) if g not in self._dead]
+            plan = place(demands, self._memory, self.capacity, current, alive)
             with self._lock:
-                s.draining.add(g)
-            deadline = time.monotonic() + DRAIN_S
-            while time.monotonic() < deadline and any(self._by_engine_model[g, m] for m in s.models):
-                time.sleep(0.05)
-            self._each("ask", Unload(s.models[0]), engines=[g])
-            with self._lock:
-                s.replicas.remove(g)
-                s.draining.discard(g)
-            done.append(f"{s.models[0]}: -GPU {g}")
-        if done:
-            self._decide([f"re-plan: {', '.join(done)}"])
-        return done
+                self._requests -= counts
+            add, remove = moves(current, plan)
+            used = [0] * len(self._memory)
+            for k, gs in current.items():
+                for g in gs:
+                    used[g] += sources[k].bytes
+            done, skipped = [], set()
+            for key, g in add:
+                s = sources[key]
+                if used[g] + s.bytes > self._memory[g]:
+                    skipped.add(key)  # not beside what is there now: left for a later re-plan
+                    continue
+                self._each("ask", s.load, engines=[g])
+                used[g] += s.bytes
+                with self._lock:
+                    s.replicas.append(g)
+                done.append(f"{s.models[0]}: +GPU {g}")
+            for key, g in remove:
+                s = sources[key]
+                if key in skipped:
+                    continue  # its new copy was not made: the old one stays
+                with self._lock:
+                    s.draining.add(g)
+                deadline = time.monotonic() + DRAIN_S
+                while time.monotonic() < deadline and any(self._by_engine_model[g, m] for m in s.models):
+                    time.sleep(0.05)
+                self._each("ask", Unload(s.models[0]), engines=[g], skip_lost=True)
+                with self._lock:
+                    if g in s.replicas:
+                        s.replicas.remove(g)
+                    s.draining.discard(g)
+                done.append(f"{s.models[0]}: -GPU {g}")
+            if done:
+                self._decide([f"re-plan: {', '.join(done)}"])
+            return done
 
     def placement(self) -> dict[str, list[int]]:
         """Each served model's engines now."""

@@ -3,7 +3,8 @@ sizes and expected load and the GPUs' memory, MuxServe-style greedy.
 
 Heaviest demand first (load, then bytes), each replica onto the GPU where it costs least: the lowest load after
 adding it, a GPU already holding the model counted as a little cheaper (`STICKY` of the replica's load, so a
-re-plan moves a model only for a real gain), more free memory breaking ties. Never over a GPU's memory: a
+re-plan moves a model only for a real gain), then the GPU holding it (an idle model stays put), then more free
+memory. Never over a GPU's memory: a
 model that fits nowhere is a one-line error. A model whose load is more than one GPU carries (`capacity`) gets
 one replica per `capacity` of it, on distinct GPUs, each taking an equal share.
 """
@@ -77,9 +78,14 @@ def place(
                 break
 
             held = current.get(m.name, ())
+            # lowest load after it (a GPU that holds it already a little cheaper), then where it is, then room
             g = min(
                 options,
-                key=lambda g: (load[g] + share - (STICKY * share if g in held else 0.0), used[g] - memory[g]),
+                key=lambda g: (
+                    load[g] + share - (STICKY * share if g in held else 0.0),
+                    g not in held,
+                    used[g] - memory[g],
+                ),
             )
             chosen.append(g)
             used[g] += m.bytes
