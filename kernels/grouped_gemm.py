@@ -297,6 +297,30 @@ def _rows_per_group(rows: int, groups: int) -> int:
     return triton.cdiv(rows, max(1, min(groups, rows)))
 
 
+class _Alignments:
+    """The last few alignments of a group tensor: every per-variant projection of a step (q/k/v, o, router, of
+    every layer) groups its tokens by the same rows tensor, so one align launch serves them all instead of one
+    each. Keyed by the tensor object itself (held, so its id cannot be reused while cached), its storage and
+    shape: the engine never changes a step's rows in place (inference tensors keep no version counter)."""
+
+    KEEP = 4
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[torch.Tensor, int, int, int, tuple[torch.Tensor, torch.Tensor]]] = []
+
+    def get(self, ids: torch.Tensor, num_groups: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ptr = ids.data_ptr()
+        for held, p, g, b, out in self.entries:
+            if held is ids and p == ptr and g == num_groups and b == block_m:
+                return out
+        out = align_rows(ids, num_groups, block_m)
+        self.entries = [(ids, ptr, num_groups, block_m, out), *self.entries[: self.KEEP - 1]]
+        return out
+
+
+_alignments = _Alignments()
+
+
 def grouped_linear(
     x: torch.Tensor, w: torch.Tensor, group: torch.Tensor, config: GemmConfig | None = None
 ) -> torch.Tensor:
@@ -306,7 +330,7 @@ def grouped_linear(
     if num_tokens == 0:
         return out
     cfg = config or gemm_config(_rows_per_group(num_tokens, num_groups), element_size=x.element_size())
-    sorted_rows, tile_group = align_rows(group, num_groups, cfg.block_m)
+    sorted_rows, tile_group = _alignments.get(group, num_groups, cfg.block_m)
     _gemm(x, w, out, sorted_rows, tile_group, cfg)
     return out
 

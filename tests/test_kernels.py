@@ -110,6 +110,30 @@ def grouped_linear_with_absent_groups_and_odd_token_count() -> None:
 
 
 @check
+def grouped_linear_aligns_a_rows_tensor_once_for_every_projection() -> None:
+    """A step's projections share its rows tensor: one align launch for all of them; another rows tensor (or
+    group count, or tile) gets its own, and every result matches the reference."""
+    k, gemm, _ = _modules()
+    g = torch.Generator().manual_seed(4)
+    calls = []
+    real = gemm.align_rows
+    gemm.align_rows = lambda *a: calls.append(a[1:]) or real(*a)
+    try:
+        group = torch.tensor([2, 0, 0, 1, 2])
+        for n in (24, 40, 24):
+            x, w = torch.randn(5, 16, generator=g), torch.randn(3, n, 16, generator=g)
+            _close(k.grouped_linear(x, w, group), k.grouped_linear_ref(x, w, group))
+        assert len(calls) == 1
+        other = group.clone()  # same values, another tensor: aligned again
+        x, w = torch.randn(5, 16, generator=g), torch.randn(4, 8, 16, generator=g)
+        _close(k.grouped_linear(x, w, other), k.grouped_linear_ref(x, w, other))
+        _close(k.grouped_linear(x, w, group), k.grouped_linear_ref(x, w, group))  # 4 groups, not 3
+        assert len(calls) == 3
+    finally:
+        gemm.align_rows = real
+
+
+@check
 def fused_moe_single_token_with_repeated_slot() -> None:
     k, _, _ = _modules()
 
