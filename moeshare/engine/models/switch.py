@@ -144,6 +144,13 @@ class MultiVariantSwitch:
             else:  # wo
                 shapes[name] = (d.d_model, d.d_ff)
         self.w = {k: torch.zeros(rows, *s, dtype=dtype, device=device) for k, s in shapes.items()}
+        # each block's self-attention q, k and v: views of one fused weight, read by one GEMM a step
+        for stack, n in (("enc", d.encoder_layers), ("dec", d.decoder_layers)):
+            for b in range(n):
+                p = f"{stack}.{b}."
+                qkv = torch.zeros(rows, 3 * inner, d.d_model, dtype=dtype, device=device)
+                self.w[p + "qkv"] = qkv
+                self.w[p + "q"], self.w[p + "k"], self.w[p + "v"] = qkv.split(inner, dim=1)
         self.bank = {
             layer: {
                 "wi": torch.zeros(n, d.d_ff, d.d_model, dtype=dtype, device=device),
@@ -158,7 +165,9 @@ class MultiVariantSwitch:
 
     def row_bytes(self) -> int:
         """One variant's non-expert weights."""
-        return sum(t[0].numel() * t.element_size() for t in self.w.values())
+        return sum(
+            t[0].numel() * t.element_size() for k, t in self.w.items() if not k.endswith((".q", ".k", ".v"))
+        )
 
     def expert_bytes(self) -> int:
         """One expert (bank slot) of one layer."""
@@ -293,8 +302,11 @@ class MultiVariantSwitch:
     def _linear(self, x: torch.Tensor, name: str, rows: torch.Tensor) -> torch.Tensor:
         return ops.grouped_linear(x, self.w[name], rows)
 
-    def _normed(self, h: torch.Tensor, name: str, rows: torch.Tensor) -> torch.Tensor:
-        return ops.add_rms_norm(h, None, self.w[name], rows, self.dims.eps)[1]
+    def _add_norm(
+        self, h: torch.Tensor, delta: torch.Tensor | None, name: str, rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h + delta, the norm `name` of it) in one launch."""
+        return ops.add_rms_norm(h, delta, self.w[name], rows, self.dims.eps)
 
     def _store(self, kv: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, attn: AttnBatch) -> None:
         kv[attn.block_of, layer, 0, attn.offset_of] = k
@@ -304,11 +316,11 @@ class MultiVariantSwitch:
         """x [T, D] (normed) -> the block's attention output [T, D]: q from x, and with `store` k and v too,
         written into `layer` of kv before the paged attention over each sequence's blocks (attn)."""
         d, c = self.dims, "c" if store is None else ""
-        q = self._linear(x, p + c + "q", rows).view(-1, d.heads, d.d_kv)
-        if store is not None:
-            k = self._linear(x, p + "k", rows).view(-1, d.heads, d.d_kv)
-            v = self._linear(x, p + "v", rows).view(-1, d.heads, d.d_kv)
+        if store is not None:  # self-attention: q, k and v from one GEMM
+            q, k, v = self._linear(x, p + "qkv", rows).view(-1, 3, d.heads, d.d_kv).unbind(1)
             self._store(kv, layer, k, v, store)
+        else:
+            q = self._linear(x, p + "cq", rows).view(-1, d.heads, d.d_kv)
         o = attn.attend(q, kv[:, layer, 0], kv[:, layer, 1], 1.0, **how)  # no 1 / sqrt(d_kv) in T5
         return self._linear(o.reshape(-1, d.heads * d.d_kv), p + c + "o", rows)
 
@@ -364,12 +376,14 @@ class MultiVariantSwitch:
         d = self.dims
         seq_of, bias = self._seq_of(attn), self._paged_bias(seq_rows, "enc")
         h = self.w["shared"][rows, ids]
-        for b in range(d.encoder_layers):
+        h, x = self._add_norm(h, None, "enc.0.ln_self", rows)
+        for b in range(d.encoder_layers):  # each residual add fused with the norm after it
             p = f"enc.{b}."
-            x = self._normed(h, p + "ln_self", rows)
-            h = h + self._paged_attend(x, kv_enc, b, p, rows, attn, attn, causal=False, bias=bias)
-            h = h + self._ff_batch(self._normed(h, p + "ln_ff", rows), "enc", b, rows, seq_of)
-        encoded = self._normed(h, "enc.final", rows)
+            a = self._paged_attend(x, kv_enc, b, p, rows, attn, attn, causal=False, bias=bias)
+            h, x = self._add_norm(h, a, p + "ln_ff", rows)
+            nxt = f"enc.{b + 1}.ln_self" if b + 1 < d.encoder_layers else "enc.final"
+            h, x = self._add_norm(h, self._ff_batch(x, "enc", b, rows, seq_of), nxt, rows)
+        encoded = x
         for j in range(d.decoder_layers):  # the cross-attention K/V of every decoder block, once
             k = self._linear(encoded, f"dec.{j}.ck", rows).view(-1, d.heads, d.d_kv)
             v = self._linear(encoded, f"dec.{j}.cv", rows).view(-1, d.heads, d.d_kv)
@@ -395,16 +409,18 @@ class MultiVariantSwitch:
         d = self.dims
         seq_of, bias = self._seq_of(attn) if capped else None, self._paged_bias(seq_rows, "dec")
         h = self.w["shared"][rows, ids]
-        for j in range(d.decoder_layers):
+        h, x = self._add_norm(h, None, "dec.0.ln_self", rows)
+        for j in range(d.decoder_layers):  # each residual add fused with the norm after it
             p = f"dec.{j}."
-            x = self._normed(h, p + "ln_self", rows)
-            h = h + self._paged_attend(x, kv, j, p, rows, attn, attn, causal=True, bias=bias)
-            x = self._normed(h, p + "ln_cross", rows)
-            h = h + self._paged_attend(x, kv, j, p, rows, cross, None, causal=False)
-            h = h + self._ff_batch(self._normed(h, p + "ln_ff", rows), "dec", j, rows, seq_of)
+            a = self._paged_attend(x, kv, j, p, rows, attn, attn, causal=True, bias=bias)
+            h, x = self._add_norm(h, a, p + "ln_cross", rows)
+            a = self._paged_attend(x, kv, j, p, rows, cross, None, causal=False)
+            h, x = self._add_norm(h, a, p + "ln_ff", rows)
+            nxt = f"dec.{j + 1}.ln_self" if j + 1 < d.decoder_layers else "dec.final"
+            h, x = self._add_norm(h, self._ff_batch(x, "dec", j, rows, seq_of), nxt, rows)
+        h = x  # the final norm's output, every token's
         if last is not None:
             h, rows = h[last], rows[last]
-        h = self._normed(h, "dec.final", rows)
         if d.tied:
             h = h * d.d_model**-0.5
         return self._linear(h, "shared" if d.tied else "lm_head", rows).float()
