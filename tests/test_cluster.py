@@ -50,6 +50,15 @@ def test_a_hot_model_gets_replicas_and_a_re_plan_keeps_what_barely_moved():
 # ---- real Ray clusters -----------------------------------------------------------------------------------------
 
 
+async def _tokens(worker, model: str, max_tokens: int = 16) -> list[int]:
+    """A greedy request through the front end's request path (as the gRPC and HTTP servers make it)."""
+    prompt = PROMPTS[DENSE[model][1]] if model in DENSE else PROMPTS[model]
+    p = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=max_tokens > 16)
+    return [
+        ev.token_id async for ev in request_events(worker, model, prompt, p, "r", Targets) if ev.token_id >= 0
+    ]
+
+
 @pytest.fixture(scope="module")
 def store(tiny_zoo, tmp_path_factory):
     from moeshare.consolidate import Options, consolidate
@@ -111,13 +120,7 @@ def test_re_placement_drains_and_a_dead_engine_fails_its_requests_as_unavailable
     worker = ClusterWorker(EngineConfig(device="cpu", memory_limit_bytes=GIB), 2)
 
     async def tokens(model: str, max_tokens: int = 16) -> list[int]:
-        prompt = PROMPTS[DENSE[model][1]] if model in DENSE else PROMPTS[model]
-        p = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=max_tokens > 16)
-        return [
-            ev.token_id
-            async for ev in request_events(worker, model, prompt, p, "r", Targets)
-            if ev.token_id >= 0
-        ]
+        return await _tokens(worker, model, max_tokens)
 
     async def run() -> None:
         dense = tuple(f"{n}={tiny_zoo / a / v}" for n, (a, v) in DENSE.items())
@@ -158,6 +161,38 @@ def test_re_placement_drains_and_a_dead_engine_fails_its_requests_as_unavailable
             assert await tokens(model) == alone[model], model
         snap = await asyncio.wrap_future(worker.ask(TakeSnapshot()))
         assert snap.engine.kv_blocks_used == 0 and any("went away" in d for d in worker.decisions)
+
+    worker.start()
+    try:
+        asyncio.run(run())
+    finally:
+        worker.stop()
+
+
+def test_an_engine_that_dies_idle_is_noticed_by_the_next_listing_and_its_model_moves(tiny_zoo, alone):
+    import ray
+
+    from moeshare.cluster.front import ClusterWorker
+
+    worker = ClusterWorker(EngineConfig(device="cpu"), 2)
+
+    async def run() -> None:
+        dense = tuple(f"{n}={tiny_zoo / a / v}" for n, (a, v) in DENSE.items())
+        await asyncio.wrap_future(worker.ask(Load(dense, ())))
+        where = worker.placement()
+        assert sorted(g for gs in where.values() for g in gs) == [0, 1]  # one model each
+        victim = where["qwen-py"][0]
+        ray.kill(worker._actors[victim])  # nothing in flight on it
+        await asyncio.sleep(1.0)
+        listed = {m.name for m in await asyncio.wrap_future(worker.ask(ListModels()))}  # no error
+        assert "llama-kjv" in listed and any(
+            f"GPU {victim}'s engine went away" in d for d in worker.decisions
+        )
+        deadline = time.monotonic() + 60
+        while worker.placement()["qwen-py"] != [1 - victim] and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert worker.placement() == {"llama-kjv": [1 - victim], "qwen-py": [1 - victim]}
+        assert await _tokens(worker, "qwen-py") == alone["qwen-py"]
 
     worker.start()
     try:
