@@ -199,3 +199,29 @@ def test_an_engine_that_dies_idle_is_noticed_by_the_next_listing_and_its_model_m
         asyncio.run(run())
     finally:
         worker.stop()
+
+
+def test_each_engine_may_have_a_page_pool_of_its_own(tiny_zoo, alone):
+    """--gpus with --pool: every engine makes its own pool of device pages, where its models' weights and KV
+    live (as on one GPU); each model serves its tokens and its KV pages go back when its request ends."""
+    from test_server import Server
+
+    from moeshare.client import Client
+
+    dense = [f"{name}={tiny_zoo / arch / v}" for name, (arch, v) in DENSE.items()]
+    s = Server(*dense, "--gpus", "2", "--device", "cpu", "--pool", "0.05")
+    try:
+        with Client(s.address) as client:
+            for model, (_, v) in DENSE.items():
+                out = client.complete(model, PROMPTS[v], max_tokens=16, temperature=0.0)
+                assert out.token_ids == alone[model], model
+            stats = client.stats()  # both engines' pools as one: 25 pages of 2 MiB each
+            assert stats.kv_pages.total == 2 * 25 and set(stats.kv_pages.in_use) == {
+                f"{m}{part}" for m in DENSE for part in ("", " weights")
+            }
+            assert all(
+                n == 1 for k, n in stats.kv_pages.in_use.items() if k in DENSE
+            )  # its scratch page only
+            assert sorted(m.engines[0] for m in stats.models) == [0, 1]
+    finally:
+        s.stop()

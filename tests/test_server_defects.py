@@ -198,7 +198,6 @@ def test_a_dead_engine_thread_takes_the_server_down_loudly(ckpts, capsys):
         (["--gpus", "0"], "--gpus must be at least 1, got 0"),
         (["--replan-every", "5"], "--replan-every needs --gpus and a number > 0, got 5.0"),
         (["--gpus", "2", "--gpu-capacity", "-1"], "--gpu-capacity needs --gpus and a number > 0, got -1.0"),
-        (["--gpus", "2", "--pool", "8"], "--pool is per engine and not supported with --gpus yet"),
     ],
 )
 def test_serve_refuses_settings_that_could_never_serve(ckpts, flags, message):

@@ -31,7 +31,10 @@ class EngineHost:
         return os.getpid()
 
     def memory(self) -> int:
-        """The bytes this engine may place models in: its memory limit, else its device's free memory."""
+        """The bytes this engine may place models in: its page pool (--pool), else its memory limit, else its
+        device's free memory."""
+        if self.engine.config.pool_bytes is not None:
+            return self.engine.config.pool_bytes
         limit = self.engine.config.memory_limit_bytes
         if limit is not None:
             return limit

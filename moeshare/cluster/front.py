@@ -16,7 +16,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections import Counter, defaultdict, deque
+from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -65,7 +65,10 @@ class _Source:
 
 
 def engine_config(config: EngineConfig) -> EngineConfig:
-    """What each engine actor runs with: the server's config, with the KV every model is placed with."""
+    """What each engine actor runs with: the server's config, with the KV every model is placed with (with
+    --pool, each engine's own page pool, where KV follows the load, as on one GPU)."""
+    if config.pool_bytes is not None:
+        return config
     return replace(config, kv_blocks=config.kv_blocks or EXPECTED_KV_BLOCKS)
 
 
@@ -543,19 +546,34 @@ def merge_snapshots(snaps: list[Snapshot]) -> Snapshot:
 
 
 def merge_stats(stats: list[EngineStats]) -> EngineStats:
-    totals: dict[str, Any] = defaultdict(int)
-    for s in stats:
-        for f in fields(s):
-            value = getattr(s, f.name)
-            if isinstance(value, bool) or value is None:
-                totals.setdefault(f.name, value)
-            elif isinstance(value, int | float):
-                totals[f.name] += value
-            elif isinstance(value, list):
-                totals[f.name] = (totals[f.name] or []) + value
-            else:
-                totals.setdefault(f.name, value)
-    return EngineStats(**totals)
+    """Every engine's stats as one: counts summed, lists joined, each engine's page pool summed into one."""
+    return EngineStats(**_merged(stats))
+
+
+def _merged(items: list[Any]) -> dict[str, Any]:
+    """Field by field over dataclass instances of one type: numbers summed, lists joined, dicts summed by key,
+    dataclasses (an engine's page pool) merged the same way; None where every one is None. page_bytes, the same
+    on every engine, is kept."""
+    out: dict[str, Any] = {}
+    for f in fields(items[0]):
+        values = [getattr(x, f.name) for x in items]
+        present = [v for v in values if v is not None]
+        if not present:
+            out[f.name] = None
+        elif f.name == "page_bytes" or isinstance(present[0], bool | str):
+            out[f.name] = present[0]
+        elif isinstance(present[0], int | float):
+            out[f.name] = sum(present)
+        elif isinstance(present[0], list):
+            out[f.name] = [v for value in present for v in value]
+        elif isinstance(present[0], dict):
+            summed: Counter = Counter()
+            for value in present:
+                summed.update(value)
+            out[f.name] = dict(summed)
+        else:  # a dataclass: the page pools of the engines that have one
+            out[f.name] = type(present[0])(**_merged(present))
+    return out
 
 
 __all__ = ["ClusterWorker", "EngineUnavailable", "PlacementError", "demand_bytes", "merge_snapshots"]

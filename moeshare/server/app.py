@@ -88,8 +88,6 @@ def _check_numbers(args: argparse.Namespace) -> None:
         if value is not None and not (cluster and math.isfinite(value) and value > 0):
             raise MoeshareError(f"{flag} needs --gpus and a number > 0, got {value}")
     if cluster:
-        if args.pool is not None:
-            raise MoeshareError("--pool is per engine and not supported with --gpus yet: leave it out")
         try:
             import ray  # noqa: F401
         except ImportError:
