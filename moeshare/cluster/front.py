@@ -57,6 +57,7 @@ class _Source:
     models: tuple[str, ...] = ()
     replicas: list[int] = field(default_factory=list)
     draining: set[int] = field(default_factory=set)  # replicas no longer routed to, waiting to be unloaded
+    kv_limits: SetKvLimits | None = None  # the last limits set for it, applied to every replica
 
     @property
     def label(self) -> str:
@@ -230,6 +231,16 @@ class ClusterWorker:
         return EngineUnavailable(f"the engine on GPU {g} did not answer ({type(e).__name__}: {e}); retry")
 
     def _call(self, model: str, method: str, *args) -> Any:
+        """`method` on an engine of `model`; once more on another if that one no longer holds it (a replica
+        unloaded by a re-plan between the pick and the call)."""
+        try:
+            return self._call_once(model, method, *args)
+        except UnknownModel:
+            if not self.serves(model):
+                raise
+            return self._call_once(model, method, *args)
+
+    def _call_once(self, model: str, method: str, *args) -> Any:
         import ray
 
         g = self._pick(model)
@@ -362,7 +373,10 @@ class ClusterWorker:
             live = self._live(op.model)
             if not live:
                 raise UnknownModel(f"unknown model {clip(op.model)}")
-            return self._each("ask", op, engines=live)[0]
+            answer = self._each("ask", op, engines=live)[0]
+            with self._lock:  # and on the replicas made later (a re-plan, an engine lost)
+                next(s for s in self._sources if op.model in s.models).kv_limits = op
+            return answer
         raise TypeError(f"unknown operation {type(op).__name__}")
 
     def _load(self, op: Load) -> list[str]:
@@ -388,6 +402,13 @@ class ClusterWorker:
                 self._sources.append(s)
             names += s.models
         return names
+
+    def _load_on(self, s: _Source, engines: list[int]) -> list[Any]:
+        """Load a known source on more engines, with the KV limits set for it."""
+        loaded = self._each("ask", s.load, engines=engines)
+        if s.kv_limits is not None:
+            self._each("ask", s.kv_limits, engines=engines)
+        return loaded
 
     def _plan_new(self, new: list[_Source]) -> Plan:
         """Place new sources beside what is loaded (which stays where it is)."""
@@ -450,7 +471,7 @@ class ClusterWorker:
                     plan = self._plan_new(homeless) if homeless else None
                 for s in homeless:
                     gpus = list(plan.replicas[s.label])
-                    self._each("ask", s.load, engines=gpus)
+                    self._load_on(s, gpus)
                     with self._lock:
                         s.replicas = gpus
             except Exception as e:  # its models stay without an engine; said where operators look
@@ -491,7 +512,7 @@ class ClusterWorker:
                 if used[g] + s.bytes > self._memory[g]:
                     skipped.add(key)  # not beside what is there now: left for a later re-plan
                     continue
-                self._each("ask", s.load, engines=[g])
+                self._load_on(s, [g])
                 used[g] += s.bytes
                 with self._lock:
                     s.replicas.append(g)

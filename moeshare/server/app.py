@@ -92,7 +92,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
             import ray  # noqa: F401
         except ImportError:
             raise MoeshareError("--gpus needs Ray: pip install 'moeshare[ray]'") from None
-    if args.device == "cuda":
+    if args.device == "cuda" and args.ray_address is None:  # joining a cluster: its GPUs, not this machine's
         import torch
 
         if not torch.cuda.is_available():
