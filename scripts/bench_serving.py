@@ -60,6 +60,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 INTERRUPTED = "interrupted (Ctrl-C)"
 CUDA_ONLY = ("mig-partition",)  # SM shares through CUDA MPS
+ASKED_ONLY = ("moeshare-ray",)  # runs only when named: it needs Ray (moeshare[ray]) and starts a Ray cluster
 # decode steps under load against their floor (the bytes they read over the copy bandwidth; engine/stepcost.py)
 STEP_KEYS = ("decode_steps", "decode_step_ms", "decode_floor_ms", "x_floor")
 TABLE_KEYS = (
@@ -98,7 +99,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--systems",
-        help=f"comma list of {', '.join(SYSTEMS)} (default: all; {', '.join(CUDA_ONLY)} only with --device cuda)",
+        help=f"comma list of {', '.join(SYSTEMS)} (default: all but {', '.join(ASKED_ONLY)}; "
+        f"{', '.join(CUDA_ONLY)} only with --device cuda)",
     )
     p.add_argument("--rates", default="0.5,1,2,4", help="comma list of request rates, requests/s in all")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per rate (default 60)")
@@ -149,7 +151,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.systems is None:
-        args.systems = ",".join(s for s in SYSTEMS if args.device == "cuda" or s not in CUDA_ONLY)
+        args.systems = ",".join(
+            s for s in SYSTEMS if s not in ASKED_ONLY and (args.device == "cuda" or s not in CUDA_ONLY)
+        )
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     if not args.systems and not args.keep:
         p.error("--systems is empty: name at least one (an empty list only re-summarizes --out with --keep)")

@@ -12,7 +12,7 @@ from moeshare.bench.systems import SYSTEMS, ServeLimits, SyntheticWorkspace, Wor
 from moeshare.consolidate.same_index import same_index_pick
 
 ROOT = Path(__file__).resolve().parents[1]
-CPU_SYSTEMS = [s for s in SYSTEMS if s != "mig-partition"]  # the default on CPU: MPS needs CUDA
+CPU_SYSTEMS = [s for s in SYSTEMS if s not in ("mig-partition", "moeshare-ray")]  # the default on CPU
 VARIANTS = 4
 OUT_LEN = 8
 

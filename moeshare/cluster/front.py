@@ -140,11 +140,17 @@ class ClusterWorker:
 
         cuda = self.config.torch_device.type == "cuda"
         if not ray.is_initialized():
-            if self.address:
-                ray.init(address=self.address, log_to_driver=False)
-            else:  # a local cluster: one CPU per engine, the GPUs it finds
-                ray.init(address="local", num_cpus=self.engines + 1, include_dashboard=False,
-                         log_to_driver=False, object_store_memory=256 << 20)  # fmt: skip
+            try:
+                if self.address:
+                    ray.init(address=self.address, log_to_driver=False)
+                else:  # a local cluster: one CPU per engine, the GPUs it finds
+                    ray.init(address="local", num_cpus=self.engines + 1, include_dashboard=False,
+                             log_to_driver=False, object_store_memory=256 << 20)  # fmt: skip
+            except Exception as e:
+                where = (
+                    f"join the Ray cluster at {self.address}" if self.address else "start a local Ray cluster"
+                )
+                raise MoeshareError(f"--gpus: could not {where}: {str(e).splitlines()[0][:300]}") from None
             self._started_ray = True
         if cuda and ray.cluster_resources().get("GPU", 0) < self.engines:
             have = int(ray.cluster_resources().get("GPU", 0))
