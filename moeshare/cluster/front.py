@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections import Counter, deque
@@ -140,6 +141,8 @@ class ClusterWorker:
 
         cuda = self.config.torch_device.type == "cuda"
         if not ray.is_initialized():
+            # on a small busy machine a new cluster's processes can take more than Ray's 60 s to reach each other
+            os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", "300")
             try:
                 if self.address:
                     ray.init(address=self.address, log_to_driver=False)
