@@ -47,6 +47,32 @@ def test_a_hot_model_gets_replicas_and_a_re_plan_keeps_what_barely_moved():
         place([Demand("x", GIB)], [GIB], alive=[])
 
 
+def test_stats_of_replicas_merge_into_one_model():
+    from moeshare.cluster.front import merge_stats
+    from moeshare.engine.api import EngineStats, ModelLoad, StepTotals
+
+    a = EngineStats(
+        5, 1, 2, 3, 4, ["v0", "v1"], 1, 0.5, 0, 0, [ModelLoad("v0", 1, 1, StepTotals(2, 0.1, 0.05))]
+    )
+    b = EngineStats(
+        7,
+        0,
+        1,
+        1,
+        1,
+        ["v0"],
+        0,
+        0.0,
+        1,
+        0,
+        [ModelLoad("v0", 2, 0, StepTotals(3, 0.2, 0.1)), ModelLoad("d0", 0, 0)],
+    )
+    m = merge_stats([a, b])
+    assert (m.steps, m.running, m.kv_blocks_used, m.preemptions, m.pages) == (12, 1, 4, 1, None)
+    assert m.resident_variants == ["v0", "v1"] and [x.name for x in m.models] == ["v0", "d0"]
+    assert (m.models[0].waiting, m.models[0].decode_steps.steps) == (3, 5)
+
+
 # ---- real Ray clusters -----------------------------------------------------------------------------------------
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from moeshare.cluster.actor import remote_class
 from moeshare.cluster.placement import Demand, PlacementError, Plan, moves, place
-from moeshare.engine.api import EngineFailed, EngineStats, EngineUnavailable, ModelInfo, Submit
+from moeshare.engine.api import EngineFailed, EngineStats, EngineUnavailable, ModelInfo, ModelLoad, Submit
 from moeshare.engine.config import EngineConfig
 from moeshare.engine.request import FinishReason, SamplingParams, UnknownModel, clip
 from moeshare.errors import MoeshareError
@@ -576,8 +576,17 @@ def merge_snapshots(snaps: list[Snapshot]) -> Snapshot:
 
 
 def merge_stats(stats: list[EngineStats]) -> EngineStats:
-    """Every engine's stats as one: counts summed, lists joined, each engine's page pool summed into one."""
-    return EngineStats(**_merged(stats))
+    """Every engine's stats as one: counts summed, each engine's page pool summed into one, a model held by
+    several engines (replicas) once: its requests and steps summed, its resident variants named once."""
+    merged = _merged(stats)
+    loads: dict[str, list[ModelLoad]] = {}
+    for load in merged["models"]:
+        loads.setdefault(load.name, []).append(load)
+    merged["models"] = [
+        ModelLoad(**_merged(group)) if len(group) > 1 else group[0] for group in loads.values()
+    ]
+    merged["resident_variants"] = list(dict.fromkeys(merged["resident_variants"]))
+    return EngineStats(**merged)
 
 
 def _merged(items: list[Any]) -> dict[str, Any]:
@@ -590,7 +599,7 @@ def _merged(items: list[Any]) -> dict[str, Any]:
         present = [v for v in values if v is not None]
         if not present:
             out[f.name] = None
-        elif f.name == "page_bytes" or isinstance(present[0], bool | str):
+        elif f.name in ("page_bytes", "name") or isinstance(present[0], bool | str):
             out[f.name] = present[0]
         elif isinstance(present[0], int | float):
             out[f.name] = sum(present)
