@@ -17,6 +17,7 @@ GIB = 2**30
 VARIANTS = ["kjv", "fortunes-en", "fortunes-de", "python"]
 PROMPTS = {"kjv": "And God said", "fortunes-en": "A man", "fortunes-de": "Wer", "python": "def main"}
 DENSE = {"llama-kjv": ("llama", "kjv"), "qwen-py": ("qwen2", "python")}
+RAY_START_S = 400  # a server's wait for its Ray cluster and engines: minutes on 2 busy cores
 
 
 # ---- placement -----------------------------------------------------------------------------------------------
@@ -110,7 +111,7 @@ def test_a_server_on_two_engines_serves_every_model_as_one_engine_does(store, ti
     from moeshare.client import Client
 
     dense = [f"{name}={tiny_zoo / arch / v}" for name, (arch, v) in DENSE.items()]
-    s = Server(store, *dense, "--gpus", "2", "--device", "cpu")
+    s = Server(store, *dense, "--gpus", "2", "--device", "cpu", wait=RAY_START_S)
     try:
         with Client(s.address) as client:
             assert {m.name for m in client.list_models()} == set(VARIANTS) | set(DENSE)
@@ -235,7 +236,7 @@ def test_each_engine_may_have_a_page_pool_of_its_own(tiny_zoo, alone):
     from moeshare.client import Client
 
     dense = [f"{name}={tiny_zoo / arch / v}" for name, (arch, v) in DENSE.items()]
-    s = Server(*dense, "--gpus", "2", "--device", "cpu", "--pool", "0.05")
+    s = Server(*dense, "--gpus", "2", "--device", "cpu", "--pool", "0.05", wait=RAY_START_S)
     try:
         with Client(s.address) as client:
             for model, (_, v) in DENSE.items():

@@ -29,7 +29,7 @@ PROMPTS = {
 
 
 class Server:
-    def __init__(self, *args: str | Path) -> None:
+    def __init__(self, *args: str | Path, wait: float = 120) -> None:
         cmd = [sys.executable, "-m", "moeshare.cli", "serve", *map(str, args), "--port", "0"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.lines: queue.Queue[str] = queue.Queue()
@@ -37,9 +37,16 @@ class Server:
         threading.Thread(target=self._read, daemon=True).start()
         threading.Thread(target=self._read_errors, daemon=True).start()
         self.address = self.http = ""
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + wait
         while True:
-            line = self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            try:
+                line = self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:  # say why: what the server printed on stderr last, and whether it runs
+                self.stop()
+                said = "\n".join(self.errors[-15:])
+                raise AssertionError(
+                    f"no 'serving' within {wait} s (exit {self.proc.poll()}):\n{said}"
+                ) from None
             if line.startswith("moeshare: listening on "):
                 self.address = line.split()[-1]
             if line.startswith("moeshare: HTTP on "):

@@ -143,6 +143,7 @@ class ClusterWorker:
         if not ray.is_initialized():
             # on a small busy machine a new cluster's processes can take more than Ray's 60 s to reach each other
             os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", "300")
+            os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
             try:
                 if self.address:
                     ray.init(address=self.address, log_to_driver=False)
