@@ -137,8 +137,11 @@ class ClusterWorker:
     # ---- life ---------------------------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Start (or join) the Ray cluster and an engine actor per GPU; once (a second call does nothing)."""
         import ray
 
+        if self._actors:
+            return
         cuda = self.config.torch_device.type == "cuda"
         if not ray.is_initialized():
             # on a small busy machine a new cluster's processes can take more than Ray's 60 s to reach each other

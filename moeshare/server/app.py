@@ -243,6 +243,9 @@ async def run_server(args: argparse.Namespace, engine: Engine | None = None) -> 
             config, engines, args.ray_address, args.max_queue, observe, on_fatal, args.gpu_capacity,
             args.replan_every,
         )  # fmt: skip
+        # Ray starts its processes before this process runs any gRPC threads (forking beside them is what
+        # gRPC warns of, and a local cluster then at times never came up)
+        worker.start()
     else:
         engine = engine or Engine([], _engine_config(args))
         if args.memory_limit is not None:  # a limit that cannot hold what is asked for is one line first
