@@ -425,15 +425,20 @@ class ClusterWorker:
 
     def _plan_new(self, new: list[_Source]) -> Plan:
         """Place new sources beside what is loaded (which stays where it is)."""
-        used = [0] * len(self._memory)
-        for s in self._sources:
-            for g in s.replicas:
-                used[g] += s.bytes
-        room = [m - u for m, u in zip(self._memory, used, strict=True)]
+        room = [m - u for m, u in zip(self._memory, self._used(), strict=True)]
         alive = [g for g in range(len(self._actors)) if g not in self._dead]
         plan = place([Demand(s.label, s.bytes) for s in new], room, None, None, alive)
         self._decide(list(plan.decisions))
         return plan
+
+    def _used(self) -> list[int]:
+        """The bytes placed on each engine now."""
+        used = [0] * len(self._memory)
+        with self._lock:
+            for s in self._sources:
+                for g in s.replicas:
+                    used[g] += s.bytes
+        return used
 
     def _decide(self, lines: list[str]) -> None:
         for line in lines:
@@ -515,10 +520,7 @@ class ClusterWorker:
             with self._lock:
                 self._requests -= counts
             add, remove = moves(current, plan)
-            used = [0] * len(self._memory)
-            for k, gs in current.items():
-                for g in gs:
-                    used[g] += sources[k].bytes
+            used = self._used()  # under _placing: the replicas are still those of `current`
             done, skipped = [], set()
             for key, g in add:
                 s = sources[key]
